@@ -1,0 +1,110 @@
+"""libp2p host factory: Noise only, yamux, real announce addresses, optional private network.
+
+py-libp2p's default host also speaks ``/plaintext/2.0.0``, secio and TLS; a dllm node offers
+Noise alone so that no peer can talk to it unencrypted or unauthenticated.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Sequence
+
+import multiaddr
+from libp2p import new_host
+from libp2p.abc import IHost
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+
+from .identity import Identity
+
+DEFAULT_LISTEN = "/ip4/0.0.0.0/tcp/4001"
+_UNSPECIFIED = {"0.0.0.0", "::"}
+
+
+class AddressError(ValueError):
+    """A multiaddr could not be parsed or lacks what is needed to dial it."""
+
+
+def parse_multiaddr(text: str) -> multiaddr.Multiaddr:
+    try:
+        return multiaddr.Multiaddr(text)
+    except Exception as exc:
+        raise AddressError(f"invalid multiaddr {text!r}: {exc}") from None
+
+
+def peer_info(text: str) -> PeerInfo:
+    """PeerInfo from a dialable multiaddr that ends in ``/p2p/<peer-id>``."""
+    addr = parse_multiaddr(text)
+    try:
+        return info_from_p2p_addr(addr)
+    except Exception:
+        raise AddressError(
+            f"{text!r} has no /p2p/<peer-id> part; use the full address a worker prints"
+        ) from None
+
+
+def local_ip_addresses() -> list[str]:
+    """This machine's IPv4 addresses, loopback first; never the unspecified address."""
+    found = ["127.0.0.1"]
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+            ip = str(info[4][0])
+            if ip not in found and not ip.startswith("127."):
+                found.append(ip)
+    except OSError:
+        pass
+    return found
+
+
+def expand_unspecified(addrs: Sequence[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+    """Replace ``/ip4/0.0.0.0/...`` by one address per local interface (peers can't dial 0.0.0.0)."""
+    out: list[multiaddr.Multiaddr] = []
+    for addr in addrs:
+        text = str(addr)
+        parts = text.split("/")
+        if len(parts) > 2 and parts[1] == "ip4" and parts[2] in _UNSPECIFIED:
+            for ip in local_ip_addresses():
+                parts[2] = ip
+                out.append(multiaddr.Multiaddr("/".join(parts)))
+        else:
+            out.append(addr)
+    return out
+
+
+def make_host(
+    identity: Identity,
+    *,
+    announce: Sequence[str] = (),
+    psk: str | None = None,
+) -> IHost:
+    """A host that speaks Noise + yamux only.
+
+    ``announce`` replaces the advertised addresses (e.g. a public IP behind NAT); by default
+    the listen addresses are advertised with 0.0.0.0 expanded to this machine's addresses.
+    ``psk`` (64 hex chars) turns on a libp2p private network: peers without it can't connect.
+    """
+    noise = NoiseTransport(identity.key_pair, noise_privkey=create_x25519_key_pair().private_key)
+    announce_addrs = [parse_multiaddr(a) for a in announce] or None
+    return new_host(
+        key_pair=identity.key_pair,
+        sec_opt={NOISE_PROTOCOL_ID: noise},
+        muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
+        psk=psk,
+        announce_addrs=announce_addrs,
+        addrs_factory=None if announce_addrs else expand_unspecified,
+        disable_identify_address_discovery=True,
+    )
+
+
+def host_addrs(host: IHost) -> list[str]:
+    """The full dialable addresses (with ``/p2p/<id>``) a started host advertises."""
+    return [str(a) for a in host.get_addrs()]
+
+
+def peer_id_of(host: IHost) -> ID:
+    return host.get_id()

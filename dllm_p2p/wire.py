@@ -1,0 +1,263 @@
+"""Frames and messages of the dllm wire protocol (see docs/PROTOCOL.md).
+
+A frame is an unsigned LEB128 varint byte length followed by that many bytes of one
+msgpack map. This is libp2p's usual length-prefixed convention, so any implementation
+with a varint and a msgpack library can speak it.
+
+Everything here is transport-agnostic: a ``FrameReader`` only needs an object with an
+``async read(n) -> bytes`` method, which py-libp2p streams and test doubles both have.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msgpack
+
+GENERATE_PROTOCOL = "/dllm/generate/1.0.0"
+INFO_PROTOCOL = "/dllm/info/1.0.0"
+
+#: Largest request frame a worker reads. The length prefix is checked before the body is
+#: read, so a peer announcing a gigabyte frame costs us nothing.
+MAX_REQUEST_FRAME = 64 * 1024
+#: Largest frame a client accepts from a worker (token and final frames are far smaller).
+MAX_RESPONSE_FRAME = 1024 * 1024
+#: Longest prompt, in characters, that passes validation (the model's context is the
+#: tighter limit in practice; this bound keeps tokenization cheap).
+MAX_PROMPT_CHARS = 32 * 1024
+MAX_NEW_TOKENS_LIMIT = 4096
+_MAX_VARINT_BYTES = 10
+
+ERROR_CODES = frozenset({"bad_request", "too_large", "unknown_model", "busy", "timeout", "internal"})
+
+
+class WireError(Exception):
+    """A peer broke the protocol; ``code`` is the error code to answer with."""
+
+    code = "bad_request"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class FrameTooLarge(WireError):
+    code = "too_large"
+
+
+class IncompleteFrame(WireError):
+    """The stream ended in the middle of a frame."""
+
+
+class _Readable(Protocol):
+    async def read(self, n: int | None = None) -> bytes: ...
+
+
+def encode_uvarint(value: int) -> bytes:
+    if value < 0:
+        raise ValueError("uvarint must be non-negative")
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def encode_frame(message: dict[str, Any]) -> bytes:
+    body = msgpack.packb(message, use_bin_type=True)
+    return encode_uvarint(len(body)) + body
+
+
+def decode_body(body: bytes) -> dict[str, Any]:
+    """Unpack one frame body; anything but a msgpack map with string keys is refused."""
+    try:
+        message = msgpack.unpackb(
+            body,
+            raw=False,
+            strict_map_key=True,
+        )  # msgpack bounds container sizes by len(body) itself
+    except (ValueError, msgpack.UnpackException, RecursionError, TypeError) as exc:
+        raise WireError(f"frame is not valid msgpack: {exc}") from None
+    if not isinstance(message, dict):
+        raise WireError(f"frame must be a msgpack map, got {type(message).__name__}")
+    return message
+
+
+class FrameReader:
+    """Reads whole frames from a stream whose ``read(n)`` may return fewer bytes than asked."""
+
+    def __init__(self, stream: _Readable, max_frame: int) -> None:
+        self._stream = stream
+        self._max_frame = max_frame
+        self._buffer = bytearray()
+        self._eof = False
+
+    async def _fill(self) -> bool:
+        """Read more bytes into the buffer; False at end of stream."""
+        if self._eof:
+            return False
+        try:
+            chunk = await self._stream.read(max(self._max_frame, 4096))
+        except EOFError:  # py-libp2p's StreamEOF subclasses EOFError
+            chunk = b""
+        if not chunk:
+            self._eof = True
+            return False
+        self._buffer += chunk
+        return True
+
+    async def read_frame(self) -> dict[str, Any] | None:
+        """The next frame's map, or None when the stream ended cleanly between frames."""
+        length = await self._read_length()
+        if length is None:
+            return None
+        while len(self._buffer) < length:
+            if not await self._fill():
+                raise IncompleteFrame(f"stream ended after {len(self._buffer)} of {length} bytes")
+        body = bytes(self._buffer[:length])
+        del self._buffer[:length]
+        return decode_body(body)
+
+    async def _read_length(self) -> int | None:
+        value = shift = 0
+        index = 0
+        while True:
+            while index >= len(self._buffer):
+                if not await self._fill():
+                    if index == 0:
+                        return None
+                    raise IncompleteFrame("stream ended inside a length prefix")
+            byte = self._buffer[index]
+            value |= (byte & 0x7F) << shift
+            index += 1
+            if value > self._max_frame:
+                raise FrameTooLarge(f"frame of {value}+ bytes exceeds the limit of {self._max_frame}")
+            if not byte & 0x80:
+                break
+            shift += 7
+            if index >= _MAX_VARINT_BYTES:
+                raise WireError("length prefix is not a valid varint")
+        del self._buffer[:index]
+        return value
+
+
+# --- request schema ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str
+    model: str | None = None
+    max_new_tokens: int | None = None
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stream: bool = False
+    id: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        """Only the fields that differ from the defaults (prompt always)."""
+        out: dict[str, Any] = {"prompt": self.prompt}
+        for name, default in _DEFAULTS.items():
+            value = getattr(self, name)
+            if value != default:
+                out[name] = value
+        return out
+
+
+_DEFAULTS = {
+    "model": None,
+    "max_new_tokens": None,
+    "min_new_tokens": 0,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "seed": None,
+    "stream": False,
+    "id": None,
+}
+
+
+def _int(key: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise WireError(f"'{key}' must be an integer, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise WireError(f"'{key}' must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _float(key: str, value: Any, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise WireError(f"'{key}' must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or not lo <= value <= hi:
+        raise WireError(f"'{key}' must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _str(key: str, value: Any, limit: int) -> str:
+    if not isinstance(value, str):
+        raise WireError(f"'{key}' must be a string, got {type(value).__name__}")
+    if len(value) > limit:
+        raise WireError(f"'{key}' is longer than {limit} characters", code="too_large")
+    return value
+
+
+def parse_request(message: dict[str, Any]) -> Request:
+    """Validate a request map; raises ``WireError`` naming the first problem."""
+    unknown = sorted(set(message) - set(_DEFAULTS) - {"prompt"})
+    if unknown:
+        raise WireError(f"unknown request keys: {', '.join(map(str, unknown))}")
+    if "prompt" not in message:
+        raise WireError("'prompt' is required")
+    fields: dict[str, Any] = {"prompt": _str("prompt", message["prompt"], MAX_PROMPT_CHARS)}
+    checks = {
+        "model": lambda v: _str("model", v, 256),
+        "max_new_tokens": lambda v: _int("max_new_tokens", v, 1, MAX_NEW_TOKENS_LIMIT),
+        "min_new_tokens": lambda v: _int("min_new_tokens", v, 0, MAX_NEW_TOKENS_LIMIT),
+        "temperature": lambda v: _float("temperature", v, 0.0, 100.0),
+        "top_p": lambda v: _float("top_p", v, 0.0, 1.0),
+        "top_k": lambda v: _int("top_k", v, 0, 1_000_000),
+        "seed": lambda v: _int("seed", v, 0, 2**63 - 1),
+        "stream": lambda v: v if isinstance(v, bool) else _bad_bool(),
+        "id": lambda v: _str("id", v, 128),
+    }
+    for key, check in checks.items():
+        value = message.get(key)
+        if value is not None:
+            fields[key] = check(value)
+    if fields.get("top_p") == 0.0:
+        raise WireError("'top_p' must be greater than 0")
+    return Request(**fields)
+
+
+def _bad_bool() -> bool:
+    raise WireError("'stream' must be a boolean")
+
+
+# --- response frames --------------------------------------------------------------------
+
+
+def token_frame(text: str) -> dict[str, Any]:
+    return {"type": "token", "text": text}
+
+
+def error_frame(code: str, message: str, request_id: str | None = None) -> dict[str, Any]:
+    assert code in ERROR_CODES, code
+    frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if request_id is not None:
+        frame["id"] = request_id
+    return frame
