@@ -1,0 +1,409 @@
+"""The gateway's HTTP API (FastAPI on hypercorn's trio worker, one loop with libp2p).
+
+Routes: ``/api/generate`` (JSON or server-sent events), OpenAI-compatible ``/v1/...``,
+``/api/nodes``, ``/api/registry``, ``/healthz``, ``/metrics`` and the page at ``/``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dllm_p2p import __version__, wire
+from dllm_p2p.client import Client
+
+from .nodes import NodeTable
+from .relay import Done, RelayError, Token, relay
+
+FRONTEND = Path(__file__).resolve().parent.parent / "frontend"
+MAX_BODY = 256 * 1024
+
+
+# --- request bodies (these models are the API's documentation at /docs) -------------------
+
+
+class GenerateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(max_length=wire.MAX_PROMPT_CHARS)
+    model: str | None = Field(default=None, max_length=256)
+    max_new_tokens: int | None = Field(default=None, ge=1, le=wire.MAX_NEW_TOKENS_LIMIT)
+    min_new_tokens: int = Field(default=0, ge=0, le=wire.MAX_NEW_TOKENS_LIMIT)
+    temperature: float = Field(default=1.0, ge=0.0, le=100.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stream: bool = False
+
+
+class _OpenAIBase(BaseModel):
+    # OpenAI clients send many optional fields; unknown ones are accepted and ignored.
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = Field(default=None, max_length=256)
+    max_tokens: int | None = Field(default=None, ge=1, le=wire.MAX_NEW_TOKENS_LIMIT)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    n: int = Field(default=1, ge=1, le=1)
+    stream: bool = False
+
+
+class CompletionBody(_OpenAIBase):
+    prompt: str = Field(max_length=wire.MAX_PROMPT_CHARS)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # content parts: keep the text ones
+            return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
+        return self.content or ""
+
+
+class ChatBody(_OpenAIBase):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=wire.MAX_NEW_TOKENS_LIMIT)
+
+
+def chat_prompt(messages: list[ChatMessage]) -> str:
+    """A plain role-prefixed transcript ending in ``Assistant:`` (models here are base LMs)."""
+    lines = [f"{m.role.capitalize()}: {m.text()}" for m in messages]
+    return "\n".join(lines) + "\nAssistant:"
+
+
+# --- metrics ------------------------------------------------------------------------------
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("dllm_gateway_requests", "Generation requests", ["endpoint", "status"], registry=self.registry)
+        self.errors = Counter("dllm_gateway_errors", "Failed generation requests", ["code"], registry=self.registry)
+        self.latency = Histogram(
+            "dllm_gateway_request_seconds",
+            "Time from request to final answer",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=self.registry,
+        )
+        self.first_token = Histogram(
+            "dllm_gateway_first_token_seconds",
+            "Time from request to first token",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.tokens = Counter("dllm_gateway_tokens", "Tokens relayed", ["kind"], registry=self.registry)
+        self.live_nodes = Gauge("dllm_gateway_live_nodes", "Workers online now", registry=self.registry)
+        self.failovers = Counter("dllm_gateway_failovers", "Requests answered by a later attempt", registry=self.registry)
+
+
+# --- the gateway's state ------------------------------------------------------------------
+
+
+class Gateway:
+    """Everything the routes need: the node table, a libp2p client, metrics, the registry."""
+
+    def __init__(
+        self,
+        table: NodeTable,
+        client: Client | None,
+        *,
+        registry_info: Callable[[], dict[str, Any]] | None = None,
+        max_attempts: int = 3,
+        cors_origins: list[str] | None = None,
+    ) -> None:
+        self.table = table
+        self.client = client
+        self.registry_info = registry_info or (lambda: {"head": None, "cid": None, "blocks": []})
+        self.max_attempts = max_attempts
+        self.cors_origins = ["*"] if cors_origins is None else cors_origins
+        self.metrics = Metrics()
+        self.started = time.time()
+
+    async def run(self, request: wire.Request) -> AsyncIterator[Token | Done]:
+        assert self.client is not None, "gateway has no libp2p client"
+        start = time.perf_counter()
+        first = True
+        async with aclosing(relay(self.table, self.client, request, max_attempts=self.max_attempts)) as events:
+            async for event in events:
+                if isinstance(event, Token) and first:
+                    first = False
+                    self.metrics.first_token.observe(time.perf_counter() - start)
+                if isinstance(event, Done):
+                    usage = event.frame.get("usage", {})
+                    self.metrics.tokens.labels("prompt").inc(usage.get("prompt_tokens", 0))
+                    self.metrics.tokens.labels("completion").inc(usage.get("completion_tokens", 0))
+                    self.metrics.latency.observe(time.perf_counter() - start)
+                    if event.attempts > 1:
+                        self.metrics.failovers.inc()
+                yield event
+
+
+def _error_body(code: str, message: str) -> dict[str, Any]:
+    # The OpenAI error shape, which plain clients read just as easily.
+    return {"error": {"code": code, "message": message, "type": "invalid_request_error" if code in {"bad_request", "too_large"} else "server_error"}}
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse(_error_body(code, message), status_code=status, headers=headers)
+
+
+def _sse(data: Any, event: str | None = None) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {payload}\n\n".encode()
+
+
+def create_app(gw: Gateway) -> FastAPI:
+    app = FastAPI(title="dllm-p2p gateway", version=__version__, docs_url="/docs", redoc_url=None)
+    app.state.gateway = gw
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=gw.cors_origins,
+        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_headers=["*"],
+    )
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Any) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+            return _error(413, "too_large", f"request body over {MAX_BODY} bytes")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+            problems.append(f"{where}: {err.get('msg')}")
+        return _error(400, "bad_request", "; ".join(problems) or "invalid request body")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, "http_error", str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return _error(500, "internal", f"gateway error: {type(exc).__name__}")
+
+    # --- generation ---------------------------------------------------------------------
+
+    async def answer(
+        endpoint: str,
+        request: wire.Request,
+        stream: bool,
+        shape_chunk: Callable[[str], Any],
+        shape_done: Callable[[Done], Any],
+        shape_final: Callable[[str, Done], Any],
+        done_marker: bool,
+    ) -> Response:
+        if not stream:
+            text: list[str] = []
+            try:
+                async with aclosing(gw.run(request)) as events:
+                    async for event in events:
+                        if isinstance(event, Token):
+                            text.append(event.text)
+                        else:
+                            gw.metrics.requests.labels(endpoint, "200").inc()
+                            return JSONResponse(shape_final("".join(text), event))
+            except RelayError as exc:
+                gw.metrics.requests.labels(endpoint, str(exc.status)).inc()
+                gw.metrics.errors.labels(exc.code).inc()
+                return _error(exc.status, exc.code, exc.message)
+            return _error(502, "node_failed", "no final answer")
+
+        # Streaming: start the relay before answering, so that "no live node" and errors
+        # before the first token still get a proper HTTP status instead of a 200 stream.
+        events = gw.run(request)
+        try:
+            first = await events.__anext__()
+        except RelayError as exc:
+            await events.aclose()
+            gw.metrics.requests.labels(endpoint, str(exc.status)).inc()
+            gw.metrics.errors.labels(exc.code).inc()
+            return _error(exc.status, exc.code, exc.message)
+
+        async def body() -> AsyncIterator[bytes]:
+            async with aclosing(events):
+                try:
+                    event = first
+                    while True:
+                        if isinstance(event, Token):
+                            yield _sse(shape_chunk(event.text), None if done_marker else "token")
+                        else:
+                            yield _sse(shape_done(event), None if done_marker else "done")
+                            break
+                        event = await events.__anext__()
+                    gw.metrics.requests.labels(endpoint, "200").inc()
+                except RelayError as exc:
+                    gw.metrics.requests.labels(endpoint, "stream_error").inc()
+                    gw.metrics.errors.labels(exc.code).inc()
+                    yield _sse(_error_body(exc.code, exc.message) if done_marker else {"code": exc.code, "message": exc.message}, None if done_marker else "error")
+                if done_marker:
+                    yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/api/generate")
+    async def generate(body: GenerateBody) -> Response:
+        request = wire.Request(**body.model_dump(exclude={"stream"}))
+
+        def final(text: str, done: Done) -> dict[str, Any]:
+            frame = done.frame
+            return {
+                "text": frame.get("text", text),
+                "model": frame.get("model"),
+                "node": done.node,
+                "finish_reason": frame.get("finish_reason"),
+                "usage": frame.get("usage", {}),
+                "timing": frame.get("timing", {}),
+                "attempts": done.attempts,
+            }
+
+        return await answer(
+            "generate", request, body.stream,
+            shape_chunk=lambda t: {"text": t},
+            shape_done=lambda d: final(d.frame.get("text", ""), d),
+            shape_final=final,
+            done_marker=False,
+        )
+
+    def _openai_request(body: _OpenAIBase, prompt: str, max_tokens: int | None) -> wire.Request:
+        return wire.Request(
+            prompt=prompt,
+            model=body.model if body.model not in (None, "", "default") else None,
+            max_new_tokens=max_tokens,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            seed=body.seed,
+        )
+
+    def _usage(frame: dict[str, Any]) -> dict[str, int]:
+        usage = frame.get("usage", {})
+        p, c = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody) -> Response:
+        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+        def chunk(text: str, finish: str | None = None, model: str | None = None) -> dict[str, Any]:
+            return {
+                "id": cid, "object": "text_completion", "created": created, "model": model or body.model or "default",
+                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
+            }
+
+        def final(text: str, done: Done) -> dict[str, Any]:
+            out = chunk(done.frame.get("text", text), done.frame.get("finish_reason", "stop"), done.frame.get("model"))
+            out["usage"] = _usage(done.frame)
+            return out
+
+        return await answer(
+            "completions", _openai_request(body, body.prompt, body.max_tokens), body.stream,
+            shape_chunk=chunk,
+            shape_done=lambda d: {**chunk("", d.frame.get("finish_reason", "stop"), d.frame.get("model")), "usage": _usage(d.frame)},
+            shape_final=final,
+            done_marker=True,
+        )
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatBody) -> Response:
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        sent_role = False
+
+        def chunk(text: str) -> dict[str, Any]:
+            nonlocal sent_role
+            delta: dict[str, Any] = {"content": text}
+            if not sent_role:
+                delta["role"] = "assistant"
+                sent_role = True
+            return {
+                "id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model or "default",
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}],
+            }
+
+        def last_chunk(done: Done) -> dict[str, Any]:
+            return {
+                "id": cid, "object": "chat.completion.chunk", "created": created, "model": done.frame.get("model"),
+                "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": done.frame.get("finish_reason", "stop")}],
+                "usage": _usage(done.frame),
+            }
+
+        def final(text: str, done: Done) -> dict[str, Any]:
+            return {
+                "id": cid, "object": "chat.completion", "created": created, "model": done.frame.get("model"),
+                "system_fingerprint": done.node,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": done.frame.get("text", text), "refusal": None},
+                        "logprobs": None,
+                        "finish_reason": done.frame.get("finish_reason", "stop"),
+                    }
+                ],
+                "usage": _usage(done.frame),
+            }
+
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        return await answer(
+            "chat", _openai_request(body, chat_prompt(body.messages), max_tokens), body.stream,
+            shape_chunk=chunk, shape_done=last_chunk, shape_final=final, done_marker=True,
+        )
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [{"id": m, "object": "model", "created": int(gw.started), "owned_by": "dllm-p2p"} for m in gw.table.models()],
+        }
+
+    # --- network state ------------------------------------------------------------------
+
+    @app.get("/api/nodes")
+    async def nodes() -> dict[str, Any]:
+        described = gw.table.describe()
+        return {"nodes": described, "online": sum(1 for n in described if n["online"]), "ttl_s": gw.table.ttl}
+
+    @app.get("/api/registry")
+    async def registry() -> dict[str, Any]:
+        return gw.registry_info()
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "version": __version__, "live_nodes": len(gw.table.online()), "uptime_s": round(time.time() - gw.started, 1)}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        gw.metrics.live_nodes.set(len(gw.table.online()))
+        return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # --- the page -----------------------------------------------------------------------
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> Response:
+        page = FRONTEND / "index.html"
+        if not page.exists():
+            return _error(404, "not_found", "frontend/index.html is missing")
+        return FileResponse(page, headers={"Cache-Control": "no-cache"})
+
+    if FRONTEND.is_dir():
+        app.mount("/static", StaticFiles(directory=FRONTEND), name="static")
+    return app

@@ -1,0 +1,215 @@
+"""What the gateway knows about each worker, and how it picks one for a request.
+
+Nodes come from the verified registry (who exists, where, which models) and from signed
+heartbeats (who is alive now, and how loaded). On top the gateway keeps what it observes
+itself: latency, successes and failures, and a backoff for nodes that just failed.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class NodeState:
+    peer_id: str
+    addrs: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)
+    role: str = "worker"
+    registered: bool = False
+    expires: float = 0.0
+    #: Time of the last heartbeat (or successful request); 0 when never seen.
+    last_seen: float = 0.0
+    first_seen: float = 0.0
+    load: dict[str, Any] = field(default_factory=dict)
+    # observed by this gateway
+    successes: int = 0
+    failures: int = 0
+    consecutive_failures: int = 0
+    latency_ms: float | None = None  # EWMA of time to first token
+    tokens_per_s: float | None = None  # EWMA of decode speed
+    backoff_until: float = 0.0
+    last_error: str | None = None
+
+    def online(self, now: float, ttl: float) -> bool:
+        return self.last_seen > 0 and now - self.last_seen <= ttl
+
+    @property
+    def success_rate(self) -> float | None:
+        total = self.successes + self.failures
+        return None if total == 0 else self.successes / total
+
+    def load_fraction(self) -> float:
+        capacity = max(1, int(self.load.get("capacity") or 1))
+        busy = int(self.load.get("running") or 0) + int(self.load.get("queued") or 0)
+        return busy / capacity
+
+    def score(self) -> float:
+        """Lower is better: expected wait, from reported load and observed latency.
+
+        Unknown latency counts as a middling 100 ms so new nodes get tried; failures
+        weigh in through the success rate (a node failing half its requests doubles).
+        """
+        latency = self.latency_ms if self.latency_ms is not None else 100.0
+        rate = self.success_rate
+        reliability = 1.0 if rate is None else max(rate, 0.05)
+        return latency * (1.0 + self.load_fraction()) / reliability
+
+
+class NoLiveNode(Exception):
+    def __init__(self, model: str | None) -> None:
+        what = f"model {model!r}" if model else "any model"
+        super().__init__(f"no live node serves {what}")
+        self.model = model
+
+
+class NodeTable:
+    """All known nodes, keyed by peer id. Single-threaded: used from the trio loop only."""
+
+    def __init__(
+        self,
+        ttl: float = 15.0,
+        policy: str = "p2c",
+        backoff_base: float = 2.0,
+        backoff_max: float = 120.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        if policy not in {"p2c", "random"}:
+            raise ValueError(f"unknown policy {policy!r}: use p2c or random")
+        self.ttl = ttl
+        self.policy = policy
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.rng = rng or random.Random()
+        self.nodes: dict[str, NodeState] = {}
+
+    def _get(self, peer_id: str) -> NodeState:
+        node = self.nodes.get(peer_id)
+        if node is None:
+            node = self.nodes[peer_id] = NodeState(peer_id=peer_id, first_seen=time.time())
+        return node
+
+    # --- updates -----------------------------------------------------------------------
+
+    def update_from_registry(self, records: Iterable[dict[str, Any]]) -> None:
+        """Replace registry facts with the live records of a verified chain."""
+        live = set()
+        for record in records:
+            if record.get("role", "worker") != "worker":
+                continue
+            node = self._get(record["peer_id"])
+            node.addrs = list(record.get("addrs", []))
+            node.models = list(record.get("models", []))
+            node.expires = float(record.get("expires", 0))
+            node.registered = True
+            live.add(node.peer_id)
+        for peer_id, node in self.nodes.items():
+            if peer_id not in live:
+                node.registered = False
+
+    def heartbeat(self, peer_id: str, *, models: list[str], load: dict[str, Any], addrs: list[str] | None = None, now: float | None = None) -> None:
+        node = self._get(peer_id)
+        node.last_seen = now if now is not None else time.time()
+        node.models = list(models) or node.models
+        node.load = dict(load)
+        if addrs:
+            node.addrs = list(addrs)
+
+    def forget(self, peer_id: str) -> None:
+        """A node deregistered: drop it from routing at once."""
+        node = self.nodes.get(peer_id)
+        if node is not None:
+            node.last_seen = 0.0
+            node.registered = False
+
+    def record_success(self, peer_id: str, first_token_ms: float, tokens: int, decode_s: float) -> None:
+        node = self._get(peer_id)
+        node.successes += 1
+        node.consecutive_failures = 0
+        node.backoff_until = 0.0
+        node.last_seen = max(node.last_seen, time.time())
+        node.latency_ms = _ewma(node.latency_ms, first_token_ms)
+        if tokens > 1 and decode_s > 0:
+            node.tokens_per_s = _ewma(node.tokens_per_s, tokens / decode_s)
+
+    def record_failure(self, peer_id: str, error: str, *, backoff: bool = True) -> None:
+        """Count a failure; with ``backoff`` the node is skipped for 2, 4, 8... seconds."""
+        node = self._get(peer_id)
+        node.failures += 1
+        node.last_error = error
+        if backoff:
+            node.consecutive_failures += 1
+            delay = min(self.backoff_max, self.backoff_base * 2 ** (node.consecutive_failures - 1))
+            node.backoff_until = time.time() + delay
+
+    # --- queries -----------------------------------------------------------------------
+
+    def online(self, now: float | None = None) -> list[NodeState]:
+        now = time.time() if now is None else now
+        return [n for n in self.nodes.values() if n.online(now, self.ttl) and n.addrs]
+
+    def models(self) -> list[str]:
+        return sorted({m for n in self.online() for m in n.models})
+
+    def candidates(self, model: str | None, exclude: Iterable[str] = (), now: float | None = None) -> list[NodeState]:
+        now = time.time() if now is None else now
+        excluded = set(exclude)
+        return [
+            n
+            for n in self.online(now)
+            if n.peer_id not in excluded and n.role == "worker" and (model is None or model in n.models)
+        ]
+
+    def choose(self, model: str | None, exclude: Iterable[str] = ()) -> NodeState:
+        """Pick a node for ``model``: nodes in backoff only when nothing else is left.
+
+        ``p2c`` (power of two choices): sample two candidates, keep the lower score. It
+        spreads load almost as well as picking the global best, without every gateway
+        herding onto the same node.
+        """
+        now = time.time()
+        candidates = self.candidates(model, exclude, now)
+        if not candidates:
+            raise NoLiveNode(model)
+        ready = [n for n in candidates if n.backoff_until <= now] or candidates
+        if self.policy == "random" or len(ready) == 1:
+            return self.rng.choice(ready)
+        a, b = self.rng.sample(ready, 2)
+        return a if a.score() <= b.score() else b
+
+    def describe(self, now: float | None = None) -> list[dict[str, Any]]:
+        now = time.time() if now is None else now
+        out = []
+        for node in sorted(self.nodes.values(), key=lambda n: n.peer_id):
+            rate = node.success_rate
+            out.append(
+                {
+                    "peer_id": node.peer_id,
+                    "online": node.online(now, self.ttl),
+                    "role": node.role,
+                    "registered": node.registered,
+                    "models": node.models,
+                    "addrs": node.addrs,
+                    "last_seen": node.last_seen or None,
+                    "seen_ago_s": round(now - node.last_seen, 1) if node.last_seen else None,
+                    "uptime_s": node.load.get("uptime_s"),
+                    "load": node.load,
+                    "latency_ms": None if node.latency_ms is None else round(node.latency_ms, 1),
+                    "tokens_per_s": None if node.tokens_per_s is None else round(node.tokens_per_s, 1),
+                    "success_rate": None if rate is None else round(rate, 3),
+                    "requests": node.successes + node.failures,
+                    "backoff_s": max(0.0, round(node.backoff_until - now, 1)),
+                    "last_error": node.last_error,
+                    "score": None if math.isinf(node.score()) else round(node.score(), 1),
+                }
+            )
+        return out
+
+
+def _ewma(previous: float | None, value: float, alpha: float = 0.3) -> float:
+    return value if previous is None else (1 - alpha) * previous + alpha * value

@@ -1,0 +1,174 @@
+"""The gateway's node choice, failover and HTTP shapes, against fake workers (no processes)."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from dllm_p2p.client import DialError, WorkerError
+from gateway.app import Gateway, create_app
+from gateway.nodes import NodeTable, NoLiveNode
+
+
+class FakeClient:
+    """Stands in for dllm_p2p.client.Client: each address behaves as scripted."""
+
+    def __init__(self, behaviour: dict[str, str]) -> None:
+        self.behaviour = behaviour  # addr -> "ok" | "dial" | "busy" | "midway"
+        self.calls: list[str] = []
+
+    async def connect(self, addr: str) -> None:
+        if self.behaviour[addr] == "dial":
+            raise DialError(f"cannot connect to {addr}")
+
+    async def generate(self, addr: str, request: Any):  # type: ignore[no-untyped-def]
+        self.calls.append(addr)
+        mode = self.behaviour[addr]
+        if mode == "busy":
+            raise WorkerError("busy", "node is at capacity")
+        yield {"type": "token", "text": "Hel"}
+        if mode == "midway":
+            raise WorkerError("internal", "crashed midway")
+        yield {"type": "token", "text": "lo"}
+        yield {"type": "done", "text": "Hello", "model": "tiny", "finish_reason": "length",
+               "usage": {"prompt_tokens": 3, "completion_tokens": 2}, "timing": {"total_ms": 5.0}}
+
+
+def table_with(*peers: str, models: tuple[str, ...] = ("tiny",)) -> NodeTable:
+    table = NodeTable(ttl=10, rng=random.Random(7))
+    for peer in peers:
+        table.heartbeat(peer, models=list(models), load={"running": 0, "capacity": 4}, addrs=[f"/addr/{peer}"])
+    return table
+
+
+def app_for(table: NodeTable, client: FakeClient) -> httpx.AsyncClient:
+    app = create_app(Gateway(table, client))  # type: ignore[arg-type]
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
+
+
+# --- node table ---------------------------------------------------------------------------
+
+
+def test_offline_and_wrong_model_nodes_are_never_chosen() -> None:
+    table = table_with("a", "b")
+    table.heartbeat("c", models=["other"], load={}, addrs=["/addr/c"])
+    table.heartbeat("old", models=["tiny"], load={}, addrs=["/addr/old"], now=time.time() - 60)
+    chosen = {table.choose("tiny").peer_id for _ in range(50)}
+    assert chosen == {"a", "b"}
+    with pytest.raises(NoLiveNode, match="no live node serves model 'gpt9'"):
+        table.choose("gpt9")
+
+
+def test_p2c_prefers_the_less_loaded_node() -> None:
+    table = table_with("idle", "loaded")
+    table.heartbeat("loaded", models=["tiny"], load={"running": 4, "queued": 8, "capacity": 4}, addrs=["/addr/loaded"])
+    picks = [table.choose("tiny").peer_id for _ in range(20)]
+    assert picks.count("idle") == 20
+
+
+def test_failures_back_off_doubling_and_success_resets() -> None:
+    table = table_with("a", "b")
+    table.record_failure("a", "dial failed")
+    first = table.nodes["a"].backoff_until - time.time()
+    table.record_failure("a", "dial failed")
+    second = table.nodes["a"].backoff_until - time.time()
+    assert 1.5 < first < 2.5 and 3.5 < second < 4.5
+    assert {table.choose("tiny").peer_id for _ in range(20)} == {"b"}
+    table.record_success("a", 10.0, 5, 0.1)
+    assert table.nodes["a"].backoff_until == 0 and table.nodes["a"].success_rate == pytest.approx(1 / 3)
+
+
+# --- HTTP ---------------------------------------------------------------------------------
+
+
+async def test_generate_fails_over_before_the_first_token() -> None:
+    table = table_with("down", "up")
+    # "up" reports load, so p2c picks "down" first and has to fail over.
+    table.heartbeat("up", models=["tiny"], load={"running": 4, "capacity": 4}, addrs=["/addr/up"])
+    client = FakeClient({"/addr/down": "dial", "/addr/up": "ok"})
+    async with app_for(table, client) as http:
+        for _ in range(2):
+            response = await http.post("/api/generate", json={"prompt": "hi", "max_new_tokens": 2})
+            assert response.status_code == 200, response.text
+            body = response.json()
+            assert body["text"] == "Hello" and body["node"] == "up" and body["usage"]["completion_tokens"] == 2
+    assert table.nodes["down"].failures == 1  # then backed off, so not tried again
+
+
+async def test_an_error_after_the_first_token_is_relayed_not_retried() -> None:
+    table = table_with("flaky")
+    client = FakeClient({"/addr/flaky": "midway"})
+    async with app_for(table, client) as http:
+        async with http.stream("POST", "/api/generate", json={"prompt": "hi", "stream": True}) as response:
+            assert response.status_code == 200
+            text = "".join([chunk async for chunk in response.aiter_text()])
+    assert "event: token" in text and "event: error" in text and "crashed midway" in text
+    assert client.calls == ["/addr/flaky"]
+
+
+async def test_no_live_node_is_a_503_naming_the_model() -> None:
+    async with app_for(table_with(), FakeClient({})) as http:
+        response = await http.post("/api/generate", json={"prompt": "hi", "model": "tiny"})
+        streamed = await http.post("/api/generate", json={"prompt": "hi", "model": "tiny", "stream": True})
+    for r in (response, streamed):
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["message"] == "no live node serves model 'tiny'"
+
+
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        ({"prompt": 3}, "prompt"),
+        ({"prompt": "x", "temperature": -1}, "temperature"),
+        ({"prompt": "x", "bogus": True}, "bogus"),
+        ({}, "prompt"),
+    ],
+)
+async def test_bad_bodies_get_400_with_a_reason(body: dict, fragment: str) -> None:
+    async with app_for(table_with("a"), FakeClient({"/addr/a": "ok"})) as http:
+        response = await http.post("/api/generate", json=body)
+    assert response.status_code == 400
+    assert fragment in response.json()["error"]["message"]
+
+
+async def test_non_json_and_oversized_bodies_are_refused() -> None:
+    async with app_for(table_with("a"), FakeClient({"/addr/a": "ok"})) as http:
+        garbage = await http.post("/api/generate", content=b"\xff{not json", headers={"content-type": "application/json"})
+        huge = await http.post("/api/generate", content=b"x" * (300 * 1024), headers={"content-type": "application/json"})
+    assert garbage.status_code == 400 and "error" in garbage.json()
+    assert huge.status_code == 413
+
+
+async def test_openai_chat_stream_ends_with_done() -> None:
+    async with app_for(table_with("a"), FakeClient({"/addr/a": "ok"})) as http:
+        plain = await http.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
+        async with http.stream("POST", "/v1/chat/completions", json={"model": "tiny", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as response:
+            lines = [line async for line in response.aiter_lines() if line.startswith("data: ")]
+    assert plain.json()["choices"][0]["message"] == {"role": "assistant", "content": "Hello", "refusal": None}
+    assert plain.json()["usage"]["total_tokens"] == 5
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "Hello"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+async def test_models_nodes_health_and_metrics() -> None:
+    table = table_with("a")
+    async with app_for(table, FakeClient({"/addr/a": "ok"})) as http:
+        await http.post("/api/generate", json={"prompt": "hi"})
+        models = (await http.get("/v1/models")).json()
+        nodes = (await http.get("/api/nodes")).json()
+        health = (await http.get("/healthz")).json()
+        metrics = (await http.get("/metrics")).text
+    assert [m["id"] for m in models["data"]] == ["tiny"]
+    assert nodes["nodes"][0]["peer_id"] == "a" and nodes["nodes"][0]["online"] is True
+    assert nodes["nodes"][0]["success_rate"] == 1.0
+    assert health["live_nodes"] == 1
+    assert 'dllm_gateway_requests_total{endpoint="generate",status="200"} 1.0' in metrics
+    assert "dllm_gateway_live_nodes 1.0" in metrics
