@@ -1,0 +1,1 @@
+"""The registry: signed hash-chained blocks, their storage, and their publication on IPFS."""
