@@ -1,0 +1,413 @@
+"""``Engine``: one model, one scheduler thread, continuous batching.
+
+Why a thread: a forward pass holds the CPU for tens to hundreds of milliseconds, and the
+node's trio loop must keep serving streams, heartbeats and registry sync meanwhile. Why
+one: a second model thread would only compete for the same cores, and with a single
+owner the KV cache and the batch need no locking. Torch releases the GIL during its
+kernels, so the event loop stays responsive.
+
+Why continuous batching: on CPU a decode step for 8 rows costs little more than for one
+(the weights are read once per step either way), so throughput scales with the batch.
+Requests join the running batch between decode steps (their prompts are prefilled as a
+small batch of their own, then merged) and leave it the moment they finish or their
+client goes away; nobody waits for the slowest member of a fixed batch.
+
+The public contract is in ``Engine.generate`` and ``Generation``. Each request fails
+alone: an exception while prefilling or sampling one request is reported to that request
+only. A failed batched forward pass (which cannot be attributed to one row) fails the
+rows in that batch, and the thread carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from .batch import KVBatch, ModelRunner
+from .detok import IncrementalDecoder
+from .errors import EngineBusy, EngineClosed, GenerationFailed
+from .generation import Event, Generation, Request, elapsed_ms
+from .loading import LoadedModel
+from .params import FinishReason, GenerationParams, GenerationResult
+from .sampling import make_generator, sample, suppress
+
+log = logging.getLogger("dllm_p2p.engine")
+
+#: Padded prompt tokens prefilled in one forward pass before decoding resumes: bounds the
+#: pause that a burst of long prompts imposes on the sequences already decoding.
+PREFILL_TOKEN_BUDGET = 4096
+#: How often an idle scheduler checks that the main thread is still alive.
+IDLE_POLL_SECONDS = 0.5
+#: Window for the ``tokens_per_second`` figure in ``stats()``.
+RATE_WINDOW_SECONDS = 10.0
+
+
+class Engine:
+    """Serves generations for one loaded model; ``start()`` before use, ``close()`` after.
+
+    At most ``max_batch_size`` requests decode together and at most ``max_queue`` more
+    wait; beyond that ``generate`` refuses with ``EngineBusy`` so that a client can try
+    another node instead of waiting here.
+    """
+
+    def __init__(self, loaded: LoadedModel, max_batch_size: int = 8, max_queue: int = 64) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if max_queue < 0:
+            raise ValueError("max_queue must be >= 0")
+        self.loaded = loaded
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self._runner = ModelRunner(loaded.model)
+        self._stop_ids = loaded.stop_token_ids or frozenset(
+            [loaded.eos_token_id] if loaded.eos_token_id is not None else []
+        )
+        self._pad_id = loaded.eos_token_id if loaded.eos_token_id is not None else 0
+        self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
+
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._state = "new"  # -> "running" -> "closed"
+        self._thread: threading.Thread | None = None
+        self._queue: deque[Request] = deque()
+        self._in_flight = 0  # requests inside their ``async with`` (queued, running or finishing)
+        self._running = 0  # rows in the batch, as last published by the scheduler
+        self._counts = {"completed": 0, "failed": 0, "cancelled": 0, "rejected": 0, "generated_tokens": 0}
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per decode step
+
+        # Owned by the scheduler thread alone.
+        self._batch: KVBatch | None = None
+        self._rows: list[Request] = []
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.loaded.name
+
+    @property
+    def max_context(self) -> int:
+        return self.loaded.max_context
+
+    def start(self) -> None:
+        """Start the scheduler thread (idempotent)."""
+        with self._lock:
+            if self._state == "closed":
+                raise EngineClosed("engine is closed")
+            if self._state == "running":
+                return
+            self._state = "running"
+            self._thread = threading.Thread(target=self._run, name=f"engine[{self.name}]")
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop the scheduler, failing outstanding requests with ``EngineClosed``, and join it."""
+        with self._lock:
+            self._state = "closed"
+            self._wakeup.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def __enter__(self) -> Engine:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # --- public API -------------------------------------------------------------------
+
+    def generate(self, params: GenerationParams) -> Generation:
+        """Return the handle for one request; use it as ``async with`` from a trio task.
+
+        Invalid parameters raise ``ValueError`` here; a full engine raises ``EngineBusy``
+        and a prompt that does not fit the context raises ``ValueError`` when entering.
+        """
+        params.validate()
+        return Generation(self, params)
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot for heartbeats and ``/dllm/info``: load, capacity and counters."""
+        now = time.perf_counter()
+        with self._lock:
+            while self._recent and now - self._recent[0][0] > RATE_WINDOW_SECONDS:
+                self._recent.popleft()
+            recent_tokens = sum(tokens for _, tokens in self._recent)
+            return {
+                "running": self._running,
+                "queued": len(self._queue),
+                "capacity": self.max_batch_size,
+                "max_queue": self.max_queue,
+                "in_flight": self._in_flight,
+                "tokens_per_second": round(recent_tokens / RATE_WINDOW_SECONDS, 2),
+                "state": self._state,
+                **self._counts,
+            }
+
+    # --- called from Generation (trio side) --------------------------------------------
+
+    def _reserve(self) -> None:
+        with self._lock:
+            if self._state != "running":
+                raise EngineClosed("engine is not running" if self._state == "new" else "engine is closed")
+            if self._in_flight >= self.max_batch_size + self.max_queue:
+                self._counts["rejected"] += 1
+                raise EngineBusy(
+                    f"node is at capacity ({self._running} generating, {len(self._queue)} queued); "
+                    "try again later or another node"
+                )
+            self._in_flight += 1
+
+    def _release(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+    def _encode_prompt(self, params: GenerationParams) -> list[int]:
+        """Tokenize (in a worker thread) and check that prompt + new tokens fit the context."""
+        with self._tokenizer_lock:
+            ids = self.loaded.encode(params.prompt)
+        limit = self.max_context - params.max_new_tokens
+        if len(ids) > limit:
+            raise ValueError(
+                f"prompt too long: {len(ids)} tokens, limit {max(limit, 0)} "
+                f"(context {self.max_context} tokens minus max_new_tokens {params.max_new_tokens})"
+            )
+        return ids
+
+    def _new_request(
+        self, params: GenerationParams, prompt_ids: list[int], deliver: Callable[[Event], bool]
+    ) -> Request:
+        return Request(
+            params=params,
+            prompt_ids=prompt_ids,
+            deliver=deliver,
+            detok=IncrementalDecoder(_LockedTokenizer(self.loaded.tokenizer, self._tokenizer_lock)),
+            generator=make_generator(params),
+        )
+
+    def _submit(self, request: Request) -> None:
+        with self._lock:
+            if self._state != "running":
+                raise EngineClosed("engine is closed")
+            self._queue.append(request)
+            self._wakeup.notify()
+
+    def _cancel(self, request: Request) -> None:
+        """Mark ``request`` abandoned; a queued one is removed now, a running one before the next step."""
+        request.cancelled = True
+        with self._lock:
+            try:
+                self._queue.remove(request)
+            except ValueError:
+                return  # running (or done): the scheduler drops it
+            self._counts["cancelled"] += 1
+
+    # --- the scheduler thread ---------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                admitted = self._next_work()
+                if admitted is None:
+                    break
+                try:
+                    if admitted:
+                        self._prefill(admitted)
+                    if self._rows:
+                        self._decode_step()
+                except Exception as exc:  # a bug in the scheduler: fail the batch, keep serving
+                    log.exception("scheduler step failed")
+                    for request in self._rows + admitted:
+                        if not request.done:
+                            self._fail(request, exc)
+                    self._set_rows([])
+                with self._lock:
+                    self._running = len(self._rows)
+        self._shutdown()
+
+    def _next_work(self) -> list[Request] | None:
+        """Wait for something to do; return requests to prefill (maybe none), or None to stop."""
+        with self._lock:
+            while self._state == "running" and not self._queue and not self._rows:
+                self._wakeup.wait(IDLE_POLL_SECONDS)
+                if not threading.main_thread().is_alive():
+                    log.warning("main thread ended without Engine.close(); stopping the scheduler")
+                    self._state = "closed"
+            if self._state != "running":
+                return None
+            admitted: list[Request] = []
+            longest = 0
+            while self._queue and len(self._rows) + len(admitted) < self.max_batch_size:
+                request = self._queue[0]
+                longest = max(longest, len(request.prompt_ids))
+                if admitted and longest * (len(admitted) + 1) > PREFILL_TOKEN_BUDGET:
+                    break
+                admitted.append(self._queue.popleft())
+            self._running = len(self._rows) + len(admitted)
+            return admitted
+
+    def _prefill(self, requests: list[Request]) -> None:
+        started = time.perf_counter()
+        for request in requests:
+            request.started = started
+        try:
+            batch, logits = KVBatch.prefill(self._runner, [r.prompt_ids for r in requests], self._pad_id)
+        except Exception as exc:
+            if len(requests) > 1:  # find the culprit: the others deserve to run
+                for request in requests:
+                    self._prefill([request])
+                return
+            log.warning("prefill failed: %r", exc)
+            self._fail(requests[0], exc)
+            return
+        keep = self._advance(requests, logits)
+        if not keep:
+            return
+        if len(keep) < len(requests):
+            batch.select(keep)
+        if self._batch is None:
+            self._batch, self._rows = batch, [requests[i] for i in keep]
+        else:
+            self._batch.extend(batch)
+            self._rows = self._rows + [requests[i] for i in keep]
+
+    def _decode_step(self) -> None:
+        live = [i for i, request in enumerate(self._rows) if not request.cancelled]
+        if len(live) < len(self._rows):
+            self._count(cancelled=len(self._rows) - len(live))
+            self._set_rows(live)
+        if self._batch is None:
+            return
+        tokens = torch.tensor([request.generated[-1] for request in self._rows], dtype=torch.long)
+        try:
+            logits = self._batch.step(tokens)
+        except Exception as exc:
+            log.exception("decode step failed for a batch of %d", len(self._rows))
+            for request in self._rows:
+                self._fail(request, exc)
+            self._set_rows([])
+            return
+        self._set_rows(self._advance(self._rows, logits))
+
+    def _advance(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
+        """Sample one token per row and apply it; return the indices of rows still generating."""
+        keep = []
+        generated = 0
+        for row, request in enumerate(requests):
+            if request.cancelled:
+                self._count(cancelled=1)
+                continue
+            try:
+                scores = logits[row]
+                if len(request.generated) < request.params.min_new_tokens:
+                    suppress(scores, self._stop_ids)
+                token = sample(scores, request.params, request.generator)
+                generated += 1
+                if self._accept(request, token):
+                    keep.append(row)
+            except Exception as exc:
+                log.warning("sampling failed: %r", exc)
+                self._fail(request, exc)
+        now = time.perf_counter()
+        with self._lock:
+            self._counts["generated_tokens"] += generated
+            self._recent.append((now, generated))
+            while now - self._recent[0][0] > RATE_WINDOW_SECONDS:
+                self._recent.popleft()
+        return keep
+
+    def _accept(self, request: Request, token: int) -> bool:
+        """Record ``token`` for ``request``, stream its text, and finish it if it is done."""
+        if not request.first_token:
+            request.first_token = time.perf_counter()
+        if token in self._stop_ids:
+            self._finish(request, "stop")
+            return False
+        piece = request.detok.push(token)
+        if piece:
+            request.pieces.append(piece)
+            request.emit(piece)
+        produced = len(request.generated)
+        if (
+            produced >= request.params.max_new_tokens
+            or len(request.prompt_ids) + produced >= self.max_context
+        ):
+            self._finish(request, "length")
+            return False
+        return True
+
+    def _finish(self, request: Request, reason: FinishReason) -> None:
+        tail = request.detok.flush()
+        if tail:
+            request.pieces.append(tail)
+            request.emit(tail)
+        now = time.perf_counter()
+        request.done = True
+        result = GenerationResult(
+            text="".join(request.pieces),
+            prompt_tokens=len(request.prompt_ids),
+            completion_tokens=len(request.generated),
+            finish_reason=reason,
+            queue_ms=elapsed_ms(request.submitted, request.started),
+            first_token_ms=elapsed_ms(request.submitted, request.first_token or now),
+            total_ms=elapsed_ms(request.submitted, now),
+            token_ids=list(request.generated),
+        )
+        request.emit(result)
+        self._count(completed=1)
+
+    def _fail(self, request: Request, exc: BaseException) -> None:
+        request.done = True
+        if not isinstance(exc, GenerationFailed):
+            failure = GenerationFailed(f"generation failed: {exc!r}")
+            failure.__cause__ = exc
+            exc = failure
+        request.emit(exc)
+        self._count(failed=1)
+
+    def _set_rows(self, keep: list[int]) -> None:
+        if not keep or self._batch is None:
+            self._batch, self._rows = None, []
+        elif len(keep) < len(self._rows):
+            self._batch.select(keep)
+            self._rows = [self._rows[i] for i in keep]
+        with self._lock:
+            self._running = len(self._rows)
+
+    def _count(self, **increments: int) -> None:
+        with self._lock:
+            for key, value in increments.items():
+                self._counts[key] += value
+
+    def _shutdown(self) -> None:
+        with self._lock:
+            self._state = "closed"
+            queued = list(self._queue)
+            self._queue.clear()
+        for request in self._rows + queued:
+            if not request.done and not request.cancelled:
+                request.done = True
+                request.emit(EngineClosed("engine closed before the generation finished"))
+        self._set_rows([])
+
+
+class _LockedTokenizer:
+    """The decoding half of a tokenizer, serialised with the prompt encoder's lock."""
+
+    def __init__(self, tokenizer: Any, lock: threading.Lock) -> None:
+        self._tokenizer = tokenizer
+        self._lock = lock
+
+    def decode(self, ids: list[int], **kwargs: Any) -> str:
+        with self._lock:
+            return self._tokenizer.decode(ids, **kwargs)

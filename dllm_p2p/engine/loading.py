@@ -1,0 +1,233 @@
+"""Turn a model spec (``tiny``, ``random:gpt2``, a directory, a hub name) into a ``LoadedModel``.
+
+Loading is the one place where a node meets the outside world before it serves anything,
+so failures here must be quick and explain the way out: a machine without access to the
+Hugging Face hub gets, within about a second, a message listing the offline options
+instead of minutes of retries followed by a stack trace.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelLoadError
+
+Progress = Callable[[str], None]
+
+#: Seconds allowed for the "is the hub reachable at all?" probe.
+HUB_PROBE_TIMEOUT = 3.0
+
+OFFLINE_OPTIONS = """\
+Options that work offline:
+  --model tiny              a small built-in model (no download)
+  --model random:gpt2       GPT-2-small's shape with random weights (no download)
+  --model DIR               a local directory saved with save_pretrained()
+  python -m dllm_p2p model init-tiny DIR   writes such a directory
+  or pre-populate the Hugging Face cache on a connected machine (e.g. `hf download NAME`)
+  and run with HF_HUB_OFFLINE=1."""
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for inference (eval mode, float32 on CPU) and its tokenizer."""
+
+    #: The name reported to clients: "tiny", "random:gpt2", the hub name, or a directory's basename.
+    name: str
+    model: Any
+    tokenizer: Any
+    eos_token_id: int | None
+    #: Longest sequence (prompt + generated) the model can attend over.
+    max_context: int
+    #: Every token id that ends a generation (the tokenizer's and the generation config's EOS).
+    stop_token_ids: frozenset[int] = field(default_factory=frozenset)
+    load_seconds: float = 0.0
+
+    def encode(self, prompt: str) -> list[int]:
+        """Prompt token ids as the model should see them (not thread-safe: see ``Engine``).
+
+        An empty prompt becomes the beginning-of-text token alone, which is how GPT-2 draws
+        unconditional samples (a forward pass needs at least one token).
+        """
+        ids = list(self.tokenizer(prompt, verbose=False)["input_ids"])
+        if ids:
+            return ids
+        start = self.tokenizer.bos_token_id
+        if start is None:
+            start = self.eos_token_id if self.eos_token_id is not None else 0
+        return [start]
+
+
+def load_model(spec: str, progress: Progress | None = None) -> LoadedModel:
+    """Load ``spec``; raise ``ModelLoadError`` with a human-readable fix when that fails.
+
+    ``progress`` receives short stage messages ("loading tokenizer", "loading weights ...")
+    so a CLI can show where the time goes.
+    """
+    say = progress or (lambda message: None)
+    started = time.perf_counter()
+    spec = spec.strip()
+    if spec == "tiny":
+        loaded = _load_tiny(say)
+    elif spec.startswith("random:"):
+        loaded = _load_random(spec, say)
+    else:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            loaded = _load_directory(path, say)
+        elif spec.startswith(("/", "./", "../", "~")):
+            raise ModelLoadError(f"model directory {spec!r} does not exist")
+        else:
+            loaded = _load_hub(spec, say)
+    loaded.load_seconds = time.perf_counter() - started
+    say(f"model {loaded.name!r} ready in {loaded.load_seconds:.1f} s (context {loaded.max_context} tokens)")
+    return loaded
+
+
+def _load_tiny(say: Progress) -> LoadedModel:
+    from .tiny import tiny_model, tiny_tokenizer
+
+    say("building tiny tokenizer")
+    tokenizer = tiny_tokenizer()
+    say("building tiny model (2 layers, random weights)")
+    return _finish("tiny", tiny_model(), tokenizer)
+
+
+def _load_random(spec: str, say: Progress) -> LoadedModel:
+    from .tiny import random_gpt2_small, tiny_tokenizer
+
+    if spec != "random:gpt2":
+        raise ModelLoadError(f"unknown model spec {spec!r}; the only random model is 'random:gpt2'")
+    say("building tiny tokenizer")
+    tokenizer = tiny_tokenizer()
+    say("initialising GPT-2-small shaped model with random weights (124M parameters)")
+    started = time.perf_counter()
+    model = random_gpt2_small()
+    say(f"random weights ready in {time.perf_counter() - started:.1f} s")
+    return _finish(spec, model, tokenizer)
+
+
+def _load_directory(path: Path, say: Progress) -> LoadedModel:
+    try:
+        tokenizer, model = _from_pretrained(str(path), say, local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"could not load a model from directory {str(path)!r}: {exc}\n"
+            "It should hold files written by save_pretrained() (config.json, weights, tokenizer files); "
+            "`python -m dllm_p2p model init-tiny DIR` writes a small one."
+        ) from exc
+    return _finish(path.resolve().name, model, tokenizer)
+
+
+def _load_hub(name: str, say: Progress) -> LoadedModel:
+    """Cache first, then the hub only if it answers: never the library's long retry loops."""
+    say(f"looking for {name!r} in the Hugging Face cache")
+    try:
+        tokenizer, model = _from_pretrained(name, say, local_files_only=True)
+        return _finish(name, model, tokenizer)
+    except Exception as exc:
+        cached_error = exc
+    if _offline_mode():
+        raise ModelLoadError(
+            f"could not load model {name!r}: it is not in the Hugging Face cache and "
+            f"HF_HUB_OFFLINE is set ({_short(cached_error)}).\n{OFFLINE_OPTIONS}"
+        ) from cached_error
+    endpoint = _hub_endpoint()
+    say(f"not cached; checking that {endpoint} is reachable")
+    problem = _probe(endpoint)
+    if problem is not None:
+        raise ModelLoadError(
+            f"could not load model {name!r}: it is not in the Hugging Face cache and the hub "
+            f"({endpoint}) is unreachable: {problem}.\n{OFFLINE_OPTIONS}"
+        ) from cached_error
+    try:
+        tokenizer, model = _from_pretrained(name, say, local_files_only=False)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"could not load model {name!r} from the Hugging Face hub: {_short(exc)}\n{OFFLINE_OPTIONS}"
+        ) from exc
+    return _finish(name, model, tokenizer)
+
+
+def _from_pretrained(source: str, say: Progress, *, local_files_only: bool) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    say("loading tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+    say("loading weights")
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        source, local_files_only=local_files_only, dtype=torch.float32
+    )
+    say(f"loading weights done in {time.perf_counter() - started:.1f} s")
+    return tokenizer, model.eval()
+
+
+def _finish(name: str, model: Any, tokenizer: Any) -> LoadedModel:
+    config = model.config
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    stops = set(_as_ids(eos)) | set(_as_ids(getattr(model.generation_config, "eos_token_id", None)))
+    if model.generation_config.pad_token_id is None and eos is not None:
+        model.generation_config.pad_token_id = eos  # silences generate()'s warning
+    return LoadedModel(
+        name=name,
+        model=model,
+        tokenizer=tokenizer,
+        eos_token_id=eos,
+        max_context=_max_context(config, tokenizer),
+        stop_token_ids=frozenset(stops),
+    )
+
+
+def _max_context(config: Any, tokenizer: Any) -> int:
+    for attribute in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attribute, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else 2048
+
+
+def _as_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def _offline_mode() -> bool:
+    """Read the environment now: huggingface_hub only reads it once, at import time."""
+    truthy = {"1", "on", "yes", "true"}
+    return any(
+        os.environ.get(var, "").strip().lower() in truthy
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "").rstrip("/") or "https://huggingface.co"
+
+
+def _probe(endpoint: str) -> str | None:
+    """``None`` if ``endpoint`` answers HTTP at all within the timeout, else the reason."""
+    import httpx
+
+    try:
+        httpx.head(endpoint, timeout=HUB_PROBE_TIMEOUT, follow_redirects=False)
+    except httpx.HTTPError as exc:
+        return _short(exc) or type(exc).__name__
+    return None
+
+
+def _short(exc: BaseException) -> str:
+    """The first line of an exception's message: hub errors can run to a page."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,45 @@
+"""Plain, unbatched ``model.generate``: the yardstick for the engine's correctness and speed."""
+
+from __future__ import annotations
+
+import torch
+
+from .loading import LoadedModel
+from .params import GenerationParams
+
+
+def reference_token_ids(loaded: LoadedModel, params: GenerationParams) -> list[int]:
+    """Generated token ids (end-of-text excluded) from one ``model.generate`` call.
+
+    Sampling uses the global torch RNG, seeded from ``params.seed`` when given, so seeded
+    outputs are reproducible here but are not expected to match the engine's per-request
+    generators; greedy outputs (temperature 0) must match the engine token for token.
+    """
+    params.validate()
+    input_ids = torch.tensor([loaded.encode(params.prompt)], dtype=torch.long)
+    options: dict[str, object] = {
+        "max_new_tokens": params.max_new_tokens,
+        "min_new_tokens": min(params.min_new_tokens, params.max_new_tokens),
+        "eos_token_id": sorted(loaded.stop_token_ids) or loaded.eos_token_id,
+        "pad_token_id": loaded.eos_token_id,
+    }
+    if params.greedy:
+        options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    else:
+        options.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+    with torch.inference_mode():
+        output = loaded.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **options)
+    generated = output[0, input_ids.shape[1] :].tolist()
+    stops = loaded.stop_token_ids or {loaded.eos_token_id}
+    for index, token in enumerate(generated):
+        if token in stops:
+            return generated[:index]
+    return generated
+
+
+def generate_reference(loaded: LoadedModel, params: GenerationParams) -> str:
+    """The text ``model.generate`` produces for ``params``, decoded like the engine decodes."""
+    ids = reference_token_ids(loaded, params)
+    return loaded.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

@@ -1,0 +1,338 @@
+"""The model engine: built-in models, loading errors, and the batching scheduler.
+
+Everything runs on the built-in ``tiny`` model (a few ms per decode step) except one test
+that builds ``random:gpt2`` to check its shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+import trio
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dllm_p2p.engine import (
+    Engine,
+    EngineBusy,
+    EngineClosed,
+    GenerationFailed,
+    GenerationParams,
+    GenerationResult,
+    LoadedModel,
+    ModelLoadError,
+    generate_reference,
+    init_tiny,
+    load_model,
+    reference_token_ids,
+    tiny,
+)
+from dllm_p2p.engine import engine as engine_module
+from dllm_p2p.engine.detok import IncrementalDecoder
+
+PROMPTS = [
+    "The river",
+    "In the morning the fields were white with frost, and the cattle",
+    "A",
+    "When you send a message across a network, it is cut into small pieces. Each piece finds its own way",
+]
+
+
+@pytest.fixture(scope="module")
+def loaded() -> LoadedModel:
+    return load_model("tiny")
+
+
+@pytest.fixture
+def engine(loaded: LoadedModel) -> Iterator[Engine]:
+    with Engine(loaded, max_batch_size=4, max_queue=8) as engine:
+        yield engine
+
+
+async def run(engine: Engine, params: GenerationParams) -> tuple[list[str], GenerationResult]:
+    async with engine.generate(params) as generation:
+        pieces = [piece async for piece in generation]
+    assert generation.result is not None
+    return pieces, generation.result
+
+
+async def wait_until(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+# --- built-in models ---------------------------------------------------------------------
+
+
+def test_tiny_build_is_quick_and_deterministic() -> None:
+    started = time.perf_counter()
+    tokenizer = tiny.tiny_tokenizer.__wrapped__()
+    model = tiny.tiny_model.__wrapped__()
+    assert time.perf_counter() - started < 2.0
+
+    again = tiny.tiny_tokenizer.__wrapped__()
+    text = "The miller's daughter counted 12 boats; café, 日本, 🙂 and <|endoftext|>"
+    assert tokenizer(text)["input_ids"] == again(text)["input_ids"]
+    assert tokenizer.get_vocab() == again.get_vocab()
+    assert 1000 <= len(tokenizer) <= 2048 and tokenizer.eos_token == "<|endoftext|>"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text  # byte-level: lossless
+
+    other = tiny.tiny_model.__wrapped__()
+    for (name, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert model.config.vocab_size == len(tokenizer)
+    assert model.config.n_layer == 2 and model.config.n_positions == 512
+
+
+def test_init_tiny_round_trips_through_from_pretrained(tmp_path, loaded: LoadedModel) -> None:  # type: ignore[no-untyped-def]
+    path = init_tiny(tmp_path / "tiny-copy")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    text = PROMPTS[1] + " café"
+    assert tokenizer(text)["input_ids"] == loaded.tokenizer(text)["input_ids"]
+    ids = torch.tensor([loaded.tokenizer(text)["input_ids"]])
+    with torch.inference_mode():
+        assert torch.allclose(model(ids).logits, loaded.model(ids).logits, atol=1e-6)
+
+    again = load_model(str(path))
+    assert (
+        again.name == "tiny-copy" and again.max_context == 512 and again.eos_token_id == loaded.eos_token_id
+    )
+
+
+def test_random_gpt2_has_gpt2_small_shape() -> None:
+    messages: list[str] = []
+    loaded = load_model("random:gpt2", progress=messages.append)
+    config = loaded.model.config
+    assert loaded.name == "random:gpt2" and loaded.max_context == 1024
+    assert (config.vocab_size, config.n_layer, config.n_embd, config.n_head) == (50257, 12, 768, 12)
+    assert loaded.model.num_parameters() == 124_439_808
+    assert max(loaded.tokenizer.get_vocab().values()) < 50257
+    assert any("random weights" in m for m in messages)
+    ids = torch.tensor([loaded.tokenizer("Hello")["input_ids"]])
+    with torch.inference_mode():
+        assert loaded.model(ids).logits.shape == (1, ids.shape[1], 50257)
+
+
+# --- loading errors ----------------------------------------------------------------------
+
+
+def test_uncached_hub_model_offline_fails_fast_naming_the_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    with pytest.raises(ModelLoadError) as caught:
+        load_model("dllm-p2p-tests/no-such-model")
+    assert time.perf_counter() - started < 10
+    message = str(caught.value)
+    assert "could not load model 'dllm-p2p-tests/no-such-model'" in message
+    for option in (
+        "--model tiny",
+        "--model random:gpt2",
+        "save_pretrained",
+        "model init-tiny DIR",
+        "HF_HUB_OFFLINE=1",
+    ):
+        assert option in message
+
+
+def test_missing_directory_and_unknown_random_spec_are_load_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(str(tmp_path / "nowhere"))
+    with pytest.raises(ModelLoadError, match="random:gpt2"):
+        load_model("random:llama")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="save_pretrained"):
+        load_model(str(tmp_path / "empty"))
+
+
+# --- generation --------------------------------------------------------------------------
+
+
+async def test_greedy_batched_matches_unbatched_generate(engine: Engine, loaded: LoadedModel) -> None:
+    """Rows of different lengths join at different times and leave at different times."""
+    requests = [
+        GenerationParams(prompt, max_new_tokens=n, temperature=0)
+        for prompt, n in zip(PROMPTS, (40, 25, 33, 12), strict=True)
+    ]
+    requests.append(GenerationParams("", max_new_tokens=20, temperature=0))  # queued: the batch holds 4
+    results: dict[int, GenerationResult] = {}
+
+    async def one(index: int, delay: float) -> None:
+        await trio.sleep(delay)
+        _, results[index] = await run(engine, requests[index])
+
+    async with trio.open_nursery() as nursery:
+        for index, delay in enumerate((0, 0, 0.05, 0.1, 0)):
+            nursery.start_soon(one, index, delay)
+
+    for index, params in enumerate(requests):
+        result = results[index]
+        assert result.token_ids == reference_token_ids(loaded, params), params.prompt
+        assert result.text == generate_reference(loaded, params)
+        assert result.completion_tokens == len(result.token_ids) == params.max_new_tokens
+        assert result.finish_reason == "length"
+        assert (
+            result.prompt_tokens == len(loaded.tokenizer(params.prompt)["input_ids"]) or params.prompt == ""
+        )
+        assert 0 <= result.queue_ms <= result.first_token_ms <= result.total_ms
+
+
+async def test_streamed_pieces_are_whole_characters_and_make_the_text(
+    engine: Engine, loaded: LoadedModel
+) -> None:
+    # The untrained model emits raw byte tokens, so incomplete UTF-8 sequences are common.
+    for seed in range(3):
+        params = GenerationParams("日本語のテキスト 🙂", max_new_tokens=48, temperature=1.0, seed=seed)
+        pieces, result = await run(engine, params)
+        assert "".join(pieces) == result.text
+        assert all(pieces)
+        assert result.text == loaded.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+
+
+def test_incremental_decoder_holds_back_partial_characters(loaded: LoadedModel) -> None:
+    text = "naïve café 日本語 🙂🙂 done"
+    decoder = IncrementalDecoder(loaded.tokenizer)
+    pieces = [decoder.push(token) for token in loaded.tokenizer(text)["input_ids"]] + [decoder.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert len([p for p in pieces if p]) > 5  # it did stream
+
+
+async def test_max_new_tokens_is_respected(engine: Engine) -> None:
+    _, result = await run(
+        engine, GenerationParams(PROMPTS[0], max_new_tokens=7, min_new_tokens=7, temperature=0.8)
+    )
+    assert result.completion_tokens == 7 and result.finish_reason == "length"
+
+
+async def test_min_new_tokens_suppresses_end_of_text(loaded: LoadedModel) -> None:
+    # Pretend the model's first greedy choice is end-of-text, so it would stop at once.
+    first = reference_token_ids(loaded, GenerationParams(PROMPTS[1], max_new_tokens=1, temperature=0))[0]
+    stops_early = dataclasses.replace(loaded, eos_token_id=first, stop_token_ids=frozenset({first}))
+    with Engine(stops_early, max_batch_size=2) as engine:
+        pieces, result = await run(engine, GenerationParams(PROMPTS[1], max_new_tokens=30, temperature=0))
+        assert (pieces, result.text, result.completion_tokens, result.finish_reason) == ([], "", 0, "stop")
+
+        params = GenerationParams(PROMPTS[1], max_new_tokens=30, min_new_tokens=10, temperature=0)
+        _, result = await run(engine, params)
+        assert result.completion_tokens >= 10 and first not in result.token_ids
+        assert result.token_ids == reference_token_ids(stops_early, params)
+
+
+async def test_seeded_sampling_is_reproducible(engine: Engine) -> None:
+    params = GenerationParams(PROMPTS[0], max_new_tokens=24, temperature=1.0, top_p=0.95, top_k=50, seed=42)
+    _, alone = await run(engine, params)
+    results: list[GenerationResult] = []
+
+    async def one(p: GenerationParams) -> None:
+        results.append((await run(engine, p))[1])
+
+    async with trio.open_nursery() as nursery:  # the same request, batched with others
+        nursery.start_soon(one, params)
+        nursery.start_soon(one, dataclasses.replace(params, seed=7))
+        nursery.start_soon(one, dataclasses.replace(params, prompt=PROMPTS[3], seed=None))
+    assert alone.token_ids in [r.token_ids for r in results]
+    assert alone.token_ids != [r.token_ids for r in results if r.token_ids != alone.token_ids][0]
+
+
+async def test_invalid_params_and_too_long_prompts_raise_value_error(engine: Engine) -> None:
+    with pytest.raises(ValueError, match="temperature"):
+        engine.generate(GenerationParams("hi", temperature=-1))
+    with pytest.raises(ValueError, match="top_p"):
+        engine.generate(GenerationParams("hi", top_p=0))
+    with pytest.raises(ValueError, match=r"prompt too long: \d+ tokens, limit 500"):
+        async with engine.generate(GenerationParams("the river " * 300, max_new_tokens=12)):
+            pass  # pragma: no cover
+    assert engine.stats()["in_flight"] == 0
+
+
+async def test_engine_busy_when_batch_and_queue_are_full(loaded: LoadedModel) -> None:
+    long = GenerationParams(PROMPTS[0], max_new_tokens=400, min_new_tokens=400)
+    with Engine(loaded, max_batch_size=1, max_queue=1) as engine:
+        async with engine.generate(long), engine.generate(long):
+            with pytest.raises(EngineBusy, match="capacity"):
+                async with engine.generate(long):
+                    pass  # pragma: no cover
+            assert engine.stats()["rejected"] == 1
+            await wait_until(lambda: engine.stats()["running"] == 1 and engine.stats()["queued"] == 1)
+        # Leaving both blocks cancelled them: the engine drains and accepts work again.
+        await wait_until(lambda: engine.stats()["running"] == 0)
+        _, result = await run(engine, GenerationParams("ok", max_new_tokens=3, min_new_tokens=3))
+        assert result.completion_tokens == 3
+        assert engine.stats()["cancelled"] == 2
+
+
+async def test_leaving_early_frees_the_slot(loaded: LoadedModel) -> None:
+    with Engine(loaded, max_batch_size=1, max_queue=0) as engine:
+        long = GenerationParams(PROMPTS[0], max_new_tokens=400, min_new_tokens=400, temperature=0.7)
+        async with engine.generate(long) as generation:
+            async for _ in generation:
+                break  # the client goes away after one piece
+        assert generation.result is None
+        _, result = await run(engine, GenerationParams("next", max_new_tokens=5, min_new_tokens=5))
+        assert result.completion_tokens == 5
+
+        with trio.move_on_after(0.2) as scope:  # trio cancellation mid-generation
+            await run(engine, long)
+        assert scope.cancelled_caught
+        await wait_until(lambda: engine.stats()["running"] == 0)
+        stats = engine.stats()
+        assert (stats["cancelled"], stats["in_flight"], stats["queued"]) == (2, 0, 0)
+        _, result = await run(engine, GenerationParams("next", max_new_tokens=5, min_new_tokens=5))
+        assert result.completion_tokens == 5
+
+
+async def test_an_error_fails_only_its_own_request(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_sample = engine_module.sample
+
+    def flaky(logits, params, generator):  # type: ignore[no-untyped-def]
+        if params.top_k == 13:
+            raise RuntimeError("boom")
+        return real_sample(logits, params, generator)
+
+    monkeypatch.setattr(engine_module, "sample", flaky)
+    good = GenerationParams(PROMPTS[2], max_new_tokens=20, min_new_tokens=20, temperature=0)
+    bad = GenerationParams(PROMPTS[2], max_new_tokens=20, temperature=1.0, top_k=13)
+    outcome: dict[str, object] = {}
+
+    async def attempt(name: str, params: GenerationParams) -> None:
+        try:
+            outcome[name] = (await run(engine, params))[1]
+        except GenerationFailed as exc:
+            outcome[name] = exc
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(attempt, "good", good)
+        nursery.start_soon(attempt, "bad", bad)
+    assert isinstance(outcome["bad"], GenerationFailed) and "boom" in str(outcome["bad"])
+    assert isinstance(outcome["good"], GenerationResult) and outcome["good"].completion_tokens == 20
+    assert engine.stats()["failed"] == 1
+
+
+async def test_closed_engine_refuses_and_joins_its_thread(loaded: LoadedModel) -> None:
+    engine = Engine(loaded)
+    with pytest.raises(EngineClosed, match="not running"):
+        async with engine.generate(GenerationParams("hi")):
+            pass  # pragma: no cover
+    engine.start()
+    thread = engine._thread
+    assert thread is not None and thread.is_alive() and not thread.daemon
+    engine.close()
+    assert not thread.is_alive() and engine.stats()["state"] == "closed"
+    with pytest.raises(EngineClosed, match="closed"):
+        async with engine.generate(GenerationParams("hi")):
+            pass  # pragma: no cover
+
+
+async def test_stats_report_load(engine: Engine) -> None:
+    stats = engine.stats()
+    assert (stats["running"], stats["queued"], stats["capacity"]) == (0, 0, 4)
+    params = GenerationParams(PROMPTS[0], max_new_tokens=200, min_new_tokens=200)
+    async with engine.generate(params) as generation:
+        await generation.__anext__()
+        assert engine.stats()["running"] == 1 and engine.stats()["in_flight"] == 1
+    await wait_until(lambda: engine.stats()["running"] == 0)
