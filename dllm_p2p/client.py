@@ -65,7 +65,7 @@ class Client:
                 raise DialError(f"cannot connect to {addr}: timed out after {self.connect_timeout:g} s")
         return info.peer_id
 
-    async def _open(self, addr: str, protocol: str) -> Any:
+    async def open_stream(self, addr: str, protocol: str) -> Any:
         peer_id = await self.connect(addr)
         try:
             return await self.host.new_stream(peer_id, [TProtocol(protocol)])
@@ -83,7 +83,7 @@ class Client:
         garbage-collected.
         """
         message = request.to_wire() if isinstance(request, wire.Request) else dict(request)
-        stream = await self._open(addr, wire.GENERATE_PROTOCOL)
+        stream = await self.open_stream(addr, wire.GENERATE_PROTOCOL)
         finished = False
         try:
             try:
@@ -132,7 +132,7 @@ class Client:
         raise ProtocolError("no final frame")  # unreachable: generate() raises first
 
     async def info(self, addr: str) -> dict[str, Any]:
-        stream = await self._open(addr, wire.INFO_PROTOCOL)
+        stream = await self.open_stream(addr, wire.INFO_PROTOCOL)
         try:
             frame = await wire.FrameReader(stream, wire.MAX_RESPONSE_FRAME).read_frame()
         except Exception as exc:

@@ -130,8 +130,7 @@ class FrameReader:
         return decode_body(body)
 
     async def _read_length(self) -> int | None:
-        value = shift = 0
-        index = 0
+        value = shift = index = 0
         while True:
             while index >= len(self._buffer):
                 if not await self._fill():
@@ -141,11 +140,16 @@ class FrameReader:
             byte = self._buffer[index]
             value |= (byte & 0x7F) << shift
             index += 1
-            if value > self._max_frame:
-                raise FrameTooLarge(f"frame of {value}+ bytes exceeds the limit of {self._max_frame}")
-            if not byte & 0x80:
-                break
             shift += 7
+            # With the continuation bit set, a minimal varint is worth at least 2**shift:
+            # refuse as soon as the prefix alone proves the frame is too large.
+            floor = value if not byte & 0x80 else max(value, 1 << shift)
+            if floor > self._max_frame:
+                raise FrameTooLarge(f"frame of {floor}+ bytes exceeds the limit of {self._max_frame}")
+            if not byte & 0x80:
+                if byte == 0 and index > 1:
+                    raise WireError("length prefix is not a minimal varint")
+                break
             if index >= _MAX_VARINT_BYTES:
                 raise WireError("length prefix is not a valid varint")
         del self._buffer[:index]

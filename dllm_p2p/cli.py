@@ -1,0 +1,488 @@
+"""Command line: ``python -m dllm_p2p [worker|query|info|model|...]``.
+
+Thin on purpose: parse arguments, call into the modules, turn their exceptions into one
+clear line on stderr and an exit code (0 ok, 1 the remote side said no, 2 usage or local
+problem). Heavy imports (torch, transformers) happen only in commands that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import tempfile
+import time
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import __version__
+
+SUBCOMMANDS = {"worker", "query", "info", "model", "registry", "nodes", "deregister", "up"}
+
+
+def _add_worker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="gpt2", help="model spec: gpt2, tiny, random:gpt2, a hub name or a local directory (default: gpt2)")
+    p.add_argument("--listen", action="append", metavar="MULTIADDR", help="listen address (repeatable; default /ip4/0.0.0.0/tcp/4001)")
+    p.add_argument("--announce", action="append", default=[], metavar="MULTIADDR", help="address to advertise instead of the listen addresses (repeatable)")
+    p.add_argument("--data-dir", default="~/.dllm", type=Path, help="node key, node.json and registry files (default ~/.dllm)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="cap on tokens generated per request (default 256)")
+    p.add_argument("--max-concurrency", type=int, default=8, help="requests generated together in one batch (default 8)")
+    p.add_argument("--max-queue", type=int, default=32, help="requests waiting for a batch slot before 'busy' (default 32)")
+    p.add_argument("--request-timeout", type=float, default=300.0, help="seconds one generation may take (default 300)")
+    p.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR", help="a node to join the network through (repeatable)")
+    p.add_argument("--heartbeat-interval", type=float, default=2.0, help="seconds between signed heartbeats (default 2)")
+    p.add_argument("--record-ttl", type=float, default=600.0, help="seconds a registry record lives unless renewed (default 600)")
+    p.add_argument("--registry", default=None, metavar="SOURCE", help="seed the registry from a file, CID or /ipns/ name")
+    p.add_argument("--ipfs-api", default=None, metavar="URL", help="Kubo RPC API to publish the registry (default http://127.0.0.1:5001 when it answers; else an embedded store)")
+    p.add_argument("--read-timeout", type=float, default=10.0, help="seconds a dialer has to send its request (default 10)")
+    p.add_argument("--psk", default=None, help="private network key (64 hex chars); peers without it can't connect")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dllm_p2p",
+        description="Serve language models peer to peer. With no subcommand, starts a worker.",
+    )
+    parser.add_argument("--version", action="version", version=f"dllm-p2p {__version__}")
+    sub = parser.add_subparsers(dest="command")
+
+    _add_worker_args(sub.add_parser("worker", help="start a worker node (the default)"))
+
+    q = sub.add_parser("query", help="send a prompt to a worker")
+    q.add_argument("addr", metavar="MULTIADDR", help="worker address ending in /p2p/<peer-id>")
+    q.add_argument("prompt")
+    q.add_argument("--max-new-tokens", type=int)
+    q.add_argument("--min-new-tokens", type=int)
+    q.add_argument("--temperature", type=float, help="0 means greedy decoding")
+    q.add_argument("--top-p", type=float)
+    q.add_argument("--top-k", type=int)
+    q.add_argument("--seed", type=int)
+    q.add_argument("--model")
+    q.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    q.add_argument("--json", action="store_true", help="print the final frame as JSON")
+    q.add_argument("--psk", default=None)
+    q.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the answer")
+
+    i = sub.add_parser("info", help="ask a worker to describe itself")
+    i.add_argument("addr", metavar="MULTIADDR")
+    i.add_argument("--psk", default=None)
+
+    n = sub.add_parser("nodes", help="list the network's nodes: online/offline, models, load")
+    n.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR", help="join through this node and listen to heartbeats")
+    n.add_argument("--registry", default=None, metavar="SOURCE", help="read this file, CID or /ipns/ name instead of (or before) joining")
+    n.add_argument("--ipfs-api", default=None, metavar="URL")
+    n.add_argument("--wait", type=float, default=5.0, help="seconds to listen for heartbeats when joining (default 5)")
+    n.add_argument("--ttl", type=float, default=7.0, help="seconds without a heartbeat before a node counts as offline (default 7)")
+    n.add_argument("--json", action="store_true", help="print a JSON list")
+    n.add_argument("--psk", default=None)
+
+    r = sub.add_parser("registry", help="show, verify or publish a registry file (blockchain.json)")
+    rsub = r.add_subparsers(dest="registry_command", required=True)
+    rv = rsub.add_parser("verify", help="verify a chain offline: exit 0 if valid, 1 naming the first bad block")
+    rv.add_argument("file", type=Path)
+    rs = rsub.add_parser("show", help="print a chain's blocks and live nodes")
+    rs.add_argument("source", help="file, CID or /ipns/ name")
+    rs.add_argument("--ipfs-api", default=None, metavar="URL")
+    rs.add_argument("--json", action="store_true")
+    rp = rsub.add_parser("publish", help="add a node's blockchain.json to IPFS and write current_cid.txt")
+    rp.add_argument("--data-dir", type=Path, default=Path("~/.dllm"))
+    rp.add_argument("--ipfs-api", default=None, metavar="URL")
+
+    d = sub.add_parser("deregister", help="sign a deregister record for this node's key and spread it")
+    d.add_argument("--data-dir", type=Path, default=Path("~/.dllm"))
+    d.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR", help="announce it through this node")
+    d.add_argument("--psk", default=None)
+
+    u = sub.add_parser("up", help="start a local network: workers + gateway + page on 127.0.0.1")
+    u.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    u.add_argument("--model", default=None, help="model spec (default: gpt2 if cached locally, else tiny)")
+    u.add_argument("--port", type=int, default=8080, help="gateway HTTP port (default 8080)")
+    u.add_argument("--data-dir", type=Path, default=Path("~/.dllm/local"), help="where the nodes keep keys and registry (default ~/.dllm/local)")
+    u.add_argument("-v", "--verbose", action="store_true", help="show every process's output")
+
+    m = sub.add_parser("model", help="model utilities")
+    msub = m.add_subparsers(dest="model_command", required=True)
+    it = msub.add_parser("init-tiny", help="save the built-in tiny GPT-2 to DIR (loadable with from_pretrained)")
+    it.add_argument("dir", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Bare `python -m dllm_p2p [--worker-options]` starts a worker.
+    if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in {"-h", "--help", "--version"}):
+        argv.insert(0, "worker")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # py-libp2p logs every refused or reset stream at WARNING/ERROR; that is our business.
+    logging.getLogger("libp2p").setLevel(logging.CRITICAL if not getattr(args, "verbose", False) else logging.DEBUG)
+    handler = {
+        "worker": cmd_worker,
+        "query": cmd_query,
+        "info": cmd_info,
+        "model": cmd_model,
+        "up": cmd_up,
+        "nodes": cmd_nodes,
+        "registry": cmd_registry,
+        "deregister": cmd_deregister,
+    }[args.command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. `... | head`: the reader left, nothing to report
+        sys.stderr.close()
+        return 0
+
+
+async def open_registry(store: Any, data_dir: Path, ipfs_api: str | None, source: str | None) -> Any:
+    """Open the IPFS publisher (saying which mode) and merge the chain named by ``source``."""
+    from .registry.chain import RegistryError
+    from .registry.ipfs import IpfsError
+    from .registry.publish import Publisher, load_source
+
+    publisher = await Publisher.open(data_dir, ipfs_api)
+    print(publisher.describe(), file=sys.stderr, flush=True)
+    if source:
+        try:
+            store.merge(await load_source(source, publisher))
+        except (RegistryError, IpfsError, OSError) as exc:
+            print(f"warning: could not load the registry from {source}: {exc}", file=sys.stderr, flush=True)
+    return publisher
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+async def until_signal(scope: trio.CancelScope) -> None:
+    """Cancel ``scope`` on the first SIGINT or SIGTERM: a clean, prompt shutdown."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            print(f"received {signal.Signals(signum).name}, shutting down", file=sys.stderr, flush=True)
+            scope.cancel()
+            return
+
+
+# --- worker -----------------------------------------------------------------------------
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .engine import Engine, ModelLoadError, load_model
+    from .identity import load_or_create
+    from .membership import Membership, MembershipConfig
+    from .registry.store import ChainStore
+    from .worker import Worker, WorkerConfig
+
+    identity = load_or_create(args.data_dir)
+    print(f"peer id {identity.peer_id}", file=sys.stderr, flush=True)
+    try:
+        loaded = load_model(args.model, progress=lambda msg: print(f"[model] {msg}", file=sys.stderr, flush=True))
+    except ModelLoadError as exc:
+        return _fail(str(exc))
+    engine = Engine(loaded, max_batch_size=args.max_concurrency, max_queue=args.max_queue)
+    config = WorkerConfig(
+        listen=args.listen or ["/ip4/0.0.0.0/tcp/4001"],
+        announce=args.announce,
+        data_dir=args.data_dir,
+        max_new_tokens=args.max_new_tokens,
+        request_timeout=args.request_timeout,
+        read_timeout=args.read_timeout,
+        psk=args.psk,
+    )
+    worker = Worker(engine, identity, config)
+    store = ChainStore(args.data_dir)
+    membership = Membership(
+        identity,
+        MembershipConfig(role="worker", bootstrap=args.bootstrap, heartbeat_interval=args.heartbeat_interval, record_ttl=args.record_ttl),
+        store,
+        models=lambda: worker.models,
+        load=worker.load,
+    )
+    worker.services.append(membership.run)
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(until_signal, nursery.cancel_scope)
+            membership.publisher = await open_registry(store, args.data_dir, args.ipfs_api, args.registry)
+            try:
+                await worker.run()
+            finally:
+                await membership.publisher.aclose()
+
+    from .registry.ipfs import IpfsError
+
+    engine.start()
+    try:
+        trio.run(serve)
+    except IpfsError as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(f"cannot listen on {config.listen}: {exc}")
+    finally:
+        engine.close()
+    print("worker stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+# --- query / info -----------------------------------------------------------------------
+
+
+def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    request: dict[str, Any] = {"prompt": args.prompt, "stream": bool(args.stream)}
+    for key in ("max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "seed", "model"):
+        value = getattr(args, key)
+        if value is not None:
+            request[key] = value
+    return request
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from .client import ClientError, WorkerError, open_client
+    from .host import AddressError, peer_info
+
+    try:
+        peer_info(args.addr)
+    except AddressError as exc:
+        return _fail(str(exc))
+    request = _request_from_args(args)
+
+    async def run() -> int:
+        async with open_client(psk=args.psk) as client:
+            with trio.move_on_after(args.timeout):
+                try:
+                    async with aclosing(client.generate(args.addr, request)) as frames:
+                        async for frame in frames:
+                            if frame["type"] == "token" and not args.json:
+                                sys.stdout.write(frame["text"])
+                                sys.stdout.flush()
+                            elif frame["type"] == "done":
+                                if args.json:
+                                    print(json.dumps(frame, ensure_ascii=False))
+                                elif args.stream:
+                                    print()
+                                else:
+                                    print(frame["text"])
+                                return 0
+                except WorkerError as exc:
+                    return _fail(f"worker answered {exc.code}: {exc.message}", 1)
+                except ClientError as exc:
+                    return _fail(str(exc))
+            return _fail(f"no answer within {args.timeout:g} s")
+        return 2
+
+    return trio.run(run)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .client import ClientError, open_client
+
+    async def run() -> int:
+        async with open_client(psk=args.psk) as client:
+            try:
+                info = await client.info(args.addr)
+            except (ClientError, ValueError) as exc:
+                return _fail(str(exc))
+        print(json.dumps(info, indent=2, ensure_ascii=False))
+        return 0
+
+    return trio.run(run)
+
+
+# --- model ------------------------------------------------------------------------------
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    from .engine import init_tiny
+
+    path = init_tiny(args.dir)
+    print(f"saved the tiny model to {path}; load it with --model {path}")
+    return 0
+
+
+# --- up ---------------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from .localnet import run_up
+
+    if args.workers < 1:
+        return _fail("--workers must be at least 1")
+    return run_up(args.workers, args.model, args.port, args.data_dir, args.verbose)
+
+
+# --- registry, nodes, deregister --------------------------------------------------------
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    from .registry.chain import RegistryError
+    from .registry.ipfs import IpfsError
+    from .registry.publish import Publisher, load_source
+    from .registry.store import ChainStore, verify_file
+
+    if args.registry_command == "verify":
+        ok, message = verify_file(args.file)
+        print(message, file=sys.stdout if ok else sys.stderr)
+        return 0 if ok else 1
+
+    async def show() -> int:
+        publisher = await Publisher.open(Path(tempfile.mkdtemp(prefix="dllm-show-")), args.ipfs_api)
+        try:
+            chain = await load_source(args.source, publisher)
+        except (RegistryError, IpfsError, OSError) as exc:
+            return _fail(f"{args.source}: {exc}", 1)
+        finally:
+            await publisher.aclose()
+        if args.json:
+            print(chain.to_json(), end="")
+            return 0
+        print(f"head {chain.head}  blocks {len(chain.blocks)}  compacted_at {chain.compacted_at}")
+        for block in chain.blocks[1:]:
+            rec = block["record"]
+            print(f"  #{block['index']:<4} {rec['op']:<10} {rec['peer_id']}  seq {rec['seq']}  expires {_when(rec['expires'])}")
+        live = chain.nodes()
+        print(f"live nodes: {len(live)}")
+        for rec in live.values():
+            print(f"  {rec['peer_id']}  {rec.get('role', 'worker'):<7} {','.join(rec['models']) or '-':<12} {' '.join(rec['addrs'][:1])}")
+        return 0
+
+    async def publish() -> int:
+        store = ChainStore(args.data_dir)
+        try:
+            chain = store.load()
+            publisher = await Publisher.open(args.data_dir, args.ipfs_api)
+        except (RegistryError, IpfsError) as exc:
+            return _fail(str(exc), 1)
+        try:
+            print(publisher.describe(), file=sys.stderr)
+            cid = await publisher.publish(chain)
+            name = await publisher.publish_name()
+        except IpfsError as exc:
+            return _fail(f"publishing failed: {exc}", 1)
+        finally:
+            await publisher.aclose()
+        print(cid)
+        if name:
+            print(f"/ipns/{name}")
+        return 0
+
+    return trio.run(show if args.registry_command == "show" else publish)
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    from .host import make_host, parse_multiaddr
+    from .identity import generate
+    from .membership import Membership, MembershipConfig
+    from .registry.chain import RegistryError
+    from .registry.ipfs import IpfsError
+    from .registry.publish import Publisher, load_source
+    from .registry.store import ChainStore
+
+    if not args.bootstrap and not args.registry:
+        return _fail("give --bootstrap MULTIADDR to join the network, or --registry SOURCE to read one")
+
+    async def run() -> int:
+        store = ChainStore(tempfile.mkdtemp(prefix="dllm-nodes-"))
+        if args.registry:
+            publisher = await Publisher.open(store.path.parent, args.ipfs_api)
+            try:
+                store.merge(await load_source(args.registry, publisher))
+            except (RegistryError, IpfsError, OSError) as exc:
+                return _fail(f"{args.registry}: {exc}", 1)
+            finally:
+                await publisher.aclose()
+        beats: dict[str, Any] = {}
+        if args.bootstrap:
+            identity = generate()
+            membership = Membership(
+                identity, MembershipConfig(role="observer", bootstrap=args.bootstrap, ttl=args.ttl), store,
+                on_heartbeat=lambda beat: beats.__setitem__(beat.peer_id, (time.time(), beat)),
+            )
+            host = make_host(identity, psk=args.psk)
+            async with host.run([parse_multiaddr("/ip4/0.0.0.0/tcp/0")]):
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(membership.run, host)
+                    await trio.sleep(args.wait)
+                    nursery.cancel_scope.cancel()
+        now = time.time()
+        rows = []
+        peers = dict(store.chain.nodes())
+        for peer_id, (_, beat) in beats.items():
+            if beat.role == "worker":
+                peers.setdefault(peer_id, {"peer_id": peer_id, "addrs": beat.addrs, "models": beat.models, "role": beat.role})
+        for peer_id, rec in sorted(peers.items()):
+            seen, beat = beats.get(peer_id, (None, None))
+            rows.append({
+                "peer_id": peer_id,
+                "role": rec.get("role", "worker"),
+                "online": seen is not None and now - seen <= args.ttl,
+                "models": beat.models if beat else rec.get("models", []),
+                "addrs": beat.addrs if beat else rec.get("addrs", []),
+                "last_seen": seen,
+                "load": beat.load if beat else None,
+                "expires": rec.get("expires"),
+            })
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        print(f"{'peer id':<54} {'status':<8} {'models':<14} {'last seen':<10} {'load':<10} address")
+        for row in rows:
+            load = row["load"] or {}
+            load_text = f"{load.get('running', 0)}/{load.get('capacity', '?')}" if load else "-"
+            seen_text = f"{now - row['last_seen']:.1f}s ago" if row["last_seen"] else "never"
+            status = "online" if row["online"] else "offline"
+            print(f"{row['peer_id']:<54} {status:<8} {','.join(row['models']) or '-':<14} {seen_text:<10} {load_text:<10} {(row['addrs'] or ['-'])[0]}")
+        if not args.bootstrap:
+            print("(read from the registry only: join with --bootstrap to see who is online)")
+        return 0
+
+    return trio.run(run)
+
+
+def cmd_deregister(args: argparse.Namespace) -> int:
+    from .host import host_addrs, make_host, parse_multiaddr
+    from .identity import load_or_create
+    from .membership import Membership, MembershipConfig
+    from .registry.chain import RegistryError, make_record
+    from .registry.store import ChainStore
+
+    identity = load_or_create(args.data_dir)
+    store = ChainStore(args.data_dir)
+    try:
+        store.load()
+    except RegistryError as exc:
+        return _fail(f"{store.path}: {exc}", 1)
+    peer_id = identity.peer_id.to_base58()
+
+    async def run() -> int:
+        membership = Membership(identity, MembershipConfig(role="observer", bootstrap=args.bootstrap), store)
+        host = make_host(identity, psk=args.psk)
+        async with host.run([parse_multiaddr("/ip4/0.0.0.0/tcp/0")]):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(membership.run, host)  # joins: merges the bootstrap chain
+                seq = max(int(time.time() * 1000), store.chain.next_seq(peer_id))
+                record = make_record(identity, "deregister", host_addrs(host), [], seq, ttl=600)
+                store.save(store.chain.append(record))
+                if args.bootstrap:
+                    await membership.push_to(args.bootstrap[0])
+                nursery.cancel_scope.cancel()
+        print(f"deregistered {peer_id} (seq {seq}); chain head {store.chain.head}")
+        return 0
+
+    return trio.run(run)

@@ -1,0 +1,436 @@
+"""Joining the network: registry replication, registration and heartbeats over libp2p.
+
+One ``Membership`` runs beside a worker's or gateway's host:
+
+* GossipSub carries two topics: signed heartbeats (``/dllm/heartbeat/1``, liveness and
+  load every few seconds) and registry head announcements (``/dllm/registry/1``).
+* ``/dllm/registry/1.0.0`` is a stream protocol that hands out our verified chain. A peer
+  that announces a head we don't have gets asked for its chain, which is verified and
+  merged; an invalid chain is dropped and our last good one kept.
+* A worker appends a signed ``register`` record at start, ``renew``s it before it
+  expires and appends ``deregister`` on clean shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIPSUB_PROTOCOL_ID
+from libp2p.pubsub.gossipsub import GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.tools.anyio_service import background_trio_service
+
+from . import heartbeat, wire
+from .host import host_addrs, peer_info
+from .identity import Identity
+from .registry.chain import Chain, InvalidChain, compact, make_record, merge
+from .registry.publish import Publisher
+from .registry.store import ChainStore
+
+log = logging.getLogger("dllm_p2p.membership")
+
+REGISTRY_TOPIC = "/dllm/registry/1"
+REGISTRY_PROTOCOL = "/dllm/registry/1.0.0"
+#: Largest chain we hand out or accept over the registry protocol.
+MAX_CHAIN_BYTES = 4 * 1024 * 1024
+
+
+@dataclass
+class MembershipConfig:
+    #: "worker" registers and heartbeats; "gateway" heartbeats (and registers when it
+    #: has a public URL); "observer" only listens (the `nodes` command).
+    role: str = "worker"
+    bootstrap: list[str] = field(default_factory=list)
+    heartbeat_interval: float = 2.0
+    #: A node unseen for this long is offline. Default: three heartbeats and a margin.
+    ttl: float | None = None
+    #: Registry records expire after this long unless renewed (renewal at a third of it).
+    record_ttl: float = 600.0
+    gateway_url: str | None = None
+
+    @property
+    def effective_ttl(self) -> float:
+        return self.ttl if self.ttl is not None else 3 * self.heartbeat_interval + 1.0
+
+
+class Membership:
+    def __init__(
+        self,
+        identity: Identity,
+        config: MembershipConfig,
+        store: ChainStore,
+        *,
+        models: Callable[[], list[str]] = list,
+        load: Callable[[], dict[str, Any]] = dict,
+        on_heartbeat: Callable[[heartbeat.Heartbeat], None] | None = None,
+        on_chain: Callable[[Chain], None] | None = None,
+        publisher: Publisher | None = None,
+    ) -> None:
+        self.identity = identity
+        self.config = config
+        self.store = store
+        self.models = models
+        self.load = load
+        self.on_heartbeat = on_heartbeat
+        self.on_chain = on_chain
+        self.publisher = publisher
+        self._unpublished = trio.Event()
+        self.peer_id = identity.peer_id.to_base58()
+        self.host: IHost | None = None
+        self.pubsub: Pubsub | None = None
+        self.last_seen: dict[str, heartbeat.Heartbeat] = {}
+        self._seq = int(time.time() * 1000)
+        self._fetching: set[str] = set()
+        self._changed = trio.Event()
+
+    @property
+    def registers(self) -> bool:
+        return self.config.role == "worker" or bool(self.config.gateway_url)
+
+    @property
+    def chain(self) -> Chain:
+        return self.store.chain
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def run(self, host: IHost, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Join, then keep registering, announcing and heartbeating until cancelled."""
+        self.host = host
+        try:
+            self.store.load()
+        except InvalidChain as exc:
+            log.warning("ignoring %s: %s; starting from an empty registry", self.store.path, exc)
+        if self.on_chain is not None:
+            self.on_chain(self.chain)
+        router = GossipSub(
+            [GOSSIPSUB_PROTOCOL_ID],
+            degree=4,
+            degree_low=2,
+            degree_high=8,
+            heartbeat_initial_delay=0.1,
+            # py-libp2p's default of 120 s means meshes take minutes to form.
+            heartbeat_interval=1,
+            # Our own publishes count against this: heartbeats + head announcements with
+            # room for bursts; anything above it from one peer is spam.
+            max_messages_per_topic_per_second=max(10.0, 4.0 / self.config.heartbeat_interval),
+        )
+        self.pubsub = pubsub = Pubsub(host, router)
+        pubsub.set_topic_validator(heartbeat.TOPIC, self._validate_heartbeat, False)
+        pubsub.set_topic_validator(REGISTRY_TOPIC, self._validate_announcement, False)
+        host.set_stream_handler(TProtocol(REGISTRY_PROTOCOL), self._serve_chain)
+        async with background_trio_service(pubsub), background_trio_service(router):
+            await pubsub.wait_until_ready()
+            heartbeats = await pubsub.subscribe(heartbeat.TOPIC)
+            announcements = await pubsub.subscribe(REGISTRY_TOPIC)
+            try:
+                async with trio.open_nursery() as nursery:
+                    # Subscription queues hold 32 messages and drop the rest silently:
+                    # each is drained by its own task.
+                    nursery.start_soon(self._consume_heartbeats, heartbeats)
+                    nursery.start_soon(self._consume_announcements, announcements)
+                    await self._join()
+                    if self.registers:
+                        await self._append_own("register")
+                    nursery.start_soon(self._heartbeat_loop)
+                    nursery.start_soon(self._renew_loop)
+                    nursery.start_soon(self._mesh_loop)
+                    nursery.start_soon(self._announce_loop)
+                    if self.publisher is not None:
+                        self._unpublished.set()
+                        nursery.start_soon(self._publish_loop)
+                    task_status.started()
+                    await trio.sleep_forever()
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(3):
+                    await self._leave()
+
+    async def _join(self) -> None:
+        """Dial each bootstrap peer (a few tries each) and merge its chain."""
+        for addr in self.config.bootstrap:
+            for attempt in range(5):
+                try:
+                    await self._fetch_chain(addr)
+                    break
+                except Exception as exc:
+                    log.warning("bootstrap %s: %s (try %d of 5)", addr, exc, attempt + 1)
+                    await trio.sleep(0.5 * 2**attempt)
+
+    async def _leave(self) -> None:
+        if self.registers:
+            try:
+                await self._append_own("deregister")
+                await self._announce()
+            except Exception as exc:
+                log.warning("deregister failed: %r", exc)
+
+    # --- our own records ----------------------------------------------------------------
+
+    def _next_seq(self) -> int:
+        # Milliseconds since the epoch, bumped when needed: grows across restarts even if
+        # the node lost its copy of the chain.
+        self._seq = max(self._seq + 1, int(time.time() * 1000), self.chain.next_seq(self.peer_id))
+        return self._seq
+
+    async def _append_own(self, op: str) -> None:
+        assert self.host is not None
+        extra: dict[str, Any] = {"role": self.config.role}
+        if self.config.gateway_url:
+            extra["gateway_url"] = self.config.gateway_url
+        record = make_record(
+            self.identity,
+            op,
+            addrs=host_addrs(self.host),
+            models=self.models() if self.config.role == "worker" else [],
+            seq=self._next_seq(),
+            ttl=self.config.record_ttl,
+            **extra,
+        )
+        # Compacting here keeps a long-lived node's file bounded: superseded renewals and
+        # expired records go, every live record stays (see docs/REGISTRY.md).
+        self._accept(compact(self.chain.append(record), time.time()))
+
+    def _accept(self, chain: Chain) -> bool:
+        """Adopt ``chain`` if it changes our head; persist and tell listeners."""
+        if chain.head == self.chain.head:
+            return False
+        self.store.save(chain)
+        self._changed.set()
+        self._unpublished.set()
+        if self.on_chain is not None:
+            self.on_chain(chain)
+        return True
+
+    # --- registry exchange --------------------------------------------------------------
+
+    async def _serve_chain(self, stream: INetStream) -> None:
+        try:
+            data = self.chain.to_json().encode()
+            await stream.write(wire.encode_frame({"type": "chain", "head": self.chain.head, "data": data}))
+            await stream.close()
+        except Exception as exc:
+            log.debug("serving the chain failed: %r", exc)
+            with trio.move_on_after(2):
+                try:
+                    await stream.reset()
+                except Exception:
+                    pass
+
+    async def _fetch_chain(self, addr: str) -> Chain | None:
+        """Fetch, verify and merge the chain of the peer at ``addr``; return theirs
+        (None when it was invalid)."""
+        assert self.host is not None
+        info = peer_info(addr)
+        with trio.fail_after(10):
+            if not self.host.get_network().get_connections(info.peer_id):
+                await self.host.connect(info)
+            stream = await self.host.new_stream(info.peer_id, [TProtocol(REGISTRY_PROTOCOL)])
+            try:
+                frame = await wire.FrameReader(stream, MAX_CHAIN_BYTES).read_frame()
+            finally:
+                with trio.move_on_after(2):
+                    await stream.close()
+        if not frame or not isinstance(frame.get("data"), bytes):
+            raise ValueError("peer sent no chain")
+        try:
+            theirs = Chain.from_json(frame["data"].decode("utf-8", "replace"))
+        except InvalidChain as exc:
+            log.warning("ignoring an invalid chain from %s: %s", info.peer_id, exc)
+            return None
+        self._accept(merge(self.chain, theirs))
+        return theirs
+
+    async def push_to(self, addr: str, timeout: float = 15.0) -> bool:
+        """Announce our head until the peer at ``addr`` holds everything we hold."""
+        with trio.move_on_after(timeout):
+            while True:
+                await self._announce()
+                theirs = await self._fetch_chain(addr)
+                if theirs is not None and merge(theirs, self.chain) == theirs:
+                    return True
+                await trio.sleep(0.5)
+        return False
+
+    async def _fetch_from_peer(self, peer_id: str, addrs: list[str]) -> None:
+        if peer_id in self._fetching or peer_id == self.peer_id:
+            return
+        self._fetching.add(peer_id)
+        try:
+            for addr in addrs:
+                try:
+                    await self._fetch_chain(addr)
+                    return
+                except Exception as exc:
+                    log.debug("fetching the chain from %s failed: %r", addr, exc)
+        finally:
+            self._fetching.discard(peer_id)
+
+    # --- gossip -------------------------------------------------------------------------
+
+    def _validate_heartbeat(self, forwarder: ID, message: Any) -> bool:
+        try:
+            heartbeat.parse(message.data, sender=ID(message.from_id).to_base58())
+            return True
+        except heartbeat.InvalidHeartbeat as exc:
+            log.debug("rejected heartbeat: %s", exc)
+            return False
+
+    def _validate_announcement(self, forwarder: ID, message: Any) -> bool:
+        try:
+            parse_announcement(message.data)
+            return True
+        except ValueError:
+            return False
+
+    async def _consume_heartbeats(self, subscription: Any) -> None:
+        async with trio.open_nursery() as nursery:
+            async for message in subscription:
+                try:
+                    beat = heartbeat.parse(message.data, sender=ID(message.from_id).to_base58())
+                except heartbeat.InvalidHeartbeat:
+                    continue
+                previous = self.last_seen.get(beat.peer_id)
+                if previous is not None and beat.seq <= previous.seq:
+                    continue  # replayed or reordered
+                self.last_seen[beat.peer_id] = beat
+                if self.on_heartbeat is not None:
+                    self.on_heartbeat(beat)
+                if beat.role == "worker" and beat.peer_id not in self.chain.nodes():
+                    nursery.start_soon(self._fetch_from_peer, beat.peer_id, beat.addrs)
+
+    async def _consume_announcements(self, subscription: Any) -> None:
+        async with trio.open_nursery() as nursery:
+            async for message in subscription:
+                try:
+                    head, addrs = parse_announcement(message.data)
+                except ValueError:
+                    continue
+                sender = ID(message.from_id).to_base58()
+                if head != self.chain.head and sender != self.peer_id:
+                    nursery.start_soon(self._fetch_from_peer, sender, addrs)
+
+    async def _announce(self) -> None:
+        if self.pubsub is None or self.host is None:
+            return
+        payload = msgpack.packb({"head": self.chain.head, "blocks": len(self.chain.blocks), "addrs": host_addrs(self.host)})
+        await self.pubsub.publish(REGISTRY_TOPIC, payload)
+
+    async def _announce_loop(self) -> None:
+        """Announce our head when it changes (at most once a second) and every 30 s."""
+        while True:
+            with trio.move_on_after(30):
+                await self._changed.wait()
+            self._changed = trio.Event()
+            try:
+                await self._announce()
+            except Exception as exc:
+                log.debug("announce failed: %r", exc)
+            await trio.sleep(1)
+
+    async def _publish_loop(self) -> None:
+        """Publish the chain after it changes (at most every 2 s). With Kubo, point the
+        IPNS name at it at most once a minute, and republish the name hourly."""
+        assert self.publisher is not None
+        named: str | None = None
+        named_at = -3600.0
+        while True:
+            with trio.move_on_after(60):
+                await self._unpublished.wait()
+            self._unpublished = trio.Event()
+            try:
+                cid = await self.publisher.publish(self.chain)
+                log.info("registry published: %s (%s)", cid, self.publisher.mode)
+                now = trio.current_time()
+                due = (cid != named and now - named_at >= 60) or now - named_at >= 3600
+                if self.publisher.kubo is not None and due:
+                    name = await self.publisher.publish_name()
+                    named, named_at = cid, now
+                    log.info("IPNS name %s -> /ipfs/%s", name, cid)
+            except Exception as exc:
+                log.warning("publishing the registry failed: %s", exc)
+            await trio.sleep(2)
+
+    async def _heartbeat_loop(self) -> None:
+        assert self.pubsub is not None and self.host is not None
+        if self.config.role == "observer":
+            return
+        seq = 0
+        while True:
+            seq += 1
+            try:
+                data = heartbeat.make(
+                    self.identity, seq, role=self.config.role, models=self.models(), addrs=host_addrs(self.host), load=self.load()
+                )
+                await self.pubsub.publish(heartbeat.TOPIC, data)
+            except Exception as exc:
+                log.debug("heartbeat publish failed: %r", exc)
+            await trio.sleep(self.config.heartbeat_interval)
+
+    async def _renew_loop(self) -> None:
+        if not self.registers:
+            return
+        while True:
+            await trio.sleep(self.config.record_ttl / 3)
+            try:
+                await self._append_own("renew")
+            except Exception as exc:
+                log.warning("renewal failed: %r", exc)
+
+    async def _mesh_loop(self) -> None:
+        """Stay connected to every registered node, so gossip reaches all of them."""
+        assert self.host is not None
+        while True:
+            for peer_id, record in list(self.chain.nodes().items()):
+                if peer_id == self.peer_id:
+                    continue
+                info_id = ID.from_base58(peer_id)
+                if self.host.get_network().get_connections(info_id):
+                    continue
+                for addr in record.get("addrs", []):
+                    try:
+                        with trio.fail_after(5):
+                            await self.host.connect(peer_info(addr))
+                        break
+                    except Exception:
+                        continue
+            await trio.sleep(max(1.0, self.config.heartbeat_interval))
+
+    # --- liveness -----------------------------------------------------------------------
+
+    def online(self, peer_id: str, now: float | None = None) -> bool:
+        beat = self.last_seen.get(peer_id)
+        now = time.time() if now is None else now
+        return beat is not None and now - beat.ts <= self.config.effective_ttl
+
+
+def deregistered(chain: Chain) -> set[str]:
+    """Peers whose latest record in ``chain`` is a ``deregister``."""
+    latest: dict[str, dict[str, Any]] = {}
+    for record in chain.records:
+        held = latest.get(record["peer_id"])
+        if held is None or record["seq"] > held["seq"]:
+            latest[record["peer_id"]] = record
+    return {peer for peer, record in latest.items() if record["op"] == "deregister"}
+
+
+def parse_announcement(data: bytes) -> tuple[str, list[str]]:
+    if len(data) > 8192:
+        raise ValueError("announcement too large")
+    try:
+        message = msgpack.unpackb(data, raw=False)
+    except Exception:
+        raise ValueError("not msgpack") from None
+    if not isinstance(message, dict) or not isinstance(message.get("head"), str):
+        raise ValueError("no head")
+    addrs = message.get("addrs", [])
+    if not isinstance(addrs, list) or not all(isinstance(a, str) for a in addrs):
+        raise ValueError("bad addrs")
+    return message["head"], addrs[:16]

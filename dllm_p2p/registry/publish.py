@@ -1,0 +1,97 @@
+"""Publishing the registry on IPFS: through a Kubo daemon when there is one, else embedded.
+
+The folder that is added holds ``blockchain.json`` alone (``<data-dir>/publish/``), never
+the data dir itself, which also holds the node's private key. Either way the folder's CID
+is written to ``<data-dir>/current_cid.txt``; the embedded store computes the same CID
+Kubo would, so a later ``ipfs add -r`` of that folder gives the same address.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..fsutil import write_atomic
+from .chain import Chain, verify_chain
+from .ipfs import DEFAULT_API_URL, EmbeddedStore, IpfsError, KuboClient, resolve_source
+from .store import FILENAME
+
+log = logging.getLogger("dllm_p2p.registry.publish")
+
+IPNS_KEY = "dllm-registry"
+CID_FILE = "current_cid.txt"
+
+
+class Publisher:
+    """Adds the chain's folder to IPFS and keeps ``current_cid.txt`` and IPNS up to date."""
+
+    def __init__(self, data_dir: str | Path, kubo: KuboClient | None, *, ipns_key: str = IPNS_KEY) -> None:
+        self.data_dir = Path(data_dir).expanduser()
+        self.kubo = kubo
+        self.ipns_key = ipns_key
+        self.store = EmbeddedStore(self.data_dir / "ipfs")
+        self.cid: str | None = None
+        self.ipns_name: str | None = None
+        self._key_ready = False
+
+    @property
+    def mode(self) -> str:
+        return "kubo" if self.kubo is not None else "embedded"
+
+    @classmethod
+    async def open(cls, data_dir: str | Path, ipfs_api: str | None) -> "Publisher":
+        """Use Kubo at ``ipfs_api`` (must answer), or at the default URL when it answers,
+        else the embedded store."""
+        url = ipfs_api or DEFAULT_API_URL
+        kubo = KuboClient(url, timeout=30.0)
+        if await kubo.is_available(timeout=1.0 if ipfs_api is None else 5.0):
+            return cls(data_dir, kubo)
+        await kubo.aclose()
+        if ipfs_api is not None:
+            raise IpfsError(f"no Kubo RPC API answers at {ipfs_api}")
+        return cls(data_dir, None)
+
+    def describe(self) -> str:
+        if self.kubo is not None:
+            return f"IPFS: Kubo at {self.kubo.api_url} (pinned, IPNS key {self.ipns_key!r})"
+        return "IPFS: no daemon, embedded content-addressed store (same CIDs as Kubo; replication is peer to peer)"
+
+    async def publish(self, chain: Chain) -> str:
+        """Add the chain's folder; write and return its CID."""
+        folder = self.data_dir / "publish"
+        write_atomic(folder / FILENAME, chain.to_json().encode())
+        cid = self.store.add_directory(folder)  # always: lets us serve and check the CID locally
+        if self.kubo is not None:
+            kubo_cid = await self.kubo.add_directory(folder, pin=True)
+            if kubo_cid != cid:
+                log.warning("Kubo computed %s for the registry, the embedded store %s", kubo_cid, cid)
+            cid = kubo_cid
+        write_atomic(self.data_dir / CID_FILE, (cid + "\n").encode())
+        self.cid = cid
+        return cid
+
+    async def publish_name(self) -> str | None:
+        """Point our IPNS name at the current CID (Kubo only). Returns the name."""
+        if self.kubo is None or self.cid is None:
+            return None
+        if not self._key_ready:
+            if self.ipns_key not in {k.name for k in await self.kubo.key_list()}:
+                await self.kubo.key_gen(self.ipns_key)
+            self._key_ready = True
+        self.ipns_name = await self.kubo.name_publish(self.cid, key=self.ipns_key)
+        return self.ipns_name
+
+    async def aclose(self) -> None:
+        if self.kubo is not None:
+            await self.kubo.aclose()
+
+
+async def load_source(source: str, publisher: Publisher | None = None) -> Chain:
+    """The verified chain that ``source`` names: a file or folder, a CID or ``/ipfs/``
+    path, or an ``/ipns/`` name (needs Kubo). Raises ``InvalidChain`` or ``IpfsError``."""
+    data = await resolve_source(
+        source,
+        kubo=publisher.kubo if publisher else None,
+        store=publisher.store if publisher else None,
+    )
+    return verify_chain(data)

@@ -1,0 +1,254 @@
+"""A worker node: serves one model over ``/dllm/generate/1.0.0`` and ``/dllm/info/1.0.0``.
+
+Every stream handler guards its own errors: in py-libp2p an exception that escapes a
+handler propagates through ``host.run`` and takes the whole node down, so a hostile or
+broken peer must only ever cost its own stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
+
+from . import __version__, wire
+from .engine import Engine, EngineBusy, GenerationParams
+from .fsutil import write_json_atomic
+from .host import host_addrs, make_host, parse_multiaddr
+from .identity import Identity
+
+log = logging.getLogger("dllm_p2p.worker")
+
+
+@dataclass
+class WorkerConfig:
+    listen: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/4001"])
+    announce: list[str] = field(default_factory=list)
+    data_dir: Path = Path("~/.dllm")
+    #: Cap on max_new_tokens; larger requests are clamped to it.
+    max_new_tokens: int = 256
+    default_new_tokens: int = 64
+    #: Seconds a dialer has to send its request frame before it gets ``timeout``.
+    read_timeout: float = 10.0
+    #: Seconds one generation may take before it is cancelled with ``timeout``.
+    request_timeout: float = 300.0
+    psk: str | None = None
+
+
+class Worker:
+    """One node: a libp2p host plus an engine. ``run`` serves until cancelled."""
+
+    def __init__(self, engine: Engine, identity: Identity, config: WorkerConfig) -> None:
+        self.engine = engine
+        self.identity = identity
+        self.config = config
+        self.host: IHost = make_host(identity, announce=config.announce, psk=config.psk)
+        self.started = time.time()
+        self.served = 0
+        self.failed = 0
+        #: Extra long-running services (registry sync, heartbeats) started beside the host.
+        self.services: list[Callable[[IHost], Awaitable[None]]] = []
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id.to_base58()
+
+    @property
+    def models(self) -> list[str]:
+        return [self.engine.name]
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self.host.set_stream_handler(TProtocol(wire.GENERATE_PROTOCOL), self._on_generate)
+        self.host.set_stream_handler(TProtocol(wire.INFO_PROTOCOL), self._on_info)
+        listen = [parse_multiaddr(a) for a in self.config.listen]
+        async with self.host.run(listen):
+            addrs = host_addrs(self.host)
+            self._write_node_file(addrs)
+            for addr in addrs:
+                print(f"listening on {addr}", flush=True)
+            async with trio.open_nursery() as nursery:
+                for service in self.services:
+                    nursery.start_soon(service, self.host)
+                task_status.started(addrs)
+                await trio.sleep_forever()
+
+    def _write_node_file(self, addrs: list[str]) -> None:
+        data_dir = Path(self.config.data_dir).expanduser()
+        write_json_atomic(
+            data_dir / "node.json",
+            {
+                "peer_id": self.peer_id,
+                "addrs": addrs,
+                "models": self.models,
+                "pid": os.getpid(),
+                "started": int(self.started),
+                "version": __version__,
+            },
+        )
+
+    def load(self) -> dict[str, Any]:
+        """What heartbeats and the info frame report: batch occupancy and counters."""
+        return {**self.engine.stats(), "served": self.served, "failed": self.failed, "uptime_s": round(time.time() - self.started, 1)}
+
+    # --- /dllm/info/1.0.0 ---------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "type": "info",
+            "peer_id": self.peer_id,
+            "addrs": host_addrs(self.host),
+            "models": self.models,
+            "version": __version__,
+            "protocols": [wire.GENERATE_PROTOCOL, wire.INFO_PROTOCOL],
+            "limits": {
+                "max_request_frame": wire.MAX_REQUEST_FRAME,
+                "max_prompt_chars": wire.MAX_PROMPT_CHARS,
+                "max_new_tokens": self.config.max_new_tokens,
+            },
+            "load": self.load(),
+        }
+
+    async def _on_info(self, stream: INetStream) -> None:
+        try:
+            with trio.move_on_after(self.config.read_timeout):
+                await stream.write(wire.encode_frame(self.info()))
+            await stream.close()
+        except Exception as exc:  # never let a peer's stream kill the host
+            log.debug("info stream failed: %r", exc)
+            await _reset_quietly(stream)
+
+    # --- /dllm/generate/1.0.0 -----------------------------------------------------------
+
+    async def _on_generate(self, stream: INetStream) -> None:
+        try:
+            await self._serve_generate(stream)
+        except Exception as exc:
+            self.failed += 1
+            log.warning("generate stream failed: %r", exc)
+            await _reset_quietly(stream)
+
+    async def _serve_generate(self, stream: INetStream) -> None:
+        reader = wire.FrameReader(stream, wire.MAX_REQUEST_FRAME)
+        request_id: str | None = None
+
+        async def reply(frame: dict[str, Any]) -> None:
+            if request_id is not None:
+                frame.setdefault("id", request_id)
+            await stream.write(wire.encode_frame(frame))
+
+        async def fail(code: str, message: str) -> None:
+            self.failed += 1
+            with trio.move_on_after(self.config.read_timeout):
+                await reply(wire.error_frame(code, message))
+            await stream.close()
+
+        message: dict[str, Any] | None = None
+        with trio.move_on_after(self.config.read_timeout):
+            try:
+                message = await reader.read_frame()
+            except wire.WireError as exc:
+                return await fail(exc.code, str(exc))
+            if message is None:
+                return await stream.close()  # the dialer closed without asking anything
+        if message is None:
+            return await fail("timeout", f"no request within {self.config.read_timeout:g} s")
+        if isinstance(message.get("id"), str):
+            request_id = message["id"][:128]
+        try:
+            request = wire.parse_request(message)
+        except wire.WireError as exc:
+            return await fail(exc.code, str(exc))
+        if request.model and request.model not in self.models:
+            return await fail("unknown_model", f"this node serves {self.models}, not {request.model!r}")
+
+        params = GenerationParams(
+            prompt=request.prompt,
+            max_new_tokens=min(
+                request.max_new_tokens or self.config.default_new_tokens, self.config.max_new_tokens
+            ),
+            min_new_tokens=min(request.min_new_tokens, self.config.max_new_tokens),
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            seed=request.seed,
+        )
+        result = None
+        error: tuple[str, str] | None = None
+        with trio.move_on_after(self.config.request_timeout) as deadline:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_when_peer_leaves, stream, reader, nursery.cancel_scope)
+                try:
+                    async with self.engine.generate(params) as generation:
+                        async for piece in generation:
+                            if request.stream:
+                                await reply(wire.token_frame(piece))
+                        result = generation.result
+                except EngineBusy as exc:
+                    error = ("busy", str(exc) or "node is at capacity, try another node")
+                except ValueError as exc:  # e.g. the prompt does not fit the context
+                    error = ("too_large", str(exc))
+                nursery.cancel_scope.cancel()
+        if deadline.cancelled_caught:
+            error = ("timeout", f"generation exceeded {self.config.request_timeout:g} s")
+        if error is not None:
+            return await fail(*error)
+        if result is None:  # the peer went away; the generation was cancelled
+            log.info("peer left mid-generation; generation cancelled")
+            return await _reset_quietly(stream)
+        self.served += 1
+        await reply(
+            {
+                "type": "done",
+                "text": result.text,
+                "model": self.engine.name,
+                "finish_reason": result.finish_reason,
+                "usage": {
+                    "prompt_tokens": result.prompt_tokens,
+                    "completion_tokens": result.completion_tokens,
+                },
+                "timing": {
+                    "queue_ms": round(result.queue_ms, 2),
+                    "first_token_ms": round(result.first_token_ms, 2),
+                    "total_ms": round(result.total_ms, 2),
+                },
+            }
+        )
+        await stream.close()
+
+
+async def _cancel_when_peer_leaves(
+    stream: INetStream, reader: wire.FrameReader, scope: trio.CancelScope
+) -> None:
+    """Cancel ``scope`` when the dialer resets the stream or its connection goes away.
+
+    A half-close (EOF) is the normal end of the request, so after it we only watch the
+    connection itself.
+    """
+    try:
+        while await reader.read_frame() is not None:
+            pass  # frames after the request are ignored
+    except Exception:
+        scope.cancel()
+        return
+    shutting_down = getattr(stream.muxed_conn, "event_shutting_down", None)
+    if shutting_down is not None:
+        await shutting_down.wait()
+        scope.cancel()
+    else:
+        await trio.sleep_forever()
+
+
+async def _reset_quietly(stream: INetStream) -> None:
+    with trio.move_on_after(2):
+        try:
+            await stream.reset()
+        except Exception:
+            pass

@@ -1,0 +1,184 @@
+"""A real worker process on 127.0.0.1, driven through the CLI, the client and raw streams."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import aclosing
+from pathlib import Path
+
+import pytest
+import trio
+from libp2p import new_host
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
+
+from dllm_p2p import wire
+from dllm_p2p.client import WorkerError, open_client
+from dllm_p2p.host import parse_multiaddr, peer_info
+
+from .procs import Child, run_cli, start_worker
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Child, str, Path]]:
+    data_dir = tmp_path_factory.mktemp("worker")
+    proc, addr = start_worker(data_dir, "--read-timeout", "1", "--max-new-tokens", "512")
+    yield proc, addr, data_dir
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def narrow_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Child, str]]:
+    """One batch slot and no queue: the second concurrent request must get `busy`."""
+    proc, addr = start_worker(
+        tmp_path_factory.mktemp("narrow"), "--max-concurrency", "1", "--max-queue", "0", "--max-new-tokens", "2000"
+    )
+    yield proc, addr
+    proc.stop()
+
+
+GOOD = {"prompt": "The quick brown fox", "max_new_tokens": 6, "temperature": 0}
+
+
+async def assert_still_serves(addr: str) -> None:
+    async with open_client() as client:
+        done = await client.complete(addr, GOOD)
+    assert done["type"] == "done" and done["usage"]["completion_tokens"] >= 1
+
+
+# --- the happy path -----------------------------------------------------------------------
+
+
+def test_cli_query_streams_tokens_and_prints_the_final_frame(worker: tuple[Child, str, Path]) -> None:
+    _, addr, _ = worker
+    args = ["query", addr, "Once upon a time", "--max-new-tokens", "12", "--min-new-tokens", "12", "--temperature", "0"]
+    final = run_cli(*args, "--json")
+    assert final.returncode == 0, final.stderr
+    frame = json.loads(final.stdout)
+    assert frame["type"] == "done" and frame["model"] == "tiny"
+    assert frame["usage"]["completion_tokens"] == 12 and frame["usage"]["prompt_tokens"] > 0
+    assert set(frame["timing"]) >= {"total_ms", "first_token_ms", "queue_ms"}
+    streamed = run_cli(*args, "--stream")
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout == frame["text"] + "\n"  # greedy: the same text, printed as it came
+
+
+async def test_client_receives_token_frames_that_add_up_to_the_text(worker: tuple[Child, str, Path]) -> None:
+    _, addr, _ = worker
+    async with open_client() as client:
+        frames = [f async for f in client.generate(addr, {**GOOD, "max_new_tokens": 10, "min_new_tokens": 10, "stream": True, "id": "r1"})]
+    tokens, done = frames[:-1], frames[-1]
+    assert len(tokens) >= 2 and all(f["type"] == "token" for f in tokens)
+    assert done["type"] == "done" and done["id"] == "r1"
+    assert "".join(f["text"] for f in tokens) == done["text"]
+
+
+def test_info_describes_the_node(worker: tuple[Child, str, Path]) -> None:
+    _, addr, data_dir = worker
+    result = run_cli("info", addr)
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["peer_id"] == addr.rsplit("/", 1)[1]
+    assert info["models"] == ["tiny"]
+    assert info["limits"]["max_new_tokens"] == 512
+    assert not any("/0.0.0.0/" in a for a in info["addrs"])
+    node = json.loads((data_dir / "node.json").read_text())
+    assert node["peer_id"] == info["peer_id"] and node["addrs"] == info["addrs"]
+    assert stat.S_IMODE(os.stat(data_dir / "node.key").st_mode) == 0o600
+
+
+def test_cli_reports_a_bad_address_clearly() -> None:
+    result = run_cli("query", "/ip4/127.0.0.1/tcp/1", "hi")
+    assert result.returncode == 2 and "/p2p/<peer-id>" in result.stderr
+
+
+# --- bad input: each gets its error code, and the worker answers the next request -------
+
+
+async def raw_exchange(addr: str, payload: bytes, close_write: bool = True) -> dict:
+    async with open_client() as client:
+        stream = await client.open_stream(addr, wire.GENERATE_PROTOCOL)
+        await stream.write(payload)
+        if close_write:
+            await stream.close_write()
+        frame = await wire.FrameReader(stream, wire.MAX_RESPONSE_FRAME).read_frame()
+    assert frame is not None
+    return frame
+
+
+@pytest.mark.parametrize(
+    "payload, code, fragment",
+    [
+        (wire.encode_uvarint(2**31) + b"x" * 100, "too_large", "exceeds the limit"),
+        (b"\x03\xc1\xc1\xc1", "bad_request", "not valid msgpack"),
+        (wire.encode_frame({"prompt": "x", "evil": 1}), "bad_request", "unknown request keys: evil"),
+        (wire.encode_frame({"prompt": ["not", "a", "string"]}), "bad_request", "'prompt' must be a string"),
+        (wire.encode_frame({"prompt": "x", "max_new_tokens": -3}), "bad_request", "max_new_tokens"),
+        (wire.encode_frame({"prompt": "x", "model": "llama-9000"}), "unknown_model", "llama-9000"),
+        (wire.encode_frame({"prompt": "word " * 5000}), "too_large", "prompt too long"),
+        (b"\x05ab", "bad_request", "stream ended"),
+    ],
+    ids=["huge-length", "garbage", "unknown-key", "wrong-type", "negative", "unknown-model", "prompt-too-long", "truncated"],
+)
+async def test_bad_input_gets_an_error_frame(worker: tuple[Child, str, Path], payload: bytes, code: str, fragment: str) -> None:
+    _, addr, _ = worker
+    frame = await raw_exchange(addr, payload)
+    assert frame["type"] == "error" and frame["code"] == code, frame
+    assert fragment in frame["message"]
+    await assert_still_serves(addr)
+
+
+async def test_a_stalled_dialer_is_timed_out(worker: tuple[Child, str, Path]) -> None:
+    _, addr, _ = worker
+    frame = await raw_exchange(addr, b"", close_write=False)  # sends nothing, keeps the stream open
+    assert frame["code"] == "timeout" and "no request within" in frame["message"]
+    await assert_still_serves(addr)
+
+
+async def test_plaintext_dialer_is_refused(worker: tuple[Child, str, Path]) -> None:
+    _, addr, _ = worker
+    key_pair = create_new_key_pair()
+    plain = new_host(key_pair=key_pair, sec_opt={PLAINTEXT_PROTOCOL_ID: InsecureTransport(key_pair)})
+    async with plain.run([parse_multiaddr("/ip4/127.0.0.1/tcp/0")]):
+        with trio.fail_after(30):
+            with pytest.raises(Exception):
+                await plain.connect(peer_info(addr))
+    await assert_still_serves(addr)
+
+
+async def test_over_capacity_gets_busy_and_disconnect_stops_generation(narrow_worker: tuple[Child, str]) -> None:
+    _, addr = narrow_worker
+    long = {"prompt": "Tell me a story", "max_new_tokens": 480, "min_new_tokens": 480, "stream": True}
+    async with open_client() as client:
+        async with aclosing(client.generate(addr, long)) as frames:
+            first = await frames.__anext__()
+            assert first["type"] == "token"
+            with pytest.raises(WorkerError) as busy:
+                await client.complete(addr, GOOD)
+            assert busy.value.code == "busy"
+        # Leaving the block reset the stream: the worker must drop the generation and
+        # free its only slot, well before 480 tokens could have been generated.
+        with trio.fail_after(20):
+            while (await client.info(addr))["load"]["running"] != 0:
+                await trio.sleep(0.05)
+        done = await client.complete(addr, GOOD)
+        assert done["usage"]["completion_tokens"] >= 1
+
+
+# --- lifecycle ------------------------------------------------------------------------
+
+
+def test_sigterm_stops_cleanly_and_the_peer_id_is_stable(tmp_path: Path) -> None:
+    proc, addr = start_worker(tmp_path)
+    assert proc.stop(timeout=10) == 0, proc.output()
+    proc.wait_for_line("worker stopped", stream="err", timeout=5)
+    again, addr2 = start_worker(tmp_path)
+    try:
+        assert addr2.rsplit("/", 1)[1] == addr.rsplit("/", 1)[1]
+    finally:
+        again.stop()
