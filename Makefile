@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m dllm_p2p up
+	$(PY) -m dllm_p2p up $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

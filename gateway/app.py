@@ -6,6 +6,8 @@ Routes: ``/api/generate`` (JSON or server-sent events), OpenAI-compatible ``/v1/
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import time
 import uuid
@@ -26,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dllm_p2p import __version__, wire
 from dllm_p2p.client import Client
 
+from .limits import RateLimiter
 from .nodes import NodeTable
 from .relay import Done, RelayError, Token, relay
 
@@ -126,12 +129,17 @@ class Gateway:
         registry_info: Callable[[], dict[str, Any]] | None = None,
         max_attempts: int = 3,
         cors_origins: list[str] | None = None,
+        api_keys: list[str] | None = None,
+        rate_limit: float = 0.0,
+        rate_burst: int = 20,
     ) -> None:
         self.table = table
         self.client = client
         self.registry_info = registry_info or (lambda: {"head": None, "cid": None, "blocks": []})
         self.max_attempts = max_attempts
         self.cors_origins = ["*"] if cors_origins is None else cors_origins
+        self.api_keys = frozenset(api_keys or ())
+        self.limiter = RateLimiter(rate_limit, rate_burst)
         self.metrics = Metrics()
         self.started = time.time()
 
@@ -181,10 +189,28 @@ def create_app(gw: Gateway) -> FastAPI:
     )
 
     @app.middleware("http")
-    async def limit_body(request: Request, call_next: Any) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-            return _error(413, "too_large", f"request body over {MAX_BODY} bytes")
+    async def guard(request: Request, call_next: Any) -> Response:
+        """Body size, API key and rate limit, for the generation routes only."""
+        if request.method == "POST":
+            length = request.headers.get("content-length")
+            if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+                return _error(413, "too_large", f"request body over {MAX_BODY} bytes")
+            client = request.client.host if request.client else "unknown"
+            if gw.api_keys:
+                scheme, _, token = request.headers.get("authorization", "").partition(" ")
+                if scheme.lower() != "bearer" or not any(hmac.compare_digest(token, k) for k in gw.api_keys):
+                    return _error(401, "unauthorized", "missing or wrong API key (send 'Authorization: Bearer <key>')")
+                client = "key:" + hashlib.sha256(token.encode()).hexdigest()[:16]
+            # Every POST route takes JSON: accept it whatever the client labelled it
+            # (curl -d sends application/x-www-form-urlencoded).
+            if "json" not in request.headers.get("content-type", ""):
+                headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
+                request.scope["headers"] = headers + [(b"content-type", b"application/json")]
+            allowed, wait = gw.limiter.allow(client)
+            if not allowed:
+                response = _error(429, "rate_limited", f"too many requests; retry in {wait:.1f} s")
+                response.headers["Retry-After"] = str(max(1, round(wait)))
+                return response
         return await call_next(request)
 
     @app.exception_handler(RequestValidationError)

@@ -78,6 +78,7 @@ class NodeTable:
         backoff_base: float = 2.0,
         backoff_max: float = 120.0,
         rng: random.Random | None = None,
+        allow: Iterable[str] | None = None,
     ) -> None:
         if policy not in {"p2c", "random"}:
             raise ValueError(f"unknown policy {policy!r}: use p2c or random")
@@ -86,6 +87,8 @@ class NodeTable:
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.rng = rng or random.Random()
+        #: When set, only these peer ids are ever routed to (an allow-list of workers).
+        self.allow = frozenset(allow) if allow else None
         self.nodes: dict[str, NodeState] = {}
 
     def _get(self, peer_id: str) -> NodeState:
@@ -162,7 +165,10 @@ class NodeTable:
         return [
             n
             for n in self.online(now)
-            if n.peer_id not in excluded and n.role == "worker" and (model is None or model in n.models)
+            if n.peer_id not in excluded
+            and n.role == "worker"
+            and (model is None or model in n.models)
+            and (self.allow is None or n.peer_id in self.allow)
         ]
 
     def choose(self, model: str | None, exclude: Iterable[str] = ()) -> NodeState:

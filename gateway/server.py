@@ -1,0 +1,138 @@
+"""``python -m gateway``: one trio loop running a libp2p host, membership and the HTTP API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from dllm_p2p.cli import open_registry, until_signal
+from dllm_p2p.client import Client
+from dllm_p2p.heartbeat import Heartbeat
+from dllm_p2p.host import make_host, parse_multiaddr
+from dllm_p2p.identity import load_or_create
+from dllm_p2p.membership import Membership, MembershipConfig, deregistered
+from dllm_p2p.registry.ipfs import IpfsError
+from dllm_p2p.registry.publish import Publisher
+from dllm_p2p.registry.store import ChainStore
+
+from .app import Gateway, create_app
+from .nodes import NodeTable
+
+log = logging.getLogger("gateway")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m gateway", description="HTTP gateway to a dllm-p2p network")
+    p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT", help="HTTP address (default 127.0.0.1:8080; port 0 picks a free one)")
+    p.add_argument("--p2p-listen", default="/ip4/0.0.0.0/tcp/0", metavar="MULTIADDR", help="libp2p listen address (default: any free TCP port)")
+    p.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR", help="a node to join the network through (repeatable)")
+    p.add_argument("--registry", default=None, metavar="SOURCE", help="seed the registry from a file, CID or /ipns/ name")
+    p.add_argument("--ipfs-api", default=None, metavar="URL", help="Kubo RPC API for CIDs and IPNS names (default http://127.0.0.1:5001 when reachable)")
+    p.add_argument("--data-dir", default="~/.dllm/gateway", type=Path, help="gateway key and registry copy (default ~/.dllm/gateway)")
+    p.add_argument("--policy", choices=["p2c", "random"], default="p2c", help="node choice: power of two choices on load and latency (default) or random")
+    p.add_argument("--heartbeat-interval", type=float, default=2.0, help="seconds between heartbeats (default 2)")
+    p.add_argument("--ttl", type=float, default=None, help="seconds without a heartbeat before a node is offline (default 3 intervals + 1)")
+    p.add_argument("--max-attempts", type=int, default=3, help="nodes tried per request before giving up (default 3)")
+    p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN", help="allowed browser origin (repeatable; default *)")
+    p.add_argument("--public-url", default=None, help="announce this URL in the registry so pages can find this gateway")
+    p.add_argument("--api-key", action="append", default=None, metavar="KEY", help="require 'Authorization: Bearer KEY' on POST routes (repeatable; also read from DLLM_API_KEYS, comma-separated)")
+    p.add_argument("--rate-limit", type=float, default=0.0, help="requests per second per client (API key or address); 0 = off (default)")
+    p.add_argument("--rate-burst", type=int, default=20, help="burst allowed above --rate-limit (default 20)")
+    p.add_argument("--allow-peer", action="append", default=None, metavar="PEER_ID", help="route only to these worker peer ids (repeatable)")
+    p.add_argument("--psk", default=None, help="private network key (64 hex chars)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+async def run_gateway(args: argparse.Namespace, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    identity = load_or_create(args.data_dir)
+    store = ChainStore(args.data_dir)
+    membership_config = MembershipConfig(
+        role="gateway",
+        bootstrap=args.bootstrap,
+        heartbeat_interval=args.heartbeat_interval,
+        ttl=args.ttl,
+        gateway_url=args.public_url,
+    )
+    table = NodeTable(ttl=membership_config.effective_ttl, policy=args.policy, allow=args.allow_peer)
+    api_keys = list(args.api_key or []) + [k for k in os.environ.get("DLLM_API_KEYS", "").split(",") if k]
+
+    def on_heartbeat(beat: Heartbeat) -> None:
+        if beat.role == "worker":
+            table.heartbeat(beat.peer_id, models=beat.models, load=beat.load, addrs=beat.addrs)
+
+    def on_chain(chain: Any) -> None:
+        table.update_from_registry(chain.nodes().values())
+        for peer_id in deregistered(chain):
+            table.forget(peer_id)
+
+    publisher = await open_registry(store, args.data_dir, args.ipfs_api, args.registry)
+    membership = Membership(identity, membership_config, store, on_heartbeat=on_heartbeat, on_chain=on_chain, publisher=publisher)
+    host = make_host(identity, psk=args.psk)
+    gw = Gateway(
+        table,
+        Client(host),
+        registry_info=lambda: describe_registry(store, publisher),
+        max_attempts=args.max_attempts,
+        cors_origins=args.cors_origin,
+        api_keys=api_keys,
+        rate_limit=args.rate_limit,
+        rate_burst=args.rate_burst,
+    )
+    app = create_app(gw)
+    config = Config()
+    config.bind = [args.listen]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    try:
+        async with host.run([parse_multiaddr(args.p2p_listen)]):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(membership.run, host)
+                binds = await nursery.start(serve, app, config)
+                for bind in binds:
+                    print(f"gateway listening on {bind}", flush=True)
+                task_status.started(binds)
+    finally:
+        await publisher.aclose()
+
+
+def describe_registry(store: ChainStore, publisher: Publisher) -> dict[str, Any]:
+    chain = store.chain
+    return {
+        "head": chain.head,
+        "blocks": len(chain.blocks),
+        "compacted_at": chain.compacted_at,
+        "nodes": list(chain.nodes().values()),
+        "cid": publisher.cid,
+        "ipns": publisher.ipns_name,
+        "mode": publisher.mode,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("libp2p").setLevel(logging.DEBUG if args.verbose else logging.CRITICAL)
+
+    async def main_task() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(until_signal, nursery.cancel_scope)
+            await run_gateway(args)
+
+    try:
+        trio.run(main_task)
+    except (OSError, IpfsError) as exc:
+        print(f"error: cannot start the gateway: {exc}", file=sys.stderr)
+        return 2
+    print("gateway stopped", file=sys.stderr, flush=True)
+    return 0
+
+

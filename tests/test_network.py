@@ -1,0 +1,149 @@
+"""A real network on 127.0.0.1: three workers that know one bootstrap address, a gateway.
+
+The tests run in file order and share one network: the later ones kill workers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from dllm_p2p.registry.chain import verify_chain
+
+from .procs import LocalNetwork, get_json, run_cli
+
+pytestmark = pytest.mark.integration
+
+HEARTBEAT = "1"  # seconds; the TTL is then 3 intervals + 1 = 4 s
+TTL = 4.0
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNetwork]:
+    network = LocalNetwork(
+        data_dir=tmp_path_factory.mktemp("net"),
+        workers=3,
+        model="tiny",
+        worker_args=["--heartbeat-interval", HEARTBEAT],
+        gateway_args=["--heartbeat-interval", HEARTBEAT],
+    )
+    network.start()
+    yield network
+    network.stop()
+
+
+def peer_of(addr: str) -> str:
+    return addr.rsplit("/", 1)[1]
+
+
+def wait_for(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def online_peers(net: LocalNetwork) -> set[str]:
+    return {n["peer_id"] for n in get_json(f"{net.url}/api/nodes")["nodes"] if n["online"]}
+
+
+def test_every_worker_sees_the_others_through_one_bootstrap(net: LocalNetwork) -> None:
+    peers = {peer_of(a) for a in net.worker_addrs}
+    # Ask through the *last* worker, which only ever dialed the first one.
+    result = run_cli("nodes", "--bootstrap", net.worker_addrs[-1], "--json", "--wait", "3", "--ttl", str(TTL))
+    assert result.returncode == 0, result.stderr
+    listed = {row["peer_id"]: row for row in json.loads(result.stdout)}
+    assert peers <= set(listed)
+    for peer in peers:
+        row = listed[peer]
+        assert row["online"] is True and row["models"] == ["tiny"] and row["addrs"]
+        assert isinstance(row["last_seen"], float)
+
+    # The registry replicated: every worker's own blockchain.json verifies and lists all three.
+    def replicated() -> bool:
+        for i in range(len(net.worker_addrs)):
+            path = net.data_dir / f"worker-{i + 1}" / "blockchain.json"
+            if not path.exists() or set(verify_chain(path.read_bytes()).nodes()) < peers:
+                return False
+        return True
+
+    wait_for(replicated, 30, "every worker's chain to list all three workers")
+    cid = (net.data_dir / "worker-1" / "current_cid.txt").read_text().strip()
+    assert cid.startswith("Qm") and len(cid) == 46
+
+
+def test_generate_json_and_stream(net: LocalNetwork) -> None:
+    with httpx.Client(base_url=net.url, timeout=60) as http:
+        body = http.post("/api/generate", json={"prompt": "Hello", "max_new_tokens": 8, "min_new_tokens": 8, "temperature": 0}).json()
+        assert body["usage"]["completion_tokens"] == 8 and body["node"] in {peer_of(a) for a in net.worker_addrs}
+        events: list[tuple[str, dict]] = []
+        with http.stream("POST", "/api/generate", json={"prompt": "Hello", "max_new_tokens": 8, "min_new_tokens": 8, "temperature": 0, "stream": True}) as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            event = None
+            for line in response.iter_lines():
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: "):
+                    events.append((event, json.loads(line[6:])))
+    kinds = [k for k, _ in events]
+    assert kinds[-1] == "done" and kinds.count("token") >= 2
+    assert "".join(d["text"] for k, d in events if k == "token") == events[-1][1]["text"] == body["text"]
+
+
+def test_openai_client_works_by_changing_the_base_url(net: LocalNetwork) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{net.url}/v1", api_key="unused", max_retries=0)
+    models = [m.id for m in client.models.list()]
+    assert models == ["tiny"]
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Say hi"}], max_tokens=5, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
+    pieces = [
+        chunk.choices[0].delta.content or ""
+        for chunk in client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Say hi"}], max_tokens=5, temperature=0, stream=True)
+        if chunk.choices
+    ]
+    assert "".join(pieces) == chat.choices[0].message.content
+    completion = client.completions.create(model="tiny", prompt="Once", max_tokens=4)
+    assert completion.choices[0].finish_reason in {"stop", "length"}
+
+
+def test_killing_the_chosen_worker_fails_over_and_is_reported_offline(net: LocalNetwork) -> None:
+    with httpx.Client(base_url=net.url, timeout=60) as http:
+        first = http.post("/api/generate", json={"prompt": "Hi", "max_new_tokens": 4}).json()
+        victim = first["node"]
+        index = [peer_of(a) for a in net.worker_addrs].index(victim)
+        net.children[index].kill()  # SIGKILL: no deregister, no goodbye
+        # The gateway still believes the victim is online; whichever node it picks, the
+        # request must succeed (on another node if it picked the dead one).
+        for _ in range(3):
+            after = http.post("/api/generate", json={"prompt": "Hi", "max_new_tokens": 4})
+            assert after.status_code == 200, after.text
+            assert after.json()["node"] != victim
+    started = time.monotonic()
+    wait_for(lambda: victim not in online_peers(net), TTL + 10, "the killed worker to be reported offline")
+    assert time.monotonic() - started <= TTL + 10
+    result = run_cli("nodes", "--bootstrap", net.worker_addrs[(index + 1) % 3], "--json", "--wait", "3", "--ttl", str(TTL))
+    listed = {row["peer_id"]: row for row in json.loads(result.stdout)}
+    assert listed[victim]["online"] is False
+    assert sum(row["online"] for row in listed.values()) == 2
+
+
+def test_no_live_node_gives_a_503_naming_the_model(net: LocalNetwork) -> None:
+    with httpx.Client(base_url=net.url, timeout=60) as http:
+        other = http.post("/api/generate", json={"prompt": "Hi", "model": "gpt-j"})
+        assert other.status_code == 503 and "gpt-j" in other.json()["error"]["message"]
+        for child in net.children[:-1]:  # every worker; the gateway is last
+            child.stop()
+        wait_for(lambda: not online_peers(net), TTL + 10, "no worker online")
+        response = http.post("/api/generate", json={"prompt": "Hi", "model": "tiny"})
+    assert response.status_code == 503
+    assert response.json()["error"]["message"] == "no live node serves model 'tiny'"
