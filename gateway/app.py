@@ -430,6 +430,6 @@ def create_app(gw: Gateway) -> FastAPI:
             return _error(404, "not_found", "frontend/index.html is missing")
         return FileResponse(page, headers={"Cache-Control": "no-cache"})
 
-    if FRONTEND.is_dir():
-        app.mount("/static", StaticFiles(directory=FRONTEND), name="static")
+    if (FRONTEND / "static").is_dir():
+        app.mount("/static", StaticFiles(directory=FRONTEND / "static"), name="static")
     return app

@@ -1,0 +1,708 @@
+// dllm-p2p web page: send prompts to a gateway, watch tokens stream in, explore the nodes.
+//
+// No framework, no build step. Everything that comes from the network is put into the page
+// with textContent / attributes, never as HTML.
+"use strict";
+
+(() => {
+  const POLL_MS = 5000;
+  const POLL_TIMEOUT_MS = 4000;
+  const DISCOVER_TIMEOUT_MS = 20000;
+  const MAX_LOG_ROWS = 100;
+  const DEFAULT_IPFS_GATEWAY = "https://ipfs.io";
+  const STORE = { gateway: "dllm.gatewayUrl", registry: "dllm.registryRef", ipfs: "dllm.ipfsGateway" };
+
+  const $ = (id) => document.getElementById(id);
+  const ui = {
+    health: $("health"),
+    gatewayForm: $("gateway-form"),
+    gatewayUrl: $("gateway-url"),
+    gatewayHint: $("gateway-hint"),
+    discover: $("discover"),
+    discoverForm: $("discover-form"),
+    registryRef: $("registry-ref"),
+    ipfsGateway: $("ipfs-gateway"),
+    discoverStatus: $("discover-status"),
+    promptForm: $("prompt-form"),
+    prompt: $("prompt"),
+    model: $("model"),
+    maxNewTokens: $("max-new-tokens"),
+    temperature: $("temperature"),
+    topP: $("top-p"),
+    seed: $("seed"),
+    stream: $("stream"),
+    send: $("send"),
+    stop: $("stop"),
+    runStatus: $("run-status"),
+    error: $("error"),
+    errorMessage: $("error-message"),
+    output: $("output"),
+    outputMeta: $("output-meta"),
+    log: $("log"),
+    logEmpty: $("log-empty"),
+    clearLog: $("clear-log"),
+    nodes: $("nodes"),
+    nodesEmpty: $("nodes-empty"),
+    nodesSummary: $("nodes-summary"),
+    nodesError: $("nodes-error"),
+    nodesUpdated: $("nodes-updated"),
+    registryHead: $("registry-head"),
+    registryCid: $("registry-cid"),
+    registryBlocks: $("registry-blocks"),
+    registryMode: $("registry-mode"),
+  };
+
+  const fromDisk = !/^https?:$/.test(location.protocol);
+  const state = { gateway: "", running: null, pollTimer: null, polling: false };
+
+  // --- small helpers --------------------------------------------------------------------
+
+  const storage = {
+    get(key) {
+      try { return localStorage.getItem(key) || ""; } catch { return ""; }
+    },
+    set(key, value) {
+      try {
+        if (value) localStorage.setItem(key, value); else localStorage.removeItem(key);
+      } catch { /* storage disabled: the value just isn't remembered */ }
+    },
+  };
+
+  /** Build an element; children are nodes or strings (always inserted as text). */
+  function el(tag, attrs = {}, ...children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(attrs)) {
+      if (value === null || value === undefined || value === false) continue;
+      if (key === "class") node.className = value;
+      else if (key === "text") node.textContent = value;
+      else node.setAttribute(key, value === true ? "" : String(value));
+    }
+    for (const child of children) {
+      if (child === null || child === undefined) continue;
+      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+    return node;
+  }
+
+  const isNum = (v) => typeof v === "number" && Number.isFinite(v);
+  const dash = "–";
+
+  function shortId(id) {
+    if (typeof id !== "string" || !id) return dash;
+    return id.length > 16 ? `${id.slice(0, 6)}…${id.slice(-6)}` : id;
+  }
+
+  function shortHash(hash) {
+    if (typeof hash !== "string" || !hash) return dash;
+    return hash.length > 20 ? `${hash.slice(0, 10)}…${hash.slice(-8)}` : hash;
+  }
+
+  function duration(seconds) {
+    if (!isNum(seconds) || seconds < 0) return dash;
+    const s = Math.floor(seconds);
+    if (s < 60) return `${s}s`;
+    if (s < 3600) return `${Math.floor(s / 60)}m ${s % 60}s`;
+    if (s < 86400) return `${Math.floor(s / 3600)}h ${Math.floor((s % 3600) / 60)}m`;
+    return `${Math.floor(s / 86400)}d ${Math.floor((s % 86400) / 3600)}h`;
+  }
+
+  const clock = (date = new Date()) => date.toLocaleTimeString([], { hour12: false });
+  const capitalize = (text) => (text ? text[0].toUpperCase() + text.slice(1) : text);
+
+  /** "http://host:port" from what the user typed; "" when it isn't an http(s) URL. */
+  function normalizeHttpUrl(text) {
+    let value = String(text || "").trim();
+    if (!value) return "";
+    if (!/^[a-z][a-z0-9+.-]*:\/\//i.test(value)) value = `http://${value}`;
+    let url;
+    try { url = new URL(value); } catch { return ""; }
+    if (url.protocol !== "http:" && url.protocol !== "https:") return "";
+    if (url.username || url.password) return "";
+    return `${url.origin}${url.pathname.replace(/\/+$/, "")}`;
+  }
+
+  /** An error the page can show as one readable line. */
+  class ApiError extends Error {
+    constructor(message, { status = null, code = null } = {}) {
+      super(message);
+      this.status = status;
+      this.code = code;
+    }
+    get display() {
+      const text = capitalize(this.message);
+      const why = this.status || this.code;
+      return why ? `${text} (${why})` : text;
+    }
+  }
+
+  /** The gateway's error body is {"error": {"code", "message", "type"}}; tolerate others. */
+  async function errorFromResponse(res) {
+    let code = null;
+    let message = "";
+    try {
+      const body = await res.json();
+      const err = body && typeof body === "object" ? (body.error ?? body) : null;
+      if (err && typeof err === "object") {
+        if (typeof err.message === "string") message = err.message;
+        if (typeof err.code === "string") code = err.code;
+        if (!message && typeof err.detail === "string") message = err.detail;
+      } else if (typeof err === "string") {
+        message = err;
+      }
+    } catch { /* not JSON */ }
+    if (!message) message = `${res.statusText || "HTTP error"}`.trim();
+    return new ApiError(message, { status: res.status, code });
+  }
+
+  function networkError(err, base) {
+    if (err && err.name === "AbortError") return err;
+    if (err && err.name === "TimeoutError") return new ApiError(`the gateway at ${base} did not answer in time`);
+    return new ApiError(`cannot reach the gateway at ${base} (${err && err.message ? err.message : err})`);
+  }
+
+  async function api(path, { method = "GET", body, signal, timeoutMs } = {}) {
+    const base = state.gateway;
+    if (!base) throw new ApiError("set the Gateway URL first");
+    const signals = [signal, timeoutMs ? AbortSignal.timeout(timeoutMs) : null].filter(Boolean);
+    const combined = signals.length > 1 && AbortSignal.any ? AbortSignal.any(signals) : signals[0];
+    const init = { method, headers: {}, signal: combined };
+    if (body !== undefined) {
+      init.headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(body);
+    }
+    let res;
+    try {
+      res = await fetch(`${base}${path}`, init);
+    } catch (err) {
+      throw networkError(err, base);
+    }
+    if (!res.ok) throw await errorFromResponse(res);
+    return res;
+  }
+
+  async function getJson(path) {
+    const res = await api(path, { timeoutMs: POLL_TIMEOUT_MS });
+    return res.json();
+  }
+
+  // --- server-sent events over fetch (EventSource can't POST) ----------------------------
+
+  function parseEvent(raw) {
+    let event = "message";
+    const data = [];
+    for (const line of raw.split("\n")) {
+      if (!line || line.startsWith(":")) continue;
+      const colon = line.indexOf(":");
+      const field = colon < 0 ? line : line.slice(0, colon);
+      let value = colon < 0 ? "" : line.slice(colon + 1);
+      if (value.startsWith(" ")) value = value.slice(1);
+      if (field === "event") event = value;
+      else if (field === "data") data.push(value);
+    }
+    return data.length ? { event, data: data.join("\n") } : null;
+  }
+
+  async function* sseEvents(body) {
+    const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value;
+        // Normalise line ends, keeping a trailing "\r" until we know if "\n" follows.
+        const keep = buffer.endsWith("\r") ? "\r" : "";
+        buffer = buffer.slice(0, buffer.length - keep.length).replace(/\r\n?/g, "\n") + keep;
+        let end;
+        while ((end = buffer.indexOf("\n\n")) >= 0) {
+          const event = parseEvent(buffer.slice(0, end));
+          buffer = buffer.slice(end + 2);
+          if (event) yield event;
+        }
+      }
+      const last = parseEvent(buffer.replace(/\r\n?/g, "\n"));
+      if (last) yield last;
+    } finally {
+      reader.cancel().catch(() => {});
+    }
+  }
+
+  function parseJson(text) {
+    try { return JSON.parse(text); } catch { return null; }
+  }
+
+  // --- the gateway URL and discovery -------------------------------------------------------
+
+  /** The gateway that served this page (its directory, in case it sits behind a path prefix). */
+  const pageGateway = () => (fromDisk ? "" : normalizeHttpUrl(new URL(".", location.href).href));
+
+  function setGateway(url, { save = true } = {}) {
+    state.gateway = normalizeHttpUrl(url);
+    ui.gatewayUrl.value = state.gateway;
+    if (save) storage.set(STORE.gateway, state.gateway);
+    if (state.gateway) ui.gatewayUrl.removeAttribute("aria-invalid");
+    if (state.gateway) {
+      ui.gatewayHint.textContent = fromDisk
+        ? "Saved in this browser. Requests go to this gateway."
+        : state.gateway === pageGateway() ? "The gateway that served this page." : "Requests go to this gateway.";
+    } else {
+      ui.gatewayHint.textContent = fromDisk
+        ? "This page was opened from disk: enter a gateway URL, or find one through the registry below."
+        : "Enter a gateway URL.";
+    }
+    restartPolling();
+  }
+
+  /** Where to read blockchain.json for a CID, /ipfs/ path, /ipns/ name or plain URL. */
+  function registryUrl(ref, ipfsGateway) {
+    let value = String(ref || "").trim();
+    if (!value) throw new ApiError("enter a registry CID or /ipns/ name");
+    if (/^https?:\/\//i.test(value)) {
+      const url = normalizeHttpUrl(value);
+      if (!url) throw new ApiError("the registry URL is not a valid http(s) URL");
+      return /\.json$/i.test(url) ? url : `${url}/blockchain.json`;
+    }
+    value = value.replace(/^(ipfs|ipns):\/\//i, "/$1/");
+    if (!value.startsWith("/")) value = `/ipfs/${value}`;
+    const parts = value.split("/").filter(Boolean);
+    if (parts.length < 2 || !/^(ipfs|ipns)$/i.test(parts[0])) {
+      throw new ApiError("use a CID (Qm…, bafy…), /ipfs/<cid> or /ipns/<name>");
+    }
+    if (/\.json$/i.test(parts[parts.length - 1])) parts.pop();
+    for (const part of parts) {
+      if (!/^[A-Za-z0-9._-]+$/.test(part)) throw new ApiError(`unexpected characters in "${part}"`);
+    }
+    const base = normalizeHttpUrl(ipfsGateway || DEFAULT_IPFS_GATEWAY);
+    if (!base) throw new ApiError("the IPFS gateway URL is not a valid http(s) URL");
+    return `${base}/${parts[0].toLowerCase()}/${parts.slice(1).join("/")}/blockchain.json`;
+  }
+
+  /** The records of a blockchain.json, in chain order; tolerant of the exact layout. */
+  function chainRecords(doc) {
+    const blocks = Array.isArray(doc) ? doc
+      : Array.isArray(doc?.blocks) ? doc.blocks
+      : Array.isArray(doc?.chain) ? doc.chain
+      : Array.isArray(doc?.chain?.blocks) ? doc.chain.blocks
+      : [];
+    const records = [];
+    for (const block of blocks) {
+      if (!block || typeof block !== "object") continue;
+      let record = block.record && typeof block.record === "object" ? block.record : block;
+      if (record.body && typeof record.body === "object") record = { ...record, ...record.body };
+      if (typeof record.peer_id === "string") records.push(record);
+    }
+    return { blocks: blocks.length, records };
+  }
+
+  /** Gateways announced in the registry that are still live: latest op per peer. */
+  function liveGateways(doc, nowSeconds = Date.now() / 1000) {
+    const { blocks, records } = chainRecords(doc);
+    const latest = new Map();
+    for (const record of records) {
+      const previous = latest.get(record.peer_id);
+      if (!previous || !(Number(record.seq) < Number(previous.seq))) latest.set(record.peer_id, record);
+    }
+    const urls = [];
+    for (const record of latest.values()) {
+      const op = record.op ?? record.type ?? record.action;
+      if (op === "deregister") continue;
+      if (record.role !== "gateway") continue;
+      if (!(Number(record.expires) > nowSeconds)) continue;
+      const url = normalizeHttpUrl(record.gateway_url);
+      if (typeof record.gateway_url === "string" && url) urls.push(url);
+    }
+    return { blocks, urls: [...new Set(urls)] };
+  }
+
+  async function discover() {
+    const ref = ui.registryRef.value.trim();
+    const ipfs = ui.ipfsGateway.value.trim();
+    storage.set(STORE.registry, ref);
+    storage.set(STORE.ipfs, ipfs);
+    ui.discoverStatus.textContent = "Loading the registry…";
+    ui.discoverStatus.classList.remove("bad");
+    try {
+      const url = registryUrl(ref, ipfs);
+      let res;
+      try {
+        res = await fetch(url, { signal: AbortSignal.timeout(DISCOVER_TIMEOUT_MS), headers: { Accept: "application/json" } });
+      } catch (err) {
+        throw new ApiError(`cannot load ${url} (${err && err.message ? err.message : err})`);
+      }
+      if (!res.ok) throw new ApiError(`cannot load ${url}`, { status: res.status });
+      const doc = parseJson(await res.text());
+      if (doc === null) throw new ApiError(`${url} is not JSON`);
+      const { blocks, urls } = liveGateways(doc);
+      if (!urls.length) {
+        throw new ApiError(`the registry (${blocks} blocks) lists no live gateway with a public URL`);
+      }
+      const pick = urls[Math.floor(Math.random() * urls.length)];
+      setGateway(pick);
+      ui.discoverStatus.textContent = `Found ${urls.length} live gateway${urls.length === 1 ? "" : "s"} in ${blocks} blocks; using ${pick}.`;
+    } catch (err) {
+      ui.discoverStatus.textContent = err instanceof ApiError ? err.display : String(err);
+      ui.discoverStatus.classList.add("bad");
+    }
+  }
+
+  // --- generation ------------------------------------------------------------------------
+
+  function showError(err) {
+    if (!err) {
+      ui.error.hidden = true;
+      ui.errorMessage.textContent = "";
+      delete ui.error.dataset.code;
+      delete ui.error.dataset.status;
+      return;
+    }
+    ui.errorMessage.textContent = err instanceof ApiError ? err.display : capitalize(String(err.message || err));
+    if (err.code) ui.error.dataset.code = err.code;
+    if (err.status) ui.error.dataset.status = String(err.status);
+    ui.error.hidden = false;
+  }
+
+  function requestBody() {
+    const body = { prompt: ui.prompt.value };
+    if (ui.model.value) body.model = ui.model.value;
+    const maxNew = parseInt(ui.maxNewTokens.value, 10);
+    if (Number.isFinite(maxNew)) body.max_new_tokens = maxNew;
+    const temperature = parseFloat(ui.temperature.value);
+    if (Number.isFinite(temperature)) body.temperature = temperature;
+    const topP = parseFloat(ui.topP.value);
+    if (Number.isFinite(topP)) body.top_p = topP;
+    const seed = parseInt(ui.seed.value, 10);
+    if (Number.isFinite(seed)) body.seed = seed;
+    body.stream = ui.stream.checked;
+    return body;
+  }
+
+  function setRunning(running) {
+    ui.send.disabled = running;
+    ui.stop.disabled = !running;
+    ui.output.setAttribute("aria-busy", running ? "true" : "false");
+    ui.output.classList.toggle("running", running);
+  }
+
+  async function generate() {
+    if (state.running) return;
+    if (!state.gateway) {
+      showError(new ApiError(fromDisk
+        ? "set the Gateway URL first (this page was opened from disk)"
+        : "set the Gateway URL first"));
+      ui.gatewayUrl.setAttribute("aria-invalid", "true");
+      ui.gatewayUrl.focus();
+      return;
+    }
+    const body = requestBody();
+    const controller = new AbortController();
+    const started = performance.now();
+    const entry = { time: new Date(), model: body.model || null, node: null, tokens: 0, latency: null, status: "running" };
+    const row = addLogRow(entry);
+    state.running = controller;
+    showError(null);
+    setRunning(true);
+    ui.output.replaceChildren();
+    ui.outputMeta.textContent = "";
+    ui.runStatus.textContent = "Waiting for a node…";
+    const text = document.createTextNode("");
+    ui.output.append(text);
+    let firstTokenMs = null;
+
+    const append = (piece) => {
+      if (typeof piece !== "string" || !piece) return;
+      if (firstTokenMs === null) {
+        firstTokenMs = performance.now() - started;
+        ui.runStatus.textContent = "Streaming…";
+      }
+      const atBottom = ui.output.scrollTop + ui.output.clientHeight >= ui.output.scrollHeight - 8;
+      text.appendData(piece);
+      entry.tokens += 1;
+      if (atBottom) ui.output.scrollTop = ui.output.scrollHeight;
+    };
+
+    try {
+      const res = await api("/api/generate", { method: "POST", body, signal: controller.signal });
+      let final = null;
+      if (body.stream) {
+        for await (const { event, data } of sseEvents(res.body)) {
+          const payload = parseJson(data);
+          if (event === "token") {
+            append(payload?.text);
+            updateLogRow(row, { ...entry, status: "streaming" });
+          } else if (event === "done") {
+            final = payload || {};
+            break;
+          } else if (event === "error") {
+            const err = payload || {};
+            throw new ApiError(typeof err.message === "string" ? err.message : "the node failed mid-answer",
+              { code: typeof err.code === "string" ? err.code : null });
+          }
+        }
+        if (!final) throw new ApiError("the answer stream ended before the final event");
+      } else {
+        final = await res.json();
+      }
+      if (typeof final.text === "string" && !text.data) text.data = final.text;
+      finish(entry, final, started, firstTokenMs);
+      updateLogRow(row, entry);
+      ui.outputMeta.textContent = describeAnswer(final, entry);
+      ui.runStatus.textContent = "Done.";
+    } catch (err) {
+      const aborted = err && err.name === "AbortError";
+      entry.latency = Math.round(performance.now() - started);
+      entry.status = aborted ? "stopped" : "error";
+      entry.error = aborted ? "stopped by you" : (err instanceof ApiError ? err.display : String(err.message || err));
+      entry.code = err && err.code ? err.code : null;
+      updateLogRow(row, entry);
+      ui.runStatus.textContent = aborted ? "Stopped." : "Failed.";
+      if (!aborted) showError(err instanceof ApiError ? err : new ApiError(String(err.message || err)));
+    } finally {
+      state.running = null;
+      setRunning(false);
+      refresh().catch(() => {});  // the node's new latency and success rate
+    }
+  }
+
+  function finish(entry, final, started, firstTokenMs) {
+    const usage = final.usage && typeof final.usage === "object" ? final.usage : {};
+    const timing = final.timing && typeof final.timing === "object" ? final.timing : {};
+    entry.node = typeof final.node === "string" ? final.node : null;
+    if (typeof final.model === "string") entry.model = final.model;
+    if (isNum(usage.completion_tokens)) entry.tokens = usage.completion_tokens;
+    entry.promptTokens = isNum(usage.prompt_tokens) ? usage.prompt_tokens : null;
+    entry.latency = isNum(timing.total_ms) ? Math.round(timing.total_ms) : Math.round(performance.now() - started);
+    entry.firstToken = isNum(timing.first_token_ms) ? Math.round(timing.first_token_ms)
+      : firstTokenMs !== null ? Math.round(firstTokenMs) : null;
+    entry.attempts = isNum(final.attempts) ? final.attempts : null;
+    entry.finish = typeof final.finish_reason === "string" ? final.finish_reason : null;
+    entry.status = "ok";
+  }
+
+  function describeAnswer(final, entry) {
+    const parts = [];
+    if (entry.node) parts.push(`node ${shortId(entry.node)}`);
+    if (entry.model) parts.push(`model ${entry.model}`);
+    parts.push(`${entry.tokens} token${entry.tokens === 1 ? "" : "s"}`);
+    if (entry.firstToken !== null && entry.firstToken !== undefined) parts.push(`first token ${entry.firstToken} ms`);
+    if (entry.latency !== null) parts.push(`total ${entry.latency} ms`);
+    if (entry.finish) parts.push(`finish: ${entry.finish}`);
+    if (entry.attempts && entry.attempts > 1) parts.push(`${entry.attempts} attempts`);
+    return parts.join(" · ");
+  }
+
+  // --- the query log ---------------------------------------------------------------------
+
+  function addLogRow(entry) {
+    const row = el("tr", { "data-testid": "log-row" });
+    ui.log.prepend(row);
+    while (ui.log.rows.length > MAX_LOG_ROWS) ui.log.lastElementChild.remove();
+    ui.logEmpty.hidden = true;
+    updateLogRow(row, entry);
+    return row;
+  }
+
+  function updateLogRow(row, entry) {
+    const statusText = entry.status === "ok"
+      ? (entry.attempts > 1 ? `ok (${entry.attempts} attempts)` : "ok")
+      : entry.status === "error" || entry.status === "stopped" ? entry.error : entry.status;
+    const statusClass = entry.status === "ok" ? "good" : entry.status === "error" ? "bad" : entry.status === "stopped" ? "warn" : "busy";
+    row.dataset.status = entry.status;
+    if (entry.node) row.dataset.node = entry.node;
+    row.replaceChildren(
+      el("td", { "data-label": "Time", class: "nowrap" }, clock(entry.time)),
+      el("td", { "data-label": "Node", title: entry.node || null }, el("span", { class: "mono" }, entry.node ? shortId(entry.node) : dash)),
+      el("td", { "data-label": "Model", class: "nowrap" }, entry.model || "any"),
+      el("td", { "data-label": "Tokens", class: "num" }, String(entry.tokens ?? 0)),
+      el("td", { "data-label": "Latency", class: "num", title: entry.firstToken != null ? `first token ${entry.firstToken} ms` : null },
+        entry.latency === null || entry.latency === undefined ? dash : `${entry.latency} ms`),
+      el("td", { "data-label": "Status", "data-testid": "log-status", class: "status-cell" },
+        el("span", { class: `status ${statusClass}`, title: entry.code || null }, statusText)),
+    );
+  }
+
+  // --- the node explorer -----------------------------------------------------------------
+
+  function renderNodes(data) {
+    const nodes = Array.isArray(data?.nodes) ? data.nodes.filter((n) => n && typeof n === "object") : [];
+    nodes.sort((a, b) => (b.online === true) - (a.online === true) || String(a.peer_id).localeCompare(String(b.peer_id)));
+    ui.nodes.replaceChildren(...nodes.map(nodeRow));
+    ui.nodesEmpty.hidden = nodes.length > 0;
+    const online = isNum(data?.online) ? data.online : nodes.filter((n) => n.online === true).length;
+    ui.nodesSummary.textContent = `${online} online of ${nodes.length}`;
+  }
+
+  function nodeRow(node) {
+    const online = node.online === true;
+    const load = node.load && typeof node.load === "object" ? node.load : {};
+    const badges = [el("span", { class: `badge ${online ? "online" : "offline"}`, "data-testid": "node-status" }, online ? "online" : "offline")];
+    if (isNum(node.backoff_s) && node.backoff_s > 0) badges.push(el("span", { class: "badge backoff" }, `backoff ${Math.ceil(node.backoff_s)}s`));
+    if (typeof node.role === "string" && node.role && node.role !== "worker") badges.push(el("span", { class: "badge" }, node.role));
+    if (node.registered === false) badges.push(el("span", { class: "badge", title: "not in the registry" }, "unregistered"));
+
+    const running = isNum(load.running) ? load.running : null;
+    const capacity = isNum(load.capacity) ? load.capacity : null;
+    const queued = isNum(load.queued) ? load.queued : 0;
+    let loadText = running === null && capacity === null ? dash : `${running ?? "?"}/${capacity ?? "?"}`;
+    if (queued > 0) loadText += ` +${queued} queued`;
+
+    const models = Array.isArray(node.models) ? node.models.filter((m) => typeof m === "string") : [];
+    const rate = isNum(node.success_rate) ? `${Math.round(node.success_rate * 100)}%` : dash;
+    const requests = isNum(node.requests) && node.requests > 0 ? ` of ${node.requests}` : "";
+    const seen = isNum(node.seen_ago_s) ? `last seen ${duration(node.seen_ago_s)} ago` : "never seen";
+    const addrs = Array.isArray(node.addrs) ? node.addrs.filter((a) => typeof a === "string") : [];
+
+    const peer = el("span", { class: "cell" }, el("span", { class: "mono" }, shortId(node.peer_id)));
+    if (typeof node.last_error === "string" && node.last_error) {
+      peer.append(el("span", { class: "node-error", title: node.last_error }, node.last_error));
+    }
+    const peerCell = el("td", { "data-label": "Peer", title: [node.peer_id, ...addrs].join("\n") }, peer);
+    return el("tr", { "data-testid": "node-row", "data-peer-id": typeof node.peer_id === "string" ? node.peer_id : "", "data-online": online ? "true" : "false" },
+      el("td", { "data-label": "Status", title: seen }, el("span", { class: "cell" }, ...badges)),
+      peerCell,
+      el("td", { "data-label": "Models" }, models.length ? models.join(", ") : dash),
+      el("td", { "data-label": "Load", class: "num", title: "running/capacity" }, loadText),
+      el("td", { "data-label": "Uptime", class: "num" }, duration(node.uptime_s)),
+      el("td", { "data-label": "Latency", class: "num", title: isNum(node.tokens_per_s) ? `${node.tokens_per_s} tokens/s` : null },
+        isNum(node.latency_ms) ? `${Math.round(node.latency_ms)} ms` : dash),
+      el("td", { "data-label": "Success", class: "num" }, rate + requests),
+    );
+  }
+
+  function renderRegistry(info) {
+    const head = typeof info?.head === "string" ? info.head : null;
+    ui.registryHead.textContent = shortHash(head);
+    ui.registryHead.title = head || "";
+    const cid = typeof info?.cid === "string" && info.cid ? info.cid : null;
+    ui.registryCid.replaceChildren();
+    if (cid) {
+      const ipfs = normalizeHttpUrl(ui.ipfsGateway.value || DEFAULT_IPFS_GATEWAY);
+      if (ipfs && /^[A-Za-z0-9]+$/.test(cid)) {
+        ui.registryCid.append(el("a", { href: `${ipfs}/ipfs/${cid}/blockchain.json`, target: "_blank", rel: "noopener noreferrer", title: cid }, shortHash(cid)));
+      } else {
+        ui.registryCid.append(el("span", { title: cid }, shortHash(cid)));
+      }
+    } else {
+      ui.registryCid.textContent = "not published";
+    }
+    const blocks = info?.blocks;
+    ui.registryBlocks.textContent = isNum(blocks) ? String(blocks) : Array.isArray(blocks) ? String(blocks.length) : dash;
+    ui.registryMode.textContent = typeof info?.mode === "string" ? info.mode : dash;
+  }
+
+  function renderModels(data) {
+    const ids = Array.isArray(data?.data) ? data.data.map((m) => m && m.id).filter((id) => typeof id === "string") : [];
+    const chosen = ui.model.value;
+    const current = [...ui.model.options].slice(1).map((o) => o.value);
+    const wanted = [...new Set(chosen && !ids.includes(chosen) ? [...ids, chosen] : ids)];
+    if (current.join("\n") === wanted.join("\n")) return;  // keep the open dropdown undisturbed
+    ui.model.replaceChildren(el("option", { value: "" }, "any model"),
+      ...wanted.map((id) => el("option", { value: id }, ids.includes(id) ? id : `${id} (no live node)`)));
+    ui.model.value = chosen;
+  }
+
+  function renderHealth(kind, text) {
+    ui.health.textContent = text;
+    ui.health.className = `pill ${kind}`;
+  }
+
+  async function refresh() {
+    if (state.polling) return;
+    if (!state.gateway) {
+      renderHealth("idle", "no gateway set");
+      return;
+    }
+    state.polling = true;
+    const gateway = state.gateway;
+    try {
+      const [nodes, registry, models, health] = await Promise.allSettled([
+        getJson("/api/nodes"), getJson("/api/registry"), getJson("/v1/models"), getJson("/healthz"),
+      ]);
+      if (gateway !== state.gateway) return;  // the URL changed meanwhile
+      if (nodes.status === "fulfilled") renderNodes(nodes.value);
+      if (registry.status === "fulfilled") renderRegistry(registry.value);
+      if (models.status === "fulfilled") renderModels(models.value);
+      const failed = [nodes, registry, models, health].find((r) => r.status === "rejected");
+      if (failed) {
+        const err = failed.reason;
+        ui.nodesError.textContent = err instanceof ApiError ? err.display : String(err);
+        ui.nodesError.hidden = false;
+      } else {
+        ui.nodesError.hidden = true;
+      }
+      if (health.status === "fulfilled") {
+        const live = isNum(health.value?.live_nodes) ? health.value.live_nodes : null;
+        renderHealth(live ? "good" : "warn", live === null ? "gateway ok" : `${live} live node${live === 1 ? "" : "s"}`);
+      } else {
+        renderHealth("bad", "gateway unreachable");
+      }
+      ui.nodesUpdated.textContent = `Updated ${clock()}; refreshed every ${POLL_MS / 1000} s.`;
+    } finally {
+      state.polling = false;
+    }
+  }
+
+  function restartPolling() {
+    clearTimeout(state.pollTimer);
+    const tick = async () => {
+      if (!document.hidden) await refresh().catch(() => {});
+      state.pollTimer = setTimeout(tick, POLL_MS);
+    };
+    tick();
+  }
+
+  // --- wiring ----------------------------------------------------------------------------
+
+  ui.gatewayForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const url = normalizeHttpUrl(ui.gatewayUrl.value);
+    if (ui.gatewayUrl.value.trim() && !url) {
+      ui.gatewayHint.textContent = "That is not an http(s) URL.";
+      ui.gatewayUrl.setAttribute("aria-invalid", "true");
+      return;
+    }
+    setGateway(url);
+  });
+  ui.gatewayUrl.addEventListener("change", () => ui.gatewayForm.requestSubmit());
+
+  ui.discoverForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    discover();
+  });
+
+  ui.promptForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    generate();
+  });
+  ui.prompt.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+      event.preventDefault();
+      ui.promptForm.requestSubmit();
+    }
+  });
+  ui.stop.addEventListener("click", () => state.running && state.running.abort());
+  ui.clearLog.addEventListener("click", () => {
+    ui.log.replaceChildren();
+    ui.logEmpty.hidden = false;
+  });
+  document.addEventListener("visibilitychange", () => {
+    if (!document.hidden) refresh().catch(() => {});
+  });
+
+  function start() {
+    const params = new URLSearchParams(location.search);
+    ui.registryRef.value = params.get("registry") || storage.get(STORE.registry);
+    ui.ipfsGateway.value = params.get("ipfs") || storage.get(STORE.ipfs);
+    const fromQuery = params.get("gateway");
+    // Served by a gateway: talk to it. From disk: the URL saved last time, if any.
+    const initial = fromQuery || (fromDisk ? storage.get(STORE.gateway) : pageGateway());
+    setGateway(initial, { save: Boolean(fromQuery) || fromDisk });
+    if (!state.gateway) {
+      ui.discover.open = Boolean(ui.registryRef.value) || fromDisk;
+      if (ui.registryRef.value) discover();
+    }
+  }
+
+  // Exposed for tests and the console; the page itself does not depend on it.
+  window.dllm = { liveGateways, registryUrl, normalizeHttpUrl, parseEvent, sseEvents, refresh, state };
+  start();
+})();
