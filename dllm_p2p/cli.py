@@ -32,6 +32,7 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default="~/.dllm", type=Path, help="node key, node.json and registry files (default ~/.dllm)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="cap on tokens generated per request (default 256)")
     p.add_argument("--max-concurrency", type=int, default=8, help="requests generated together in one batch (default 8)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: all cores; give each of several workers on one machine its share)")
     p.add_argument("--max-queue", type=int, default=32, help="requests waiting for a batch slot before 'busy' (default 32)")
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds one generation may take (default 300)")
     p.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR", help="a node to join the network through (repeatable)")
@@ -137,6 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         "registry": cmd_registry,
         "deregister": cmd_deregister,
     }[args.command]
+    if hasattr(args, "psk"):
+        from .host import AddressError, check_psk
+
+        try:
+            args.psk = check_psk(args.psk)
+        except AddressError as exc:
+            return _fail(str(exc))
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -186,6 +194,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from .registry.store import ChainStore
     from .worker import Worker, WorkerConfig
 
+    if args.threads is not None:
+        import torch
+
+        # Several workers on one machine each spinning up all-core OpenMP pools slow
+        # every one of them down many times over: give each its share.
+        torch.set_num_threads(max(1, args.threads))
     identity = load_or_create(args.data_dir)
     print(f"peer id {identity.peer_id}", file=sys.stderr, flush=True)
     try:

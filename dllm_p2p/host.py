@@ -6,6 +6,7 @@ Noise alone so that no peer can talk to it unencrypted or unauthenticated.
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Sequence
 
@@ -76,6 +77,18 @@ def expand_unspecified(addrs: Sequence[multiaddr.Multiaddr]) -> list[multiaddr.M
     return out
 
 
+def check_psk(value: str | None) -> str | None:
+    """A private-network key from ``--psk`` or the ``DLLM_PSK`` environment variable
+    (preferred: command lines are visible to every user of the machine)."""
+    value = value or os.environ.get("DLLM_PSK") or None
+    if value is None:
+        return None
+    value = value.strip().lower()
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise AddressError("a private network key must be 64 hex characters (32 bytes); make one with: python -c 'import secrets; print(secrets.token_hex(32))'")
+    return value
+
+
 def make_host(
     identity: Identity,
     *,
@@ -88,6 +101,7 @@ def make_host(
     the listen addresses are advertised with 0.0.0.0 expanded to this machine's addresses.
     ``psk`` (64 hex chars) turns on a libp2p private network: peers without it can't connect.
     """
+    psk = check_psk(psk)
     noise = NoiseTransport(identity.key_pair, noise_privkey=create_x25519_key_pair().private_key)
     announce_addrs = [parse_multiaddr(a) for a in announce] or None
     return new_host(

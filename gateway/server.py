@@ -16,7 +16,7 @@ from hypercorn.trio import serve
 from dllm_p2p.cli import open_registry, until_signal
 from dllm_p2p.client import Client
 from dllm_p2p.heartbeat import Heartbeat
-from dllm_p2p.host import make_host, parse_multiaddr
+from dllm_p2p.host import AddressError, check_psk, make_host, parse_multiaddr
 from dllm_p2p.identity import load_or_create
 from dllm_p2p.membership import Membership, MembershipConfig, deregistered
 from dllm_p2p.registry.ipfs import IpfsError
@@ -119,6 +119,11 @@ def describe_registry(store: ChainStore, publisher: Publisher) -> dict[str, Any]
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        args.psk = check_psk(args.psk)
+    except AddressError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("libp2p").setLevel(logging.DEBUG if args.verbose else logging.CRITICAL)
 
