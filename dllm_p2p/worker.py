@@ -20,7 +20,7 @@ from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 
 from . import __version__, wire
-from .engine import Engine, EngineBusy, GenerationParams
+from .engine import Engine, EngineBusy, EngineError, GenerationParams
 from .fsutil import write_json_atomic
 from .host import host_addrs, make_host, parse_multiaddr
 from .identity import Identity
@@ -193,8 +193,11 @@ class Worker:
                         result = generation.result
                 except EngineBusy as exc:
                     error = ("busy", str(exc) or "node is at capacity, try another node")
-                except ValueError as exc:  # e.g. the prompt does not fit the context
-                    error = ("too_large", str(exc))
+                except ValueError as exc:  # the prompt does not fit the context, or bad params
+                    error = ("too_large" if "too long" in str(exc) else "bad_request", str(exc))
+                except EngineError as exc:  # this generation failed; the node carries on
+                    log.warning("generation failed: %s", exc)
+                    error = ("internal", f"generation failed: {exc}")
                 nursery.cancel_scope.cancel()
         if deadline.cancelled_caught:
             error = ("timeout", f"generation exceeded {self.config.request_timeout:g} s")

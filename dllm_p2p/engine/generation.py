@@ -103,6 +103,8 @@ class Generation:
         self._finished = False
 
     async def __aenter__(self) -> Generation:
+        if self._request is not None or self._reserved:
+            raise RuntimeError("a Generation can be entered only once")
         self._engine._reserve()
         self._reserved = True
         try:
