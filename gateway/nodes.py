@@ -7,12 +7,17 @@ itself: latency, successes and failures, and a backoff for nodes that just faile
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+
+NEUTRAL_REPUTATION = 0.8
+REPUTATION_HALF_LIFE = 300.0
+REPUTATION_ALPHA = 0.25
+TYPICAL_TOKENS = 32
 
 
 @dataclass
@@ -35,6 +40,9 @@ class NodeState:
     tokens_per_s: float | None = None  # EWMA of decode speed
     backoff_until: float = 0.0
     last_error: str | None = None
+    #: EWMA of outcomes (1 success, 0 failure or stall), from 0 to 1; see ``reputation``.
+    outcome: float = NEUTRAL_REPUTATION
+    last_outcome_at: float = 0.0
 
     def online(self, now: float, ttl: float) -> bool:
         return self.last_seen > 0 and now - self.last_seen <= ttl
@@ -44,21 +52,30 @@ class NodeState:
         total = self.successes + self.failures
         return None if total == 0 else self.successes / total
 
+    def reputation(self, now: float | None = None) -> float:
+        """How much this gateway trusts the node, 0 to 1, from what it observed.
+
+        An EWMA of request outcomes, so errors and stalls sink it fast and successes lift
+        it back; with no traffic it drifts back toward neutral (half the gap every
+        ``REPUTATION_HALF_LIFE`` seconds) so a node that failed once is tried again.
+        """
+        now = time.time() if now is None else now
+        idle = max(0.0, now - self.last_outcome_at) if self.last_outcome_at else 0.0
+        pull = 1 - 0.5 ** (idle / REPUTATION_HALF_LIFE)
+        return self.outcome + (NEUTRAL_REPUTATION - self.outcome) * pull
+
     def load_fraction(self) -> float:
         capacity = max(1, int(self.load.get("capacity") or 1))
         busy = int(self.load.get("running") or 0) + int(self.load.get("queued") or 0)
         return busy / capacity
 
-    def score(self) -> float:
-        """Lower is better: expected wait, from reported load and observed latency.
-
-        Unknown latency counts as a middling 100 ms so new nodes get tried; failures
-        weigh in through the success rate (a node failing half its requests doubles).
-        """
+    def cost(self, now: float | None = None) -> float:
+        """Lower is better: the expected time for a typical answer, in ms, divided by
+        reputation. Unknown latency counts as 100 ms and unknown speed as 20 tokens/s, so
+        new nodes get tried."""
         latency = self.latency_ms if self.latency_ms is not None else 100.0
-        rate = self.success_rate
-        reliability = 1.0 if rate is None else max(rate, 0.05)
-        return latency * (1.0 + self.load_fraction()) / reliability
+        decode = TYPICAL_TOKENS * 1000.0 / (self.tokens_per_s or 20.0)
+        return (latency + decode) * (1.0 + self.load_fraction()) / max(self.reputation(now), 0.05)
 
 
 class NoLiveNode(Exception):
@@ -137,14 +154,19 @@ class NodeTable:
         node.backoff_until = 0.0
         node.last_seen = max(node.last_seen, time.time())
         node.latency_ms = _ewma(node.latency_ms, first_token_ms)
+        node.outcome = _ewma(node.reputation(), 1.0, REPUTATION_ALPHA)
+        node.last_outcome_at = time.time()
         if tokens > 1 and decode_s > 0:
             node.tokens_per_s = _ewma(node.tokens_per_s, tokens / decode_s)
 
     def record_failure(self, peer_id: str, error: str, *, backoff: bool = True) -> None:
-        """Count a failure; with ``backoff`` the node is skipped for 2, 4, 8... seconds."""
+        """Count a failure (lowers reputation); with ``backoff`` the node is skipped for
+        2, 4, 8... seconds while other nodes can answer."""
         node = self._get(peer_id)
         node.failures += 1
         node.last_error = error
+        node.outcome = _ewma(node.reputation(), 0.0, REPUTATION_ALPHA)
+        node.last_outcome_at = time.time()
         if backoff:
             node.consecutive_failures += 1
             delay = min(self.backoff_max, self.backoff_base * 2 ** (node.consecutive_failures - 1))
@@ -174,7 +196,7 @@ class NodeTable:
     def choose(self, model: str | None, exclude: Iterable[str] = ()) -> NodeState:
         """Pick a node for ``model``: nodes in backoff only when nothing else is left.
 
-        ``p2c`` (power of two choices): sample two candidates, keep the lower score. It
+        ``p2c`` (power of two choices): sample two candidates, keep the lower cost. It
         spreads load almost as well as picking the global best, without every gateway
         herding onto the same node.
         """
@@ -186,7 +208,7 @@ class NodeTable:
         if self.policy == "random" or len(ready) == 1:
             return self.rng.choice(ready)
         a, b = self.rng.sample(ready, 2)
-        return a if a.score() <= b.score() else b
+        return a if a.cost(now) <= b.cost(now) else b
 
     def describe(self, now: float | None = None) -> list[dict[str, Any]]:
         now = time.time() if now is None else now
@@ -211,11 +233,13 @@ class NodeTable:
                     "requests": node.successes + node.failures,
                     "backoff_s": max(0.0, round(node.backoff_until - now, 1)),
                     "last_error": node.last_error,
-                    "score": None if math.isinf(node.score()) else round(node.score(), 1),
+                    "reputation": round(node.reputation(now), 3),
+                    "cost_ms": round(node.cost(now), 1),
                 }
             )
         return out
 
 
 def _ewma(previous: float | None, value: float, alpha: float = 0.3) -> float:
+    """Exponentially weighted moving average; the first value is taken as is."""
     return value if previous is None else (1 - alpha) * previous + alpha * value

@@ -172,3 +172,32 @@ async def test_models_nodes_health_and_metrics() -> None:
     assert health["live_nodes"] == 1
     assert 'dllm_gateway_requests_total{endpoint="generate",status="200"} 1.0' in metrics
     assert "dllm_gateway_live_nodes 1.0" in metrics
+
+
+# --- reputation ---------------------------------------------------------------------------
+
+
+def test_a_failing_node_sinks_in_routing_and_recovers_when_it_behaves() -> None:
+    table = table_with("steady", "flaky")
+    for peer in ("steady", "flaky"):
+        table.record_success(peer, 50.0, 10, 0.5)
+    for _ in range(4):
+        table.record_failure("flaky", "internal: boom", backoff=False)
+    flaky, steady = table.nodes["flaky"], table.nodes["steady"]
+    assert flaky.reputation() < 0.4 < 0.8 < steady.reputation()
+    assert {table.choose("tiny").peer_id for _ in range(20)} == {"steady"}
+    described = {n["peer_id"]: n for n in table.describe()}
+    assert described["flaky"]["reputation"] < described["steady"]["reputation"]
+    for _ in range(8):
+        table.record_success("flaky", 50.0, 10, 0.5)
+    assert flaky.reputation() > 0.85
+    # With no traffic at all, a bad reputation drifts back toward neutral.
+    table.record_failure("flaky", "stalled", backoff=False)
+    later = flaky.last_outcome_at + 3600
+    assert flaky.reputation(later) == pytest.approx(0.8, abs=0.01)
+
+
+async def test_form_encoded_json_is_accepted_like_curl_sends_it() -> None:
+    async with app_for(table_with("a"), FakeClient({"/addr/a": "ok"})) as http:
+        response = await http.post("/api/generate", content=b'{"prompt": "hi"}', headers={"content-type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 200 and response.json()["text"] == "Hello"

@@ -565,6 +565,8 @@
       el("td", { "data-label": "Latency", class: "num", title: isNum(node.tokens_per_s) ? `${node.tokens_per_s} tokens/s` : null },
         isNum(node.latency_ms) ? `${Math.round(node.latency_ms)} ms` : dash),
       el("td", { "data-label": "Success", class: "num" }, rate + requests),
+      el("td", { "data-label": "Reputation", class: "num", "data-testid": "node-reputation", title: "observed by this gateway: errors and stalls lower it, successes raise it" },
+        isNum(node.reputation) ? node.reputation.toFixed(2) : dash),
     );
   }
 
