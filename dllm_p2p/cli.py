@@ -16,6 +16,7 @@ import tempfile
 import time
 from contextlib import aclosing
 from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -175,11 +176,15 @@ def _fail(message: str, code: int = 2) -> int:
     return code
 
 
-async def until_signal(scope: trio.CancelScope) -> None:
-    """Cancel ``scope`` on the first SIGINT or SIGTERM: a clean, prompt shutdown."""
+async def until_signal(scope: trio.CancelScope, before: Callable[[], Awaitable[None]] | None = None) -> None:
+    """On the first SIGINT or SIGTERM run ``before`` (at most 3 s), then cancel ``scope``:
+    a clean, prompt shutdown that still says goodbye to the network."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             print(f"received {signal.Signals(signum).name}, shutting down", file=sys.stderr, flush=True)
+            if before is not None:
+                with trio.move_on_after(3):
+                    await before()
             scope.cancel()
             return
 
@@ -229,7 +234,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(until_signal, nursery.cancel_scope)
+            nursery.start_soon(until_signal, nursery.cancel_scope, membership.leave)
             membership.publisher = await open_registry(store, args.data_dir, args.ipfs_api, args.registry)
             try:
                 await worker.run()

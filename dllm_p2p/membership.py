@@ -131,27 +131,23 @@ class Membership:
             await pubsub.wait_until_ready()
             heartbeats = await pubsub.subscribe(heartbeat.TOPIC)
             announcements = await pubsub.subscribe(REGISTRY_TOPIC)
-            try:
-                async with trio.open_nursery() as nursery:
-                    # Subscription queues hold 32 messages and drop the rest silently:
-                    # each is drained by its own task.
-                    nursery.start_soon(self._consume_heartbeats, heartbeats)
-                    nursery.start_soon(self._consume_announcements, announcements)
-                    await self._join()
-                    if self.registers:
-                        await self._append_own("register")
-                    nursery.start_soon(self._heartbeat_loop)
-                    nursery.start_soon(self._renew_loop)
-                    nursery.start_soon(self._mesh_loop)
-                    nursery.start_soon(self._announce_loop)
-                    if self.publisher is not None:
-                        self._unpublished.set()
-                        nursery.start_soon(self._publish_loop)
-                    task_status.started()
-                    await trio.sleep_forever()
-            finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(3):
-                    await self._leave()
+            async with trio.open_nursery() as nursery:
+                # Subscription queues hold 32 messages and drop the rest silently:
+                # each is drained by its own task.
+                nursery.start_soon(self._consume_heartbeats, heartbeats)
+                nursery.start_soon(self._consume_announcements, announcements)
+                await self._join()
+                if self.registers:
+                    await self._append_own("register")
+                nursery.start_soon(self._heartbeat_loop)
+                nursery.start_soon(self._renew_loop)
+                nursery.start_soon(self._mesh_loop)
+                nursery.start_soon(self._announce_loop)
+                if self.publisher is not None:
+                    self._unpublished.set()
+                    nursery.start_soon(self._publish_loop)
+                task_status.started()
+                await trio.sleep_forever()
 
     async def _join(self) -> None:
         """Dial each bootstrap peer (a few tries each) and merge its chain."""
@@ -164,11 +160,19 @@ class Membership:
                     log.warning("bootstrap %s: %s (try %d of 5)", addr, exc, attempt + 1)
                     await trio.sleep(0.5 * 2**attempt)
 
-    async def _leave(self) -> None:
-        if self.registers:
+    async def leave(self) -> None:
+        """Sign a ``deregister`` record and spread it; call before cancelling ``run``.
+
+        It has to run while the pubsub service is still up: once its tasks are cancelled
+        a publish is only queued, never sent.
+        """
+        if self.registers and self.host is not None and self.pubsub is not None:
             try:
                 await self._append_own("deregister")
                 await self._announce()
+                # Peers fetch the new head from us on the announcement: stay up a moment
+                # so they can, or they would learn of our leaving only from the TTL.
+                await trio.sleep(1.0)
             except Exception as exc:
                 log.warning("deregister failed: %r", exc)
 

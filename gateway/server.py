@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-async def run_gateway(args: argparse.Namespace, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+async def run_gateway(
+    args: argparse.Namespace, *, task_status: Any = trio.TASK_STATUS_IGNORED, stop: trio.CancelScope | None = None
+) -> None:
     identity = load_or_create(args.data_dir)
     store = ChainStore(args.data_dir)
     membership_config = MembershipConfig(
@@ -96,6 +98,8 @@ async def run_gateway(args: argparse.Namespace, *, task_status: Any = trio.TASK_
         async with host.run([parse_multiaddr(args.p2p_listen)]):
             async with trio.open_nursery() as nursery:
                 await nursery.start(membership.run, host)
+                if stop is not None:
+                    nursery.start_soon(until_signal, stop, membership.leave)
                 binds = await nursery.start(serve, app, config)
                 for bind in binds:
                     print(f"gateway listening on {bind}", flush=True)
@@ -128,15 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("libp2p").setLevel(logging.DEBUG if args.verbose else logging.CRITICAL)
 
     async def main_task() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(until_signal, nursery.cancel_scope)
-            await run_gateway(args)
+        with trio.CancelScope() as scope:
+            await run_gateway(args, stop=scope)
 
     try:
         trio.run(main_task)
     except (OSError, IpfsError) as exc:
         print(f"error: cannot start the gateway: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before the signal handler was installed
+        return 130
     print("gateway stopped", file=sys.stderr, flush=True)
     return 0
 

@@ -141,9 +141,13 @@ def test_no_live_node_gives_a_503_naming_the_model(net: LocalNetwork) -> None:
     with httpx.Client(base_url=net.url, timeout=60) as http:
         other = http.post("/api/generate", json={"prompt": "Hi", "model": "gpt-j"})
         assert other.status_code == 503 and "gpt-j" in other.json()["error"]["message"]
-        for child in net.children[:-1]:  # every worker; the gateway is last
+        for child in net.children[:-1]:  # every worker, one after the other; the gateway is last
             child.stop()
         wait_for(lambda: not online_peers(net), TTL + 10, "no worker online")
         response = http.post("/api/generate", json={"prompt": "Hi", "model": "tiny"})
     assert response.status_code == 503
     assert response.json()["error"]["message"] == "no live node serves model 'tiny'"
+    # The stopped workers deregistered and the gateway learned it; only the SIGKILLed one
+    # (earlier test) is still registered, until its record expires.
+    registered = {r["peer_id"] for r in get_json(f"{net.url}/api/registry")["nodes"] if r.get("role", "worker") == "worker"}
+    assert len(registered) == 1 and registered < {peer_of(a) for a in net.worker_addrs}

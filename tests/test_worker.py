@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import aclosing
 from pathlib import Path
@@ -182,3 +184,35 @@ def test_sigterm_stops_cleanly_and_the_peer_id_is_stable(tmp_path: Path) -> None
         assert addr2.rsplit("/", 1)[1] == addr.rsplit("/", 1)[1]
     finally:
         again.stop()
+
+
+def test_raw_client_example_talks_to_a_worker(worker: tuple[Child, str, Path]) -> None:
+    _, addr, _ = worker
+    example = Path(__file__).resolve().parent.parent / "examples" / "raw_client.py"
+    result = subprocess.run(
+        [sys.executable, str(example), addr, "Hello there"], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL
+    )
+    assert result.returncode == 0, result.stderr
+    assert "'type': 'done'" in result.stdout and "'model': 'tiny'" in result.stdout
+
+
+def test_model_init_tiny_saves_a_checkpoint_transformers_can_load(tmp_path: Path) -> None:
+    result = run_cli("model", "init-tiny", str(tmp_path / "tiny"))
+    assert result.returncode == 0, result.stderr
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tiny")
+    assert model.config.model_type == "gpt2" and len(tokenizer("hello world")["input_ids"]) >= 1
+
+
+def test_registry_verify_cli_exit_codes(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parent.parent / "docs" / "examples" / "blockchain.json"
+    ok = run_cli("registry", "verify", str(example))
+    assert ok.returncode == 0, ok.stderr
+    doc = json.loads(example.read_text())
+    doc["blocks"][1]["record"]["models"] = ["forged"]
+    bad = tmp_path / "blockchain.json"
+    bad.write_text(json.dumps(doc))
+    refused = run_cli("registry", "verify", str(bad))
+    assert refused.returncode == 1 and "block 1: bad signature" in refused.stderr
