@@ -134,7 +134,7 @@ class NodeTable:
 
     def heartbeat(self, peer_id: str, *, models: list[str], load: dict[str, Any], addrs: list[str] | None = None, now: float | None = None) -> None:
         node = self._get(peer_id)
-        node.last_seen = now if now is not None else time.time()
+        node.last_seen = max(node.last_seen, now if now is not None else time.time())
         node.models = list(models) or node.models
         node.load = dict(load)
         if addrs:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import time
 import sys
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,9 @@ async def run_gateway(
 
     def on_heartbeat(beat: Heartbeat) -> None:
         if beat.role == "worker":
-            table.heartbeat(beat.peer_id, models=beat.models, load=beat.load, addrs=beat.addrs)
+            # The sender's stamp, not the arrival time: gossip replays recent messages to
+            # new peers, and a dead node's last heartbeat must not make it look alive.
+            table.heartbeat(beat.peer_id, models=beat.models, load=beat.load, addrs=beat.addrs, now=min(time.time(), beat.ts))
 
     def on_chain(chain: Any) -> None:
         table.update_from_registry(chain.nodes().values())
