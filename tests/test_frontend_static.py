@@ -66,20 +66,23 @@ class FakeClient:
 
 
 def blockchain(gateway_url: str) -> dict[str, Any]:
-    """A registry as the page reads it from IPFS: only one gateway record is usable."""
+    """A real signed registry, as the page reads it from IPFS: one gateway record is usable."""
+    from dllm_p2p.identity import generate
+    from dllm_p2p.registry.chain import Chain, make_record
+
     now = time.time()
-
-    def record(peer: str, op: str, seq: int, **extra: Any) -> dict[str, Any]:
-        return {"op": op, "peer_id": peer, "seq": seq, "addrs": [], "models": [], "expires": now + 600, **extra}
-
+    worker, gone, old, live = generate(), generate(), generate(), generate()
     records = [
-        record(NODE_A, "register", 1, role="worker", models=["tiny-gpt2"]),
-        record("12D3KooWGone", "register", 1, role="gateway", gateway_url="http://gone.invalid"),
-        record("12D3KooWGone", "deregister", 2, role="gateway", gateway_url="http://gone.invalid"),
-        record("12D3KooWOld", "register", 1, role="gateway", gateway_url="http://old.invalid", expires=now - 5),
-        record("12D3KooWLive", "register", 1, role="gateway", gateway_url=gateway_url),
+        make_record(worker, "register", [], ["tiny-gpt2"], seq=1, ttl=600, role="worker"),
+        make_record(gone, "register", [], [], seq=1, ttl=600, role="gateway", gateway_url="http://gone.invalid"),
+        make_record(gone, "deregister", [], [], seq=2, ttl=600, role="gateway", gateway_url="http://gone.invalid"),
+        make_record(old, "register", [], [], seq=1, ttl=600, now=now - 1200, role="gateway", gateway_url="http://old.invalid"),
+        make_record(live, "register", [], [], seq=1, ttl=600, role="gateway", gateway_url=gateway_url),
     ]
-    return {"version": 1, "blocks": [{"index": i, "prev": None, "hash": f"{i:064x}", "record": r} for i, r in enumerate(records)]}
+    chain = Chain()
+    for record in records:
+        chain = chain.append(record)
+    return chain.to_dict()
 
 
 class FakeGateway:
@@ -316,7 +319,7 @@ def test_page_finds_a_gateway_through_the_registry(fake: FakeGateway, page: Any)
     page.goto(f"{INDEX.as_uri()}?registry={REGISTRY_CID}&ipfs={fake.url}")
     page.wait_for_function("u => document.querySelector('[data-testid=gateway-url]').value === u", arg=fake.url)
     status = page.get_by_test_id("discover-status").inner_text()
-    assert "Found 1 live gateway in 5 blocks" in status, status
+    assert "Found 1 live gateway in 6 blocks" in status, status
     page.wait_for_function("() => document.querySelectorAll('[data-testid=node-row]').length === 4")
 
     page.get_by_test_id("registry-ref").fill("/ipns/k51nothing")
