@@ -240,6 +240,7 @@ def create_app(gw: Gateway) -> FastAPI:
         shape_final: Callable[[str, Done], Any],
         done_marker: bool,
     ) -> Response:
+        request = wire.Request(**{**request.__dict__, "stream": stream})
         if not stream:
             text: list[str] = []
             try:
