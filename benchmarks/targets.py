@@ -1,0 +1,50 @@
+"""The issue's targets, checked against one run's figures. Benchmark figures, not tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: (key, description, comparison, threshold)
+TARGETS = [
+    ("single_request_vs_generate", "one request at a time, end to end vs in-process model.generate (tok/s)", ">=", 0.9),
+    ("added_latency_ms", "added latency per request, median (ms, tiny)", "<", 15.0),
+    ("scaling_8_vs_1", "8 concurrent clients vs 1 client (aggregate tok/s)", ">=", 2.5),
+    ("vs_baseline_8", "8 clients: dllm-p2p vs FastAPI + pipeline server (aggregate tok/s)", ">=", 2.5),
+    ("vs_raw_loop_8", "8 clients: dllm-p2p vs raw batched loop, 8 rows (tok/s)", ">=", 0.8),
+]
+
+
+def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One entry per target: the measured value (None if not measured) and PASS / MISS / n/a."""
+    values = {
+        "single_request_vs_generate": _get(results, "overhead", "ratio_network_vs_generate"),
+        "added_latency_ms": _get(results, "latency", "added_ms_vs_engine"),
+        "scaling_8_vs_1": _div(_level(results, "concurrency", 8), _level(results, "concurrency", 1)),
+        "vs_baseline_8": _div(_level(results, "concurrency", 8), _level(results, "baseline", 8)),
+        "vs_raw_loop_8": _div(_level(results, "concurrency", 8), _level(results, "limit", 8)),
+    }
+    out = []
+    for key, description, op, threshold in TARGETS:
+        value = values[key]
+        if value is None:
+            status = "n/a"
+        else:
+            status = "PASS" if (value >= threshold if op == ">=" else value < threshold) else "MISS"
+        out.append({"key": key, "target": description, "value": value, "comparison": op, "threshold": threshold, "status": status})
+    return out
+
+
+def _get(results: dict[str, Any], section: str, key: str) -> float | None:
+    value = (results.get(section) or {}).get(key)
+    return None if value is None else float(value)
+
+
+def _level(results: dict[str, Any], section: str, level: int) -> float | None:
+    entry = ((results.get(section) or {}).get("levels") or {}).get(str(level))
+    return None if entry is None else float(entry["tokens_per_s"])
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    if a is None or not b:
+        return None
+    return round(a / b, 3)
