@@ -122,20 +122,12 @@ def _latency(settings: Settings, servers: Servers, progress: Progress) -> dict[s
     progress(f"latency: {settings.latency_requests} one-at-a-time requests each: generate, engine, HTTP, HTTP streamed ({model})")
     meter = CpuMeter()
     samples = _one_at_a_time(loaded, url, settings, settings.latency_requests, settings.batch_size)
-    other, steal = meter.other_percent(), meter.steal_percent()
-    gen, eng, net, sse = (summarize(samples[k]) for k in ("generate", "engine", "network", "streamed"))
+    summary = _summary(samples, model, settings, load_before, meter)
+    gen, eng, net, sse = (summary[k] for k in ("generate", "engine", "network", "streamed"))
     # Paired, per request: network wall time minus the worker's own engine time for it.
     outside = [s.seconds * 1000 - s.engine_ms for s in samples["network"] if s.engine_ms is not None]
     return {
-        "model": model,
-        "new_tokens": settings.new_tokens,
-        "load_average": [load_before, load_average()],
-        "other_cpu_percent": other,
-        "steal_percent": steal,
-        "generate": gen,
-        "engine": eng,
-        "network": net,
-        "streamed": sse,
+        **summary,
         "added_ms_vs_engine": round(net["median_ms"] - eng["median_ms"], 2),
         "added_ms_streamed_vs_engine": round(sse["median_ms"] - eng["median_ms"], 2),
         "added_ms_vs_generate": round(net["median_ms"] - gen["median_ms"], 2),
@@ -144,24 +136,29 @@ def _latency(settings: Settings, servers: Servers, progress: Progress) -> dict[s
     }
 
 
+
+def _summary(samples: Any, model: str, settings: Settings, load_before: Any, meter: CpuMeter) -> dict[str, Any]:
+    """What both one-at-a-time benchmarks report: conditions and each contender's medians."""
+    other, steal = meter.other_percent(), meter.steal_percent()
+    return {
+        "model": model,
+        "new_tokens": settings.new_tokens,
+        "load_average": [load_before, load_average()],
+        "other_cpu_percent": other,
+        "steal_percent": steal,
+        **{k: summarize(samples[k]) for k in ("generate", "engine", "network", "streamed")},
+    }
+
 def _overhead(settings: Settings, servers: Servers, loaded: LoadedModel, progress: Progress) -> dict[str, Any]:
     load_before = load_average()
     url = servers.network(settings.model, settings.batch_size, settings.new_tokens)
     progress(f"overhead: {settings.sequential} one-at-a-time requests each: generate, engine, HTTP, HTTP streamed ({settings.model})")
     meter = CpuMeter()
     samples = _one_at_a_time(loaded, url, settings, settings.sequential, settings.batch_size)
-    other, steal = meter.other_percent(), meter.steal_percent()
-    gen, eng, net, sse = (summarize(samples[k]) for k in ("generate", "engine", "network", "streamed"))
+    summary = _summary(samples, settings.model, settings, load_before, meter)
+    gen, eng, net, sse = (summary[k] for k in ("generate", "engine", "network", "streamed"))
     return {
-        "model": settings.model,
-        "new_tokens": settings.new_tokens,
-        "load_average": [load_before, load_average()],
-        "other_cpu_percent": other,
-        "steal_percent": steal,
-        "generate": gen,
-        "engine": eng,
-        "network": net,
-        "streamed": sse,
+        **summary,
         "ratio_streamed_vs_generate": _ratio(sse["median_tokens_per_s"], gen["median_tokens_per_s"]),
         "ratio_network_vs_generate": _ratio(net["median_tokens_per_s"], gen["median_tokens_per_s"]),
         "ratio_engine_vs_generate": _ratio(eng["median_tokens_per_s"], gen["median_tokens_per_s"]),
