@@ -65,12 +65,13 @@ def time_generate(loaded: LoadedModel, params: GenerationParams) -> Sample:
 async def time_engine(engine: Engine, params: GenerationParams) -> Sample:
     """One request through the batching engine in this process, from submission to result.
 
-    The clock covers what a worker does for a request apart from the network: prompt
-    tokenization (in a thread), queueing, prefill, decode steps, incremental
-    detokenization and the hand-over of every piece to the trio task.
+    The clock covers what a worker does for a non-streaming request apart from the
+    network: prompt tokenization, queueing, prefill, decode steps, incremental
+    detokenization and the hand-over of the result to the trio task (like the worker, it
+    asks for no text pieces: ``stream=False``).
     """
     started = time.perf_counter()
-    async with engine.generate(params) as generation:
+    async with engine.generate(params, stream=False) as generation:
         async for _ in generation:
             pass
     elapsed = time.perf_counter() - started

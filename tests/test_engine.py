@@ -191,6 +191,26 @@ async def test_streamed_pieces_are_whole_characters_and_make_the_text(
         assert result.text == loaded.tokenizer.decode(result.token_ids, skip_special_tokens=True)
 
 
+async def test_a_slow_reader_gets_the_waiting_pieces_joined(engine: Engine) -> None:
+    params = GenerationParams(PROMPTS[1], max_new_tokens=40, min_new_tokens=40, temperature=0)
+    async with engine.generate(params) as generation:
+        pieces = [await generation.__anext__()]
+        # Read nothing more until the engine has finished: everything since is one piece.
+        await wait_until(lambda: engine.stats()["completed"] >= 1)
+        pieces += [piece async for piece in generation]
+    assert generation.result is not None
+    assert len(pieces) == 2 and "".join(pieces) == generation.result.text
+
+
+async def test_without_stream_only_the_result_arrives(engine: Engine) -> None:
+    params = GenerationParams(PROMPTS[1], max_new_tokens=24, min_new_tokens=24, temperature=0)
+    async with engine.generate(params, stream=False) as generation:
+        pieces = [piece async for piece in generation]
+    streamed, result = await run(engine, params)
+    assert pieces == [] and generation.result is not None
+    assert generation.result.text == result.text == "".join(streamed) and result.completion_tokens == 24
+
+
 def test_incremental_decoder_holds_back_partial_characters(loaded: LoadedModel) -> None:
     text = "naïve café 日本語 🙂🙂 done"
     decoder = IncrementalDecoder(loaded.tokenizer)

@@ -127,14 +127,16 @@ class Engine:
 
     # --- public API -------------------------------------------------------------------
 
-    def generate(self, params: GenerationParams) -> Generation:
+    def generate(self, params: GenerationParams, stream: bool = True) -> Generation:
         """Return the handle for one request; use it as ``async with`` from a trio task.
 
+        With ``stream=False`` the iteration yields no text pieces, only ends with the
+        result: the scheduler then never wakes the event loop per token.
         Invalid parameters raise ``ValueError`` here; a full engine raises ``EngineBusy``
         and a prompt that does not fit the context raises ``ValueError`` when entering.
         """
         params.validate()
-        return Generation(self, params)
+        return Generation(self, params, stream)
 
     def stats(self) -> dict[str, Any]:
         """A snapshot for heartbeats and ``/dllm/info``: load, capacity and counters."""
@@ -185,12 +187,13 @@ class Engine:
         return ids
 
     def _new_request(
-        self, params: GenerationParams, prompt_ids: list[int], deliver: Callable[[Event], bool]
+        self, params: GenerationParams, prompt_ids: list[int], deliver: Callable[[Event], bool], stream: bool = True
     ) -> Request:
         return Request(
             params=params,
             prompt_ids=prompt_ids,
             deliver=deliver,
+            stream=stream,
             detok=IncrementalDecoder(_LockedTokenizer(self.loaded.tokenizer, self._tokenizer_lock)),
             generator=make_generator(params),
         )
@@ -336,7 +339,8 @@ class Engine:
         piece = request.detok.push(token)
         if piece:
             request.pieces.append(piece)
-            request.emit(piece)
+            if request.stream:
+                request.emit(piece)
         produced = len(request.generated)
         if (
             produced >= request.params.max_new_tokens
@@ -350,7 +354,8 @@ class Engine:
         tail = request.detok.flush()
         if tail:
             request.pieces.append(tail)
-            request.emit(tail)
+            if request.stream:
+                request.emit(tail)
         now = time.perf_counter()
         request.done = True
         result = GenerationResult(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,11 @@ if TYPE_CHECKING:
 #: What travels from the scheduler to the trio task: a text piece, the result, or an error.
 Event = str | GenerationResult | BaseException
 
+#: Prompts up to this many characters are tokenized on the event loop (measured: 0.3 ms
+#: for 500 characters, about 0.5 ms per 1,000); longer ones in a thread, which costs a
+#: thread hand-over (0.5 ms on an idle machine) but never stalls the loop.
+INLINE_TOKENIZE_CHARS = 1000
+
 
 @dataclass(eq=False)
 class Request:
@@ -41,6 +47,8 @@ class Request:
     deliver: Callable[[Event], bool]
     detok: IncrementalDecoder
     generator: torch.Generator | None
+    #: Emit text pieces as they are decoded (False: only the final result).
+    stream: bool = True
     submitted: float = field(default_factory=time.perf_counter)
     started: float = 0.0
     first_token: float = 0.0
@@ -57,24 +65,40 @@ class Request:
             self.cancelled = True
 
 
-def channel_deliverer(
-    token: trio.lowlevel.TrioToken, send: trio.MemorySendChannel[Event]
-) -> Callable[[Event], bool]:
-    """A thread-safe, non-blocking ``deliver(event) -> bool`` into ``send`` (False: nobody listens)."""
+class Mailbox:
+    """Hands events from the scheduler thread to one trio task, several per wake-up.
 
-    def put(event: Event) -> None:  # runs in the trio thread; must never raise
-        # The receiving task may have left: then the request is being cancelled anyway.
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
-            send.send_nowait(event)
+    ``deliver`` never blocks and keeps events in order. It schedules at most one hand-over
+    (``TrioToken.run_sync_soon``) at a time: events produced while one is pending ride
+    along with it, so a busy event loop wakes once for many tokens instead of once per
+    token, and the receiving task can send them as one frame.
+    """
 
-    def deliver(event: Event) -> bool:
+    def __init__(self, token: trio.lowlevel.TrioToken, send: trio.MemorySendChannel[Event]) -> None:
+        self._token = token
+        self._send = send
+        self._lock = threading.Lock()
+        self._pending: list[Event] = []
+
+    def deliver(self, event: Event) -> bool:
+        """Queue ``event`` for the trio task; False if nobody can receive it any more."""
+        with self._lock:
+            self._pending.append(event)
+            if len(self._pending) > 1:
+                return True  # a hand-over is already scheduled and will take this too
         try:
-            token.run_sync_soon(put, event)
+            self._token.run_sync_soon(self._hand_over)
         except trio.RunFinishedError:
             return False
         return True
 
-    return deliver
+    def _hand_over(self) -> None:  # runs in the trio thread; must never raise
+        with self._lock:
+            events, self._pending = self._pending, []
+        for event in events:
+            # The receiving task may have left: then the request is being cancelled anyway.
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+                self._send.send_nowait(event)
 
 
 class Generation:
@@ -92,9 +116,12 @@ class Generation:
     and the scheduler frees its batch slot before its next decode step.
     """
 
-    def __init__(self, engine: Engine, params: GenerationParams) -> None:
+    def __init__(self, engine: Engine, params: GenerationParams, stream: bool = True) -> None:
         self._engine = engine
         self.params = params
+        #: Whether text pieces are delivered at all (False: only the result, no per-token wake-ups).
+        self.stream = stream
+        self._held: Event | None = None  # an event read ahead while joining pieces
         #: Set when the iteration ends normally; ``None`` before that or if it did not.
         self.result: GenerationResult | None = None
         self._request: Request | None = None
@@ -108,12 +135,14 @@ class Generation:
         self._engine._reserve()
         self._reserved = True
         try:
-            prompt_ids = await trio.to_thread.run_sync(self._engine._encode_prompt, self.params)
+            if len(self.params.prompt) <= INLINE_TOKENIZE_CHARS:
+                prompt_ids = self._engine._encode_prompt(self.params)  # < 0.5 ms: not worth a thread hop
+            else:
+                prompt_ids = await trio.to_thread.run_sync(self._engine._encode_prompt, self.params)
             send: trio.MemorySendChannel[Event]
             send, self._receive = trio.open_memory_channel(math.inf)
-            self._request = self._engine._new_request(
-                self.params, prompt_ids, channel_deliverer(trio.lowlevel.current_trio_token(), send)
-            )
+            mailbox = Mailbox(trio.lowlevel.current_trio_token(), send)
+            self._request = self._engine._new_request(self.params, prompt_ids, mailbox.deliver, self.stream)
             self._engine._submit(self._request)
         except BaseException:
             self._release()
@@ -137,9 +166,24 @@ class Generation:
             raise RuntimeError("iterate inside `async with engine.generate(params) as generation:`")
         if self._finished:
             raise StopAsyncIteration
-        event = await self._receive.receive()
+        if self._held is not None:
+            event, self._held = self._held, None
+        else:
+            event = await self._receive.receive()
         if isinstance(event, str):
-            return event
+            # Join the pieces that are already here: a reader slower than the model gets
+            # one larger piece instead of falling further behind one token at a time.
+            pieces = [event]
+            while True:
+                try:
+                    following = self._receive.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                if not isinstance(following, str):
+                    self._held = following
+                    break
+                pieces.append(following)
+            return "".join(pieces)
         self._finished = True
         if isinstance(event, GenerationResult):
             self.result = event
