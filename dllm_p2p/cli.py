@@ -199,6 +199,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from .registry.store import ChainStore
     from .worker import Worker, WorkerConfig
 
+    if args.read_timeout <= 0:
+        return _fail("--read-timeout must be positive")
+    if args.max_concurrency < 1 or args.max_queue < 0:
+        return _fail("--max-concurrency must be at least 1 and --max-queue at least 0")
     if args.threads is not None:
         import torch
 

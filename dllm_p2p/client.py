@@ -1,13 +1,19 @@
 """Talk to workers: dial, send one request frame, iterate the response frames.
 
 Used by the CLI and the gateway. Connections are kept and reused: a Noise handshake costs
-about 250 ms on py-libp2p, a new stream on an open connection about 5 ms.
+about 250 ms on py-libp2p. A request then needs a stream; its protocol proposal travels
+with the request (``wire.multistream_proposal``). A long-running client (the gateway)
+also asks workers to keep the stream open after the answer (``keep_alive``) and sends its
+next request to that worker on it, which skips stream setup on both sides.
 """
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -18,6 +24,12 @@ from libp2p.peer.id import ID
 from . import wire
 from .host import make_host, parse_multiaddr, peer_info
 from .identity import Identity, generate
+
+#: Idle kept-alive streams are reused for this long: well inside the worker's own idle
+#: limit (``wire.KEEP_ALIVE_IDLE``), so a reused stream is not one the worker is closing.
+IDLE_REUSE_SECONDS = wire.KEEP_ALIVE_IDLE / 3
+#: Idle streams kept per worker; more concurrent requests than this open new streams.
+MAX_IDLE_PER_PEER = 8
 
 
 class ClientError(Exception):
@@ -41,17 +53,38 @@ class WorkerError(ClientError):
         self.message = message
 
 
-class Client:
-    """A libp2p host used only to dial workers. Create with ``open_client()``."""
+@dataclass(eq=False)
+class _Idle:
+    """A kept-alive generate stream between two requests."""
 
-    def __init__(self, host: IHost, connect_timeout: float = 10.0) -> None:
+    stream: Any
+    reader: wire.FrameReader
+    since: float = field(default_factory=time.monotonic)
+
+
+@functools.lru_cache(maxsize=1024)
+def _peer_info(addr: str) -> Any:
+    return peer_info(addr)  # parsing the multiaddr and its base58 peer id: ~0.3 ms
+
+
+class Client:
+    """A libp2p host used only to dial workers. Create with ``open_client()``.
+
+    With ``keep_alive`` (for long-running clients such as the gateway) every request asks
+    the worker to keep the stream open after its ``done`` frame, and the next request to
+    that worker goes out on it: no new stream, no protocol negotiation.
+    """
+
+    def __init__(self, host: IHost, connect_timeout: float = 10.0, keep_alive: bool = False) -> None:
         self.host = host
         self.connect_timeout = connect_timeout
+        self.keep_alive = keep_alive
         self._locks: dict[ID, trio.Lock] = {}
+        self._idle: dict[ID, list[_Idle]] = {}
 
     async def connect(self, addr: str) -> ID:
         """Dial ``addr`` (a multiaddr ending in /p2p/<id>) unless already connected."""
-        info = peer_info(addr)
+        info = _peer_info(addr)
         lock = self._locks.setdefault(info.peer_id, trio.Lock())
         async with lock:  # one handshake per peer even when many requests start at once
             if self.host.get_network().get_connections(info.peer_id):
@@ -66,6 +99,7 @@ class Client:
         return info.peer_id
 
     async def open_stream(self, addr: str, protocol: str) -> Any:
+        """A stream negotiated the usual way (propose, wait for the echo), for raw use."""
         peer_id = await self.connect(addr)
         try:
             return await self.host.new_stream(peer_id, [TProtocol(protocol)])
@@ -83,45 +117,114 @@ class Client:
         garbage-collected.
         """
         message = request.to_wire() if isinstance(request, wire.Request) else dict(request)
-        stream = await self.open_stream(addr, wire.GENERATE_PROTOCOL)
+        if self.keep_alive:
+            message["keep_alive"] = True
+        payload = wire.encode_frame(message)
+        peer_id = await self.connect(addr)
+        first: dict[str, Any] | None = None
+        idle = self._take_idle(peer_id)
+        if idle is not None:
+            first = await self._first_answer_on(idle, payload)
+        if first is not None and idle is not None:
+            stream, reader = idle.stream, idle.reader
+        else:
+            stream, reader = await self._open(addr, wire.GENERATE_PROTOCOL, payload, finish=not self.keep_alive)
         finished = False
         try:
-            try:
-                await stream.write(wire.encode_frame(message))
-                await stream.close_write()
-            except Exception as exc:
-                raise DialError(f"cannot send the request to {addr}: {exc}") from exc
-            reader = wire.FrameReader(stream, wire.MAX_RESPONSE_FRAME)
             while True:
-                try:
-                    frame = await reader.read_frame()
-                except wire.WireError as exc:
-                    raise ProtocolError(f"bad frame from {addr}: {exc}") from exc
-                except Exception as exc:
-                    raise ProtocolError(f"stream from {addr} failed: {exc!r}") from exc
-                if frame is None:
-                    raise ProtocolError(f"{addr} closed the stream without a final frame")
+                frame = first if first is not None else await _read_response(reader, addr)
+                first = None
                 kind = frame.get("type")
                 if kind == "error":
                     finished = True
                     raise WorkerError(str(frame.get("code", "internal")), str(frame.get("message", "")))
-                yield frame
                 if kind == "done":
                     finished = True
+                    if self.keep_alive and self._put_idle(peer_id, stream, reader):
+                        stream = None  # kept for the next request: neither closed nor reset
+                    yield frame
                     return
+                yield frame
         finally:
-            if not finished:
-                with trio.CancelScope(shield=True), trio.move_on_after(2):
-                    try:
-                        await stream.reset()
-                    except Exception:
-                        pass
-            else:
-                with trio.CancelScope(shield=True), trio.move_on_after(2):
-                    try:
-                        await stream.close()
-                    except Exception:
-                        pass
+            if stream is not None:
+                if finished:
+                    await _close_quietly(stream)
+                else:
+                    await _reset_quietly(stream)
+
+    def _take_idle(self, peer_id: ID) -> _Idle | None:
+        """The most recently used idle stream to ``peer_id``, if it is fresh enough."""
+        idle = self._idle.get(peer_id)
+        if not idle:
+            return None
+        latest = idle.pop()
+        if time.monotonic() - latest.since < IDLE_REUSE_SECONDS:
+            return latest
+        idle.clear()  # the others are older still; the worker's idle limit closes them
+        return None
+
+    def _put_idle(self, peer_id: ID, stream: Any, reader: wire.FrameReader) -> bool:
+        """Keep ``stream`` for the next request to ``peer_id``; False if enough are kept."""
+        idle = self._idle.setdefault(peer_id, [])
+        if len(idle) >= MAX_IDLE_PER_PEER:
+            return False
+        idle.append(_Idle(stream, reader))
+        return True
+
+    async def _first_answer_on(self, idle: _Idle, payload: bytes) -> dict[str, Any] | None:
+        """Send ``payload`` on a kept stream and return the first answer frame, or None if
+        the stream turned out to be gone (then the request goes out on a new stream).
+
+        A worker ends a kept stream only while it waits for the next request, never after
+        reading one without answering, so a stream that ends here did not carry the request.
+        """
+        try:
+            await idle.stream.write(payload)
+            return await _read_response(idle.reader, "")
+        except Exception:
+            await _reset_quietly(idle.stream)
+            return None
+        except BaseException:  # cancelled: the stream is in an unknown state
+            await _reset_quietly(idle.stream)
+            raise
+
+    async def _open(
+        self, addr: str, protocol: str, payload: bytes = b"", *, finish: bool = True
+    ) -> tuple[Any, wire.FrameReader]:
+        """A new stream to ``addr`` speaking ``protocol``, with ``payload`` sent (and, with
+        ``finish``, our side closed).
+
+        The protocol proposal and the payload go out in one write (multistream-select's
+        lazy negotiation, see ``wire.multistream_proposal``); the worker's two echo lines
+        are checked before the first response frame is read from the returned reader.
+        """
+        peer_id = await self.connect(addr)
+        try:
+            stream = await self.host.get_network().new_stream(peer_id)
+        except Exception as exc:
+            raise DialError(f"cannot open a stream to {addr}: {exc}") from exc
+        reader = wire.FrameReader(stream, wire.MAX_RESPONSE_FRAME)
+        try:
+            try:
+                await stream.write(wire.multistream_proposal(protocol) + payload)
+                if finish:
+                    await stream.close_write()
+            except Exception as exc:
+                raise DialError(f"cannot send the request to {addr}: {exc}") from exc
+            for expected in (wire.MULTISTREAM_PROTOCOL, protocol):
+                try:
+                    line = await reader.read_body()
+                except Exception as exc:
+                    raise DialError(f"cannot open {protocol} to {addr}: {exc!r}") from exc
+                if line == b"na\n":
+                    raise DialError(f"{addr} does not serve {protocol}")
+                if line != expected.encode() + b"\n":
+                    raise ProtocolError(f"{addr} answered {line!r} to the {protocol} proposal")
+        except BaseException:
+            await _reset_quietly(stream)
+            raise
+        stream.set_protocol(TProtocol(protocol))
+        return stream, reader
 
     async def complete(self, addr: str, request: wire.Request | dict[str, Any]) -> dict[str, Any]:
         """Send a request and return its ``done`` frame (token frames are dropped)."""
@@ -132,20 +235,45 @@ class Client:
         raise ProtocolError("no final frame")  # unreachable: generate() raises first
 
     async def info(self, addr: str) -> dict[str, Any]:
-        stream = await self.open_stream(addr, wire.INFO_PROTOCOL)
+        stream, reader = await self._open(addr, wire.INFO_PROTOCOL)
         try:
-            frame = await wire.FrameReader(stream, wire.MAX_RESPONSE_FRAME).read_frame()
+            frame = await reader.read_frame()
         except Exception as exc:
             raise ProtocolError(f"bad info frame from {addr}: {exc}") from exc
         finally:
-            with trio.move_on_after(2):
-                try:
-                    await stream.close()
-                except Exception:
-                    pass
+            await _close_quietly(stream)
         if frame is None:
             raise ProtocolError(f"{addr} sent no info frame")
         return frame
+
+
+async def _read_response(reader: wire.FrameReader, addr: str) -> dict[str, Any]:
+    """The next response frame; a bad frame or a stream that ends first is a ProtocolError."""
+    try:
+        frame = await reader.read_frame()
+    except wire.WireError as exc:
+        raise ProtocolError(f"bad frame from {addr}: {exc}") from exc
+    except Exception as exc:
+        raise ProtocolError(f"stream from {addr} failed: {exc!r}") from exc
+    if frame is None:
+        raise ProtocolError(f"{addr} closed the stream without a final frame")
+    return frame
+
+
+async def _close_quietly(stream: Any) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(2):
+        try:
+            await stream.close()
+        except Exception:
+            pass
+
+
+async def _reset_quietly(stream: Any) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(2):
+        try:
+            await stream.reset()
+        except Exception:
+            pass
 
 
 @asynccontextmanager
@@ -155,8 +283,9 @@ async def open_client(
     psk: str | None = None,
     listen: str = "/ip4/127.0.0.1/tcp/0",
     connect_timeout: float = 10.0,
+    keep_alive: bool = False,
 ) -> AsyncIterator[Client]:
-    """Start a dialing host for the duration of the block."""
+    """Start a dialing host for the duration of the block (``keep_alive``: see ``Client``)."""
     host = make_host(identity or generate(), psk=psk)
     async with host.run([parse_multiaddr(listen)]):
-        yield Client(host, connect_timeout=connect_timeout)
+        yield Client(host, connect_timeout=connect_timeout, keep_alive=keep_alive)

@@ -129,14 +129,28 @@ class Worker:
 
     async def _on_generate(self, stream: INetStream) -> None:
         try:
-            await self._serve_generate(stream)
+            reader = wire.FrameReader(stream, wire.MAX_REQUEST_FRAME)
+            waiting: dict[str, Any] | None = None
+            first = True
+            while True:
+                kept, waiting = await self._serve_request(stream, reader, first, waiting)
+                if not kept:
+                    return
+                first = False
         except Exception as exc:
             self.failed += 1
             log.warning("generate stream failed: %r", exc)
             await _reset_quietly(stream)
 
-    async def _serve_generate(self, stream: INetStream) -> None:
-        reader = wire.FrameReader(stream, wire.MAX_REQUEST_FRAME)
+    async def _serve_request(
+        self, stream: INetStream, reader: wire.FrameReader, first: bool, waiting: dict[str, Any] | None
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """Read one request (or take the one that arrived early) and answer it.
+
+        Returns whether the stream stays open for another request (the dialer asked for
+        ``keep_alive`` and has not closed its side), and a next request that arrived
+        while this one was generating, if any.
+        """
         request_id: str | None = None
 
         async def reply(frame: dict[str, Any]) -> None:
@@ -144,22 +158,35 @@ class Worker:
                 frame.setdefault("id", request_id)
             await stream.write(wire.encode_frame(frame))
 
-        async def fail(code: str, message: str) -> None:
+        async def fail(code: str, message: str) -> tuple[bool, None]:
             self.failed += 1
             with trio.move_on_after(self.config.read_timeout):
                 await reply(wire.error_frame(code, message))
             await stream.close()
+            return False, None
 
-        message: dict[str, Any] | None = None
-        with trio.move_on_after(self.config.read_timeout):
-            try:
-                message = await reader.read_frame()
-            except wire.WireError as exc:
-                return await fail(exc.code, str(exc))
-            if message is None:
-                return await stream.close()  # the dialer closed without asking anything
+        message = waiting
         if message is None:
-            return await fail("timeout", f"no request within {self.config.read_timeout:g} s")
+            # The first request must come within the read timeout; on a kept stream the
+            # dialer may take up to KEEP_ALIVE_IDLE to send the next one, or close it.
+            with trio.move_on_after(self.config.read_timeout if first else wire.KEEP_ALIVE_IDLE):
+                try:
+                    message = await reader.read_frame()
+                except wire.WireError as exc:
+                    return await fail(exc.code, str(exc))
+                except Exception:
+                    if first:
+                        raise
+                    await _reset_quietly(stream)  # a kept stream the dialer dropped: no failure
+                    return False, None
+                if message is None:
+                    await stream.close()  # the dialer closed without asking (again)
+                    return False, None
+            if message is None:
+                if first:
+                    return await fail("timeout", f"no request within {self.config.read_timeout:g} s")
+                await stream.close()  # an idle kept stream: end it quietly
+                return False, None
         if isinstance(message.get("id"), str):
             request_id = message["id"][:128]
         try:
@@ -182,14 +209,14 @@ class Worker:
         )
         result = None
         error: tuple[str, str] | None = None
+        watch = _PeerWatch(stream, reader)
         with trio.move_on_after(self.config.request_timeout) as deadline:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_cancel_when_peer_leaves, stream, reader, nursery.cancel_scope)
+                nursery.start_soon(watch.run, nursery.cancel_scope)
                 try:
-                    async with self.engine.generate(params) as generation:
-                        async for piece in generation:
-                            if request.stream:
-                                await reply(wire.token_frame(piece))
+                    async with self.engine.generate(params, stream=request.stream) as generation:
+                        async for piece in generation:  # pieces that piled up during a write come joined
+                            await reply(wire.token_frame(piece))
                         result = generation.result
                 except EngineBusy as exc:
                     error = ("busy", str(exc) or "node is at capacity, try another node")
@@ -205,7 +232,8 @@ class Worker:
             return await fail(*error)
         if result is None:  # the peer went away; the generation was cancelled
             log.info("peer left mid-generation; generation cancelled")
-            return await _reset_quietly(stream)
+            await _reset_quietly(stream)
+            return False, None
         self.served += 1
         await reply(
             {
@@ -224,29 +252,43 @@ class Worker:
                 },
             }
         )
+        if request.keep_alive and not watch.closed:
+            return True, watch.next_request
         await stream.close()
+        return False, None
 
 
-async def _cancel_when_peer_leaves(
-    stream: INetStream, reader: wire.FrameReader, scope: trio.CancelScope
-) -> None:
-    """Cancel ``scope`` when the dialer resets the stream or its connection goes away.
+class _PeerWatch:
+    """Watches the dialer while a request generates: a reset, or its connection going
+    away, cancels the generation.
 
-    A half-close (EOF) is the normal end of the request, so after it we only watch the
-    connection itself.
+    It reads the stream to notice a reset. A half-close (EOF) is the normal end of the
+    request, after which only the connection is watched. A frame is the dialer's next
+    request on a ``keep_alive`` stream, sent early: it is kept for after this one.
     """
-    try:
-        while await reader.read_frame() is not None:
-            pass  # frames after the request are ignored
-    except Exception:
-        scope.cancel()
-        return
-    shutting_down = getattr(stream.muxed_conn, "event_shutting_down", None)
-    if shutting_down is not None:
-        await shutting_down.wait()
-        scope.cancel()
-    else:
-        await trio.sleep_forever()
+
+    def __init__(self, stream: INetStream, reader: wire.FrameReader) -> None:
+        self.stream = stream
+        self.reader = reader
+        self.closed = False
+        self.next_request: dict[str, Any] | None = None
+
+    async def run(self, scope: trio.CancelScope) -> None:
+        try:
+            frame = await self.reader.read_frame()
+        except Exception:
+            scope.cancel()
+            return
+        if frame is None:
+            self.closed = True
+        else:
+            self.next_request = frame
+        shutting_down = getattr(self.stream.muxed_conn, "event_shutting_down", None)
+        if shutting_down is not None:
+            await shutting_down.wait()
+            scope.cancel()
+        else:
+            await trio.sleep_forever()
 
 
 async def _reset_quietly(stream: INetStream) -> None:

@@ -81,17 +81,17 @@ async def relay(
         tried.append(node.peer_id)
         started = time.perf_counter()
         first_token_at: float | None = None
-        tokens = 0
+        token_frames = 0
         try:
             async with aclosing(_frames(client, node.addrs, request, first_frame_timeout)) as frames:
                 async for frame in frames:
                     if frame["type"] == "token":
                         if first_token_at is None:
                             first_token_at = time.perf_counter()
-                        tokens += 1
+                        token_frames += 1
                         yield Token(frame["text"])
                     elif frame["type"] == "done":
-                        _record(table, node.peer_id, frame, started, first_token_at, tokens)
+                        _record(table, node.peer_id, frame, started, first_token_at, token_frames)
                         yield Done(frame, node.peer_id, attempt)
                         return
         except WorkerError as exc:
@@ -109,15 +109,16 @@ async def relay(
     raise last
 
 
-def _record(table: NodeTable, peer_id: str, frame: dict[str, Any], started: float, first_token_at: float | None, tokens: int) -> None:
+def _record(table: NodeTable, peer_id: str, frame: dict[str, Any], started: float, first_token_at: float | None, frames: int) -> None:
     """Feed latency and speed to the node table, from our clock or the worker's timing."""
     now = time.perf_counter()
+    timing, usage = frame.get("timing") or {}, frame.get("usage") or {}
     if first_token_at is None:  # not streamed: place the first token using the worker's timing
-        timing, usage = frame.get("timing") or {}, frame.get("usage") or {}
         total_s = float(timing.get("total_ms", 0.0)) / 1000
         first_s = float(timing.get("first_token_ms", 0.0)) / 1000
         first_token_at = max(started, now - total_s + first_s)
-        tokens = int(usage.get("completion_tokens", 0))
+    # A token frame may carry several tokens (the worker joins what piled up during a write).
+    tokens = int(usage.get("completion_tokens", frames))
     table.record_success(peer_id, (first_token_at - started) * 1000, tokens, now - first_token_at)
 
 

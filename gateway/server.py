@@ -82,9 +82,10 @@ async def run_gateway(
     publisher = await open_registry(store, args.data_dir, args.ipfs_api, args.registry)
     membership = Membership(identity, membership_config, store, on_heartbeat=on_heartbeat, on_chain=on_chain, publisher=publisher)
     host = make_host(identity, psk=args.psk)
+    client = Client(host, keep_alive=True)  # reuse streams to workers: no setup per request
     gw = Gateway(
         table,
-        Client(host),
+        client,
         registry_info=lambda: describe_registry(store, publisher),
         max_attempts=args.max_attempts,
         cors_origins=args.cors_origin,

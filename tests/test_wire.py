@@ -92,6 +92,7 @@ def test_valid_request_parses_with_defaults() -> None:
         ({"prompt": "x", "temperature": float("nan")}, "bad_request", "'temperature'"),
         ({"prompt": "x", "top_p": 0}, "bad_request", "'top_p' must be greater than 0"),
         ({"prompt": "x", "stream": "yes"}, "bad_request", "'stream' must be a boolean"),
+        ({"prompt": "x", "keep_alive": 1}, "bad_request", "'keep_alive' must be a boolean"),
         ({"prompt": "x" * (wire.MAX_PROMPT_CHARS + 1)}, "too_large", "longer than"),
     ],
 )
@@ -115,3 +116,8 @@ async def test_random_bytes_never_crash_the_decoder(data: bytes) -> None:
                 pass
     except wire.WireError as exc:
         assert exc.code in wire.ERROR_CODES
+
+
+def test_multistream_proposal_is_the_two_standard_lines() -> None:
+    # multistream-select 1.0: each message is a uvarint length, the text, a newline.
+    assert wire.multistream_proposal("/dllm/generate/1.0.0") == b"\x13/multistream/1.0.0\n\x15/dllm/generate/1.0.0\n"

@@ -18,7 +18,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
 
 from dllm_p2p import wire
-from dllm_p2p.client import WorkerError, open_client
+from dllm_p2p.client import DialError, WorkerError, open_client
 from dllm_p2p.host import parse_multiaddr, peer_info
 
 from .procs import Child, run_cli, start_worker
@@ -97,6 +97,56 @@ def test_info_describes_the_node(worker: tuple[Child, str, Path]) -> None:
 def test_cli_reports_a_bad_address_clearly() -> None:
     result = run_cli("query", "/ip4/127.0.0.1/tcp/1", "hi")
     assert result.returncode == 2 and "/p2p/<peer-id>" in result.stderr
+
+
+# --- keep-alive: several requests in turn on one stream ----------------------------------
+
+
+async def test_keep_alive_stream_answers_in_order_and_ends_when_the_dialer_closes(worker: tuple[Child, str, Path]) -> None:
+    _, addr, _ = worker
+    ask = {**GOOD, "keep_alive": True}
+    async with open_client() as client:
+        failed_before = (await client.info(addr))["load"]["failed"]
+        stream = await client.open_stream(addr, wire.GENERATE_PROTOCOL)
+        reader = wire.FrameReader(stream, wire.MAX_RESPONSE_FRAME)
+        with trio.fail_after(60):
+            await stream.write(wire.encode_frame({**ask, "id": "a"}))
+            a = await reader.read_frame()
+            # The next request may also arrive while one is still generating.
+            slow = {**ask, "id": "b", "max_new_tokens": 60, "min_new_tokens": 60, "stream": True}
+            await stream.write(wire.encode_frame(slow) + wire.encode_frame({**ask, "id": "c"}))
+            frames = []
+            while len([f for f in frames if f["type"] == "done"]) < 2:
+                frames.append(await reader.read_frame())
+            await stream.close()  # our side: the worker must end the stream too
+            assert await reader.read_frame() is None
+        assert a is not None and a["type"] == "done" and a["id"] == "a"
+        done = [f for f in frames if f["type"] == "done"]
+        assert [f["id"] for f in done] == ["b", "c"] and done[1]["text"] == a["text"]
+        assert frames[-1]["id"] == "c" and {f["type"] for f in frames if f["id"] == "b"} == {"token", "done"}
+        assert (await client.info(addr))["load"]["failed"] == failed_before
+
+
+async def test_keep_alive_client_reuses_its_stream_and_replaces_a_dead_one(worker: tuple[Child, str, Path]) -> None:
+    _, addr, _ = worker
+    async with open_client(keep_alive=True) as client:
+        peer = await client.connect(addr)
+        first = await client.complete(addr, GOOD)
+        (kept,) = client._idle[peer]
+        second = await client.complete(addr, {**GOOD, "stream": True})
+        assert client._idle[peer][0].stream is kept.stream  # the same stream carried both
+        await kept.stream.reset()  # as if the worker had dropped it meanwhile
+        third = await client.complete(addr, GOOD)
+        assert client._idle[peer][0].stream is not kept.stream
+    assert first["text"] == second["text"] == third["text"]  # greedy, and nothing was lost
+
+
+async def test_a_protocol_the_worker_does_not_serve_is_a_dial_error(worker: tuple[Child, str, Path]) -> None:
+    _, addr, _ = worker
+    async with open_client() as client:
+        with pytest.raises(DialError, match="does not serve /dllm/nothing/1.0.0"):
+            await client._open(addr, "/dllm/nothing/1.0.0", wire.encode_frame(GOOD))
+    await assert_still_serves(addr)
 
 
 # --- bad input: each gets its error code, and the worker answers the next request -------
