@@ -202,6 +202,17 @@ async def test_a_slow_reader_gets_the_waiting_pieces_joined(engine: Engine) -> N
     assert len(pieces) == 2 and "".join(pieces) == generation.result.text
 
 
+async def test_gather_collects_text_and_returns_when_the_generation_ends(engine: Engine) -> None:
+    params = GenerationParams(PROMPTS[2], max_new_tokens=40, min_new_tokens=40, temperature=0)
+    async with engine.generate(params) as generation:
+        first = await generation.__anext__()
+        with trio.fail_after(10):
+            await generation.gather(600)  # returns with the end of the generation, not in 600 s
+        rest = [piece async for piece in generation]
+    assert generation.result is not None
+    assert len(rest) == 1 and first + rest[0] == generation.result.text
+
+
 async def test_without_stream_only_the_result_arrives(engine: Engine) -> None:
     params = GenerationParams(PROMPTS[1], max_new_tokens=24, min_new_tokens=24, temperature=0)
     async with engine.generate(params, stream=False) as generation:

@@ -121,7 +121,8 @@ class Generation:
         self.params = params
         #: Whether text pieces are delivered at all (False: only the result, no per-token wake-ups).
         self.stream = stream
-        self._held: Event | None = None  # an event read ahead while joining pieces
+        self._pieces: list[str] = []  # text received, not yet returned
+        self._held: GenerationResult | BaseException | None = None  # the end, received early
         #: Set when the iteration ends normally; ``None`` before that or if it did not.
         self.result: GenerationResult | None = None
         self._request: Request | None = None
@@ -166,29 +167,49 @@ class Generation:
             raise RuntimeError("iterate inside `async with engine.generate(params) as generation:`")
         if self._finished:
             raise StopAsyncIteration
-        if self._held is not None:
-            event, self._held = self._held, None
-        else:
-            event = await self._receive.receive()
-        if isinstance(event, str):
-            # Join the pieces that are already here: a reader slower than the model gets
-            # one larger piece instead of falling further behind one token at a time.
-            pieces = [event]
-            while True:
-                try:
-                    following = self._receive.receive_nowait()
-                except trio.WouldBlock:
-                    break
-                if not isinstance(following, str):
-                    self._held = following
-                    break
-                pieces.append(following)
-            return "".join(pieces)
+        # Join the pieces that are already here: a reader slower than the model gets one
+        # larger piece instead of falling further behind one token at a time.
+        self._gather_nowait()
+        if not self._pieces and self._held is None:
+            self._take(await self._receive.receive())
+            self._gather_nowait()
+        if self._pieces:
+            text, self._pieces = "".join(self._pieces), []
+            return text
+        event, self._held = self._held, None
         self._finished = True
         if isinstance(event, GenerationResult):
             self.result = event
             raise StopAsyncIteration
+        assert isinstance(event, BaseException)
         raise event
+
+    async def gather(self, seconds: float) -> None:
+        """Let text gather for up to ``seconds``; return at once when the generation ends.
+
+        A streaming reader that calls this after each write sends one frame per
+        ``seconds`` at most, however fast the model is, and never delays the end.
+        """
+        if self._receive is None:
+            raise RuntimeError("gather inside `async with engine.generate(params) as generation:`")
+        with trio.move_on_after(seconds):
+            while self._held is None and not self._finished:
+                self._take(await self._receive.receive())
+
+    def _gather_nowait(self) -> None:
+        assert self._receive is not None
+        while self._held is None:
+            try:
+                event = self._receive.receive_nowait()
+            except trio.WouldBlock:
+                return
+            self._take(event)
+
+    def _take(self, event: Event) -> None:
+        if isinstance(event, str):
+            self._pieces.append(event)
+        else:
+            self._held = event  # the result or an error: nothing follows it
 
     def _release(self) -> None:
         if self._reserved:
