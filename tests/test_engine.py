@@ -111,7 +111,8 @@ def test_random_gpt2_has_gpt2_small_shape() -> None:
     assert loaded.name == "random:gpt2" and loaded.max_context == 1024
     assert (config.vocab_size, config.n_layer, config.n_embd, config.n_head) == (50257, 12, 768, 12)
     assert loaded.model.num_parameters() == 124_439_808
-    assert max(loaded.tokenizer.get_vocab().values()) < 50257
+    # Every output id has a text, so random weights produce text to stream.
+    assert len(loaded.tokenizer) == 50257 and loaded.tokenizer.decode([50256]) == " w50256"
     assert any("random weights" in m for m in messages)
     ids = torch.tensor([loaded.tokenizer("Hello")["input_ids"]])
     with torch.inference_mode():

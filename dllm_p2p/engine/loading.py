@@ -107,6 +107,10 @@ def _load_random(spec: str, say: Progress) -> LoadedModel:
     say("initialising GPT-2-small shaped model with random weights (124M parameters)")
     started = time.perf_counter()
     model = random_gpt2_small()
+    # The model has GPT-2's 50,257 outputs, the tiny tokenizer far fewer ids: give every
+    # other id a text (" w1023", " w1024", ...) so that whatever the random weights pick
+    # decodes to something and streaming and detokenization are exercised (0.2 s).
+    tokenizer.add_tokens([f" w{i}" for i in range(len(tokenizer), model.config.vocab_size)])
     say(f"random weights ready in {time.perf_counter() - started:.1f} s")
     return _finish(spec, model, tokenizer)
 
