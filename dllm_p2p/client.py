@@ -261,17 +261,18 @@ async def _read_response(reader: wire.FrameReader, addr: str) -> dict[str, Any]:
 
 
 async def _close_quietly(stream: Any) -> None:
-    with trio.CancelScope(shield=True), trio.move_on_after(2):
-        try:
-            await stream.close()
-        except Exception:
-            pass
+    await _end_quietly(stream.close)
 
 
 async def _reset_quietly(stream: Any) -> None:
+    await _end_quietly(stream.reset)
+
+
+async def _end_quietly(end: Any) -> None:
+    """Close or reset a stream within 2 s, even when cancelled; its errors are moot."""
     with trio.CancelScope(shield=True), trio.move_on_after(2):
         try:
-            await stream.reset()
+            await end()
         except Exception:
             pass
 
