@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from .browser import browser_page, skip_unless_browser
-from .procs import LocalNetwork, get_json
+from .procs import LocalNetwork, fast_network, get_json
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
@@ -19,16 +19,8 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNetwork]:
     skip_unless_browser()
-    network = LocalNetwork(
-        data_dir=tmp_path_factory.mktemp("browser-net"),
-        workers=2,
-        model="tiny",
-        worker_args=["--heartbeat-interval", "1"],
-        gateway_args=["--heartbeat-interval", "1"],
-    )
-    network.start()
-    yield network
-    network.stop()
+    with fast_network(tmp_path_factory.mktemp("browser-net"), 2) as network:
+        yield network
 
 
 def test_page_streams_an_answer_logs_it_then_shows_a_readable_error(net: LocalNetwork) -> None:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import trio
 
-from .procs import LocalNetwork
+from .procs import LocalNetwork, fast_network
 
 pytestmark = pytest.mark.integration
 
@@ -36,16 +36,8 @@ def rss_mb(pid: int) -> float:
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNetwork]:
-    network = LocalNetwork(
-        data_dir=tmp_path_factory.mktemp("load"),
-        workers=2,
-        model="tiny",
-        worker_args=["--heartbeat-interval", "1", "--max-concurrency", "4", "--max-queue", "8"],
-        gateway_args=["--heartbeat-interval", "1"],
-    )
-    network.start()
-    yield network
-    network.stop()
+    with fast_network(tmp_path_factory.mktemp("load"), 2, "--max-concurrency", "4", "--max-queue", "8") as network:
+        yield network
 
 
 async def test_200_concurrent_requests_are_all_answered(net: LocalNetwork) -> None:

@@ -15,26 +15,15 @@ import pytest
 
 from dllm_p2p.registry.chain import verify_chain
 
-from .procs import LocalNetwork, get_json, run_cli
+from .procs import TTL, LocalNetwork, fast_network, get_json, run_cli
 
 pytestmark = pytest.mark.integration
-
-HEARTBEAT = "1"  # seconds; the TTL is then 3 intervals + 1 = 4 s
-TTL = 4.0
 
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNetwork]:
-    network = LocalNetwork(
-        data_dir=tmp_path_factory.mktemp("net"),
-        workers=3,
-        model="tiny",
-        worker_args=["--heartbeat-interval", HEARTBEAT],
-        gateway_args=["--heartbeat-interval", HEARTBEAT],
-    )
-    network.start()
-    yield network
-    network.stop()
+    with fast_network(tmp_path_factory.mktemp("net"), 3) as network:
+        yield network
 
 
 def peer_of(addr: str) -> str:
