@@ -127,6 +127,21 @@ async def test_keep_alive_stream_answers_in_order_and_ends_when_the_dialer_close
         assert (await client.info(addr))["load"]["failed"] == failed_before
 
 
+async def test_a_request_sent_early_is_answered_even_if_the_dialer_then_closes(worker: tuple[Child, str, Path]) -> None:
+    _, addr, _ = worker
+    ask = {**GOOD, "keep_alive": True}
+    async with open_client() as client:
+        stream = await client.open_stream(addr, wire.GENERATE_PROTOCOL)
+        reader = wire.FrameReader(stream, wire.MAX_RESPONSE_FRAME)
+        with trio.fail_after(60):
+            slow = {**ask, "id": "a", "max_new_tokens": 60, "min_new_tokens": 60}
+            await stream.write(wire.encode_frame(slow) + wire.encode_frame({**ask, "id": "b"}))
+            await stream.close()  # nothing more to ask: both answers are still owed
+            frames = [await reader.read_frame(), await reader.read_frame()]
+            assert await reader.read_frame() is None
+    assert [(f["type"], f["id"]) for f in frames if f] == [("done", "a"), ("done", "b")]
+
+
 async def test_keep_alive_client_reuses_its_stream_and_replaces_a_dead_one(worker: tuple[Child, str, Path]) -> None:
     _, addr, _ = worker
     async with open_client(keep_alive=True) as client:
