@@ -97,8 +97,9 @@ def multistream_proposal(protocol: str) -> bytes:
     Sent together with the request frame, this is multistream-select's lazy (pipelined)
     negotiation, as go-libp2p does for a single proposed protocol: the listener reads the
     two lines, echoes them, and the request is already waiting in the stream. It saves the
-    two round trips of the usual propose-and-wait exchange (6-9 ms per request on
-    py-libp2p, measured). If the protocol is refused the listener answers ``na`` and resets.
+    two round trips of the usual propose-and-wait exchange (about 2 ms per request between
+    two py-libp2p processes, measured). If the protocol is refused the listener answers
+    ``na`` and resets.
     """
     return multistream_line(MULTISTREAM_PROTOCOL) + multistream_line(protocol)
 
