@@ -194,6 +194,7 @@ async def until_signal(scope: trio.CancelScope, before: Callable[[], Awaitable[N
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from .engine import Engine, ModelLoadError, load_model
+    from .engine.fingerprint import fingerprint
     from .identity import load_or_create
     from .membership import Membership, MembershipConfig
     from .registry.store import ChainStore
@@ -215,6 +216,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         loaded = load_model(args.model, progress=lambda msg: print(f"[model] {msg}", file=sys.stderr, flush=True))
     except ModelLoadError as exc:
         return _fail(str(exc))
+    print(f"[model] fingerprint {fingerprint(loaded, args.data_dir)}", file=sys.stderr, flush=True)
     engine = Engine(loaded, max_batch_size=args.max_concurrency, max_queue=args.max_queue)
     config = WorkerConfig(
         listen=args.listen or ["/ip4/0.0.0.0/tcp/4001"],
@@ -233,6 +235,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         store,
         models=lambda: worker.models,
         load=worker.load,
+        model_info=worker.model_info,
     )
     worker.services.append(membership.run)
 

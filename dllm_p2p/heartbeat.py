@@ -8,7 +8,7 @@ relayed, independent of the pubsub implementation. The topic validator checks bo
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -22,6 +22,10 @@ MAX_BYTES = 8 * 1024
 MAX_SKEW_S = 60.0
 
 _FIELDS = {"peer_id": str, "public_key": bytes, "seq": int, "ts": float, "role": str, "models": list, "addrs": list, "load": dict}
+#: Optional: per model, its fingerprint and whether it is a chat model (``{"fingerprint": str, "chat": bool}``).
+_OPTIONAL = {"meta": dict}
+MAX_META_MODELS = 16
+MAX_FINGERPRINT_CHARS = 80
 
 
 class InvalidHeartbeat(ValueError):
@@ -37,6 +41,7 @@ class Heartbeat:
     models: list[str]
     addrs: list[str]
     load: dict[str, Any]
+    meta: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _body(fields: dict[str, Any]) -> bytes:
@@ -44,9 +49,17 @@ def _body(fields: dict[str, Any]) -> bytes:
 
 
 def make(
-    identity: Identity, seq: int, *, role: str, models: list[str], addrs: list[str], load: dict[str, Any], now: float | None = None
+    identity: Identity,
+    seq: int,
+    *,
+    role: str,
+    models: list[str],
+    addrs: list[str],
+    load: dict[str, Any],
+    meta: dict[str, dict[str, Any]] | None = None,
+    now: float | None = None,
 ) -> bytes:
-    fields = {
+    fields: dict[str, Any] = {
         "peer_id": identity.peer_id.to_base58(),
         "public_key": identity.public_key_bytes,
         "seq": seq,
@@ -56,6 +69,8 @@ def make(
         "addrs": addrs,
         "load": load,
     }
+    if meta:
+        fields["meta"] = meta
     return msgpack.packb({**fields, "sig": identity.sign(_body(fields))}, use_bin_type=True)
 
 
@@ -67,7 +82,7 @@ def parse(data: bytes, *, sender: str | None = None, now: float | None = None) -
         message = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as exc:
         raise InvalidHeartbeat(f"not msgpack: {exc}") from None
-    if not isinstance(message, dict) or set(message) != set(_FIELDS) | {"sig"}:
+    if not isinstance(message, dict) or not set(_FIELDS) | {"sig"} <= set(message) <= set(_FIELDS) | set(_OPTIONAL) | {"sig"}:
         raise InvalidHeartbeat("wrong fields")
     for key, kind in _FIELDS.items():
         value = message[key]
@@ -93,7 +108,9 @@ def parse(data: bytes, *, sender: str | None = None, now: float | None = None) -
     now = time.time() if now is None else now
     if abs(now - message["ts"]) > MAX_SKEW_S:
         raise InvalidHeartbeat(f"timestamp {message['ts']:.0f} is more than {MAX_SKEW_S:g} s from now")
+    meta = _parse_meta(message.get("meta", {}))
     return Heartbeat(
+        meta=meta,
         peer_id=owner,
         seq=message["seq"],
         ts=message["ts"],
@@ -102,3 +119,20 @@ def parse(data: bytes, *, sender: str | None = None, now: float | None = None) -
         addrs=message["addrs"],
         load=message["load"],
     )
+
+
+def _parse_meta(meta: Any) -> dict[str, dict[str, Any]]:
+    """The known facts per model, typed; unknown keys are ignored (newer senders)."""
+    if not isinstance(meta, dict) or len(meta) > MAX_META_MODELS:
+        raise InvalidHeartbeat(f"'meta' must be a map of at most {MAX_META_MODELS} models")
+    out: dict[str, dict[str, Any]] = {}
+    for name, facts in meta.items():
+        if not isinstance(name, str) or not isinstance(facts, dict):
+            raise InvalidHeartbeat("'meta' must map model names to maps")
+        fingerprint, chat = facts.get("fingerprint"), facts.get("chat", False)
+        if fingerprint is not None and (not isinstance(fingerprint, str) or len(fingerprint) > MAX_FINGERPRINT_CHARS):
+            raise InvalidHeartbeat(f"meta[{name!r}].fingerprint must be a string of at most {MAX_FINGERPRINT_CHARS} characters")
+        if not isinstance(chat, bool):
+            raise InvalidHeartbeat(f"meta[{name!r}].chat must be a boolean")
+        out[name] = {"fingerprint": fingerprint, "chat": chat}
+    return out

@@ -71,6 +71,7 @@ class Membership:
         *,
         models: Callable[[], list[str]] = list,
         load: Callable[[], dict[str, Any]] = dict,
+        model_info: Callable[[], dict[str, dict[str, Any]]] = dict,
         on_heartbeat: Callable[[heartbeat.Heartbeat], None] | None = None,
         on_chain: Callable[[Chain], None] | None = None,
         publisher: Publisher | None = None,
@@ -80,6 +81,7 @@ class Membership:
         self.store = store
         self.models = models
         self.load = load
+        self.model_info = model_info
         self.on_heartbeat = on_heartbeat
         self.on_chain = on_chain
         self.publisher = publisher
@@ -368,10 +370,18 @@ class Membership:
             return
         seq = 0
         while True:
-            seq += 1
+            # Milliseconds since the epoch, so a restarted node's numbers carry on above
+            # those its peers have seen (a counter from 0 would be dropped as a replay).
+            seq = max(seq + 1, time.time_ns() // 1_000_000)
             try:
                 data = heartbeat.make(
-                    self.identity, seq, role=self.config.role, models=self.models(), addrs=host_addrs(self.host), load=self.load()
+                    self.identity,
+                    seq,
+                    role=self.config.role,
+                    models=self.models(),
+                    addrs=host_addrs(self.host),
+                    load=self.load(),
+                    meta=self.model_info(),
                 )
                 await self.pubsub.publish(heartbeat.TOPIC, data)
             except Exception as exc:

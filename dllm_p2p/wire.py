@@ -191,7 +191,10 @@ class FrameReader:
 
 @dataclass(frozen=True)
 class Request:
-    prompt: str
+    """A generation request: ``prompt`` text, or ``messages`` (a conversation that the
+    worker renders with its model's chat template)."""
+
+    prompt: str = ""
     model: str | None = None
     max_new_tokens: int | None = None
     min_new_tokens: int = 0
@@ -202,10 +205,16 @@ class Request:
     stream: bool = False
     id: str | None = None
     keep_alive: bool = False
+    messages: tuple[dict[str, str], ...] | None = None
+    stop: tuple[str, ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
-        """Only the fields that differ from the defaults (prompt always)."""
-        out: dict[str, Any] = {"prompt": self.prompt}
+        """Only the fields that differ from the defaults (``prompt`` unless ``messages``)."""
+        out: dict[str, Any] = {} if self.messages is not None else {"prompt": self.prompt}
+        if self.messages is not None:
+            out["messages"] = [dict(m) for m in self.messages]
+        if self.stop:
+            out["stop"] = list(self.stop)
         for name, default in _DEFAULTS.items():
             value = getattr(self, name)
             if value != default:
@@ -254,12 +263,20 @@ def _str(key: str, value: Any, limit: int) -> str:
 
 def parse_request(message: dict[str, Any]) -> Request:
     """Validate a request map; raises ``WireError`` naming the first problem."""
-    unknown = sorted(set(message) - set(_DEFAULTS) - {"prompt"})
+    unknown = sorted(set(message) - set(_DEFAULTS) - {"prompt", "messages", "stop"})
     if unknown:
         raise WireError(f"unknown request keys: {', '.join(map(str, unknown))}")
-    if "prompt" not in message:
-        raise WireError("'prompt' is required")
-    fields: dict[str, Any] = {"prompt": _str("prompt", message["prompt"], MAX_PROMPT_CHARS)}
+    if "prompt" not in message and "messages" not in message:
+        raise WireError("'prompt' is required (or 'messages' for a conversation)")
+    if "prompt" in message and "messages" in message:
+        raise WireError("give 'prompt' or 'messages', not both")
+    fields: dict[str, Any] = {}
+    if "prompt" in message:
+        fields["prompt"] = _str("prompt", message["prompt"], MAX_PROMPT_CHARS)
+    else:
+        fields["messages"] = _messages(message["messages"])
+    if message.get("stop") is not None:
+        fields["stop"] = _stop(message["stop"])
     checks = {
         "model": lambda v: _str("model", v, 256),
         "max_new_tokens": lambda v: _int("max_new_tokens", v, 1, MAX_NEW_TOKENS_LIMIT),
@@ -279,6 +296,55 @@ def parse_request(message: dict[str, Any]) -> Request:
     if fields.get("top_p") == 0.0:
         raise WireError("'top_p' must be greater than 0")
     return Request(**fields)
+
+
+#: Roles a conversation may hold (OpenAI's, which chat templates know).
+ROLES = frozenset({"system", "user", "assistant", "developer", "tool"})
+MAX_MESSAGES = 256
+MAX_STOPS = 4
+MAX_STOP_CHARS = 256
+
+
+def check_messages(messages: object) -> None:
+    """Raise ``ValueError`` unless ``messages`` is a non-empty list of role/content maps."""
+    if not isinstance(messages, list) or not 1 <= len(messages) <= MAX_MESSAGES:
+        raise ValueError(f"messages must be a list of 1 to {MAX_MESSAGES} messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or set(message) != {"role", "content"}:
+            raise ValueError(f"messages[{index}] must be a map with exactly 'role' and 'content'")
+        if message["role"] not in ROLES:
+            raise ValueError(f"messages[{index}].role must be one of {', '.join(sorted(ROLES))}")
+        if not isinstance(message["content"], str):
+            raise ValueError(f"messages[{index}].content must be a string")
+
+
+def check_stop(stop: object) -> None:
+    """Raise ``ValueError`` unless ``stop`` is a list of up to 4 non-empty strings."""
+    if not isinstance(stop, list) or len(stop) > MAX_STOPS:
+        raise ValueError(f"stop must be a list of at most {MAX_STOPS} strings")
+    for text in stop:
+        if not isinstance(text, str) or not 1 <= len(text) <= MAX_STOP_CHARS:
+            raise ValueError(f"each stop string must have 1 to {MAX_STOP_CHARS} characters")
+
+
+def _messages(value: Any) -> tuple[dict[str, str], ...]:
+    try:
+        check_messages(value)
+    except ValueError as exc:
+        raise WireError(str(exc)) from None
+    if sum(len(m["content"]) for m in value) > MAX_PROMPT_CHARS:
+        raise WireError(f"'messages' hold more than {MAX_PROMPT_CHARS} characters", code="too_large")
+    return tuple({"role": m["role"], "content": m["content"]} for m in value)
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    try:
+        check_stop(value)
+    except ValueError as exc:
+        raise WireError(str(exc)) from None
+    return tuple(value)
 
 
 def _bool(key: str, value: Any) -> bool:

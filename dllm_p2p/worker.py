@@ -71,6 +71,11 @@ class Worker:
     def models(self) -> list[str]:
         return [self.engine.name]
 
+    def model_info(self) -> dict[str, dict[str, Any]]:
+        """Per model: its fingerprint (which weights exactly) and whether it is a chat model."""
+        loaded = self.engine.loaded
+        return {loaded.name: {"fingerprint": loaded.fingerprint, "chat": loaded.chat}}
+
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self.host.set_stream_handler(TProtocol(wire.GENERATE_PROTOCOL), self._on_generate)
         self.host.set_stream_handler(TProtocol(wire.INFO_PROTOCOL), self._on_info)
@@ -112,6 +117,7 @@ class Worker:
             "peer_id": self.peer_id,
             "addrs": host_addrs(self.host),
             "models": self.models,
+            "model_info": self.model_info(),
             "version": __version__,
             "protocols": [wire.GENERATE_PROTOCOL, wire.INFO_PROTOCOL],
             "limits": {
@@ -212,6 +218,8 @@ class Worker:
             top_p=request.top_p,
             top_k=request.top_k,
             seed=request.seed,
+            messages=[dict(m) for m in request.messages] if request.messages is not None else None,
+            stop=list(request.stop),
         )
         result = None
         error: tuple[str, str] | None = None
@@ -247,6 +255,7 @@ class Worker:
                 "type": "done",
                 "text": result.text,
                 "model": self.engine.name,
+                "fingerprint": self.engine.loaded.fingerprint,
                 "finish_reason": result.finish_reason,
                 "usage": {
                     "prompt_tokens": result.prompt_tokens,

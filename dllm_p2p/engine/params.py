@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..wire import check_messages, check_stop
+
 FinishReason = Literal["stop", "length", "cancelled"]
 
 
@@ -18,6 +20,10 @@ class GenerationParams:
     benchmarks can ask for fixed lengths; it is capped at ``max_new_tokens``. An empty
     prompt is allowed: the model is then conditioned on the beginning-of-text token alone,
     as GPT-2 does for unconditional samples.
+
+    ``messages`` (a conversation of ``{"role", "content"}`` maps) replaces ``prompt`` when
+    given: the model's chat template turns it into the prompt. ``stop`` strings end the
+    answer where one first appears; the stop string itself is not returned.
     """
 
     prompt: str
@@ -27,11 +33,16 @@ class GenerationParams:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    messages: list[dict[str, str]] | None = None
+    stop: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field."""
         if not isinstance(self.prompt, str):
             raise ValueError("prompt must be a string")
+        if self.messages is not None:
+            check_messages(self.messages)
+        check_stop(self.stop)
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, not {self.max_new_tokens!r}")
         if not _is_int(self.min_new_tokens) or self.min_new_tokens < 0:

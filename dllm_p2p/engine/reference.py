@@ -42,4 +42,5 @@ def reference_token_ids(loaded: LoadedModel, params: GenerationParams) -> list[i
 def generate_reference(loaded: LoadedModel, params: GenerationParams) -> str:
     """The text ``model.generate`` produces for ``params``, decoded like the engine decodes."""
     ids = reference_token_ids(loaded, params)
-    return loaded.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    text = loaded.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return text.rstrip("\ufffd")  # a character cut off by the length limit is dropped
