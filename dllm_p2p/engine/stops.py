@@ -5,7 +5,7 @@ Text streams out piece by piece, and a stop string may arrive split across piece
 back until the next piece decides it: either the stop completes (the answer ends before
 it, and the held text is never sent) or it does not (the held text goes out with the
 next piece). The concatenation of what ``push`` and ``flush`` return is the text up to,
-and without, the earliest stop string.
+and without, the stop string that completes first, however the text was split.
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ class StopText:
         if self.matched is not None:
             return ""
         text = self._held + piece
-        hits = [(text.find(stop), stop) for stop in self.stops if stop in text]
+        # The stop string that completes first ends the answer (as generation would see
+        # it, token by token); of two that complete together, the longer one.
+        hits = [(at + len(stop), at, stop) for stop in self.stops if (at := text.find(stop)) >= 0]
         if hits:
-            at, self.matched = min(hits)
+            _, at, self.matched = min(hits)
             self._held = ""
             return text[:at]
         keep = max((_overlap(text, stop) for stop in self.stops), default=0)
