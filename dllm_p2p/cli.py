@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--top-k", type=int)
     q.add_argument("--seed", type=int)
     q.add_argument("--model")
+    q.add_argument("--chat", action="store_true", help="send the prompt as a user message (the worker applies its chat template)")
+    q.add_argument("--stop", action="append", default=None, metavar="TEXT", help="end the answer before TEXT (repeatable, up to 4)")
     q.add_argument("--stream", action="store_true", help="print tokens as they arrive")
     q.add_argument("--json", action="store_true", help="print the final frame as JSON")
     q.add_argument("--psk", default=None)
@@ -274,8 +276,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _request_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    request: dict[str, Any] = {"prompt": args.prompt, "stream": bool(args.stream)}
-    for key in ("max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "seed", "model"):
+    request: dict[str, Any] = {"stream": bool(args.stream)}
+    if args.chat:
+        request["messages"] = [{"role": "user", "content": args.prompt}]
+    else:
+        request["prompt"] = args.prompt
+    for key in ("max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "seed", "model", "stop"):
         value = getattr(args, key)
         if value is not None:
             request[key] = value

@@ -334,6 +334,7 @@ def create_app(gw: Gateway) -> FastAPI:
             return {
                 "text": frame.get("text", text),
                 "model": frame.get("model"),
+                "fingerprint": frame.get("fingerprint"),
                 "node": done.node,
                 "finish_reason": frame.get("finish_reason"),
                 "usage": frame.get("usage", {}),
@@ -360,6 +361,12 @@ def create_app(gw: Gateway) -> FastAPI:
             stop=_stops(body.stop),
         )
 
+    def _provenance(done: Done) -> dict[str, Any]:
+        """Who answered: ``system_fingerprint`` is the model's fingerprint (OpenAI's field
+        for "which backend configuration"), ``node`` the worker's peer id, ``attempts`` how
+        many workers were tried."""
+        return {"system_fingerprint": done.frame.get("fingerprint"), "node": done.node, "attempts": done.attempts}
+
     def _usage(frame: dict[str, Any]) -> dict[str, int]:
         usage = frame.get("usage", {})
         p, c = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
@@ -377,13 +384,12 @@ def create_app(gw: Gateway) -> FastAPI:
 
         def final(text: str, done: Done) -> dict[str, Any]:
             out = chunk(done.frame.get("text", text), done.frame.get("finish_reason", "stop"), done.frame.get("model"))
-            out["usage"] = _usage(done.frame)
-            return out
+            return {**out, **_provenance(done), "usage": _usage(done.frame)}
 
         return await answer(
             "completions", _openai_request(body, body.max_tokens, prompt=body.prompt), body.stream,
             shape_chunk=chunk,
-            shape_done=lambda d: {**chunk("", d.frame.get("finish_reason", "stop"), d.frame.get("model")), "usage": _usage(d.frame)},
+            shape_done=lambda d: {**chunk("", d.frame.get("finish_reason", "stop"), d.frame.get("model")), **_provenance(d), "usage": _usage(d.frame)},
             shape_final=final,
             done_marker=True,
         )
@@ -407,6 +413,7 @@ def create_app(gw: Gateway) -> FastAPI:
         def last_chunk(done: Done) -> dict[str, Any]:
             return {
                 "id": cid, "object": "chat.completion.chunk", "created": created, "model": done.frame.get("model"),
+                **_provenance(done),
                 "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": done.frame.get("finish_reason", "stop")}],
                 "usage": _usage(done.frame),
             }
@@ -414,7 +421,7 @@ def create_app(gw: Gateway) -> FastAPI:
         def final(text: str, done: Done) -> dict[str, Any]:
             return {
                 "id": cid, "object": "chat.completion", "created": created, "model": done.frame.get("model"),
-                "system_fingerprint": done.node,
+                **_provenance(done),
                 "choices": [
                     {
                         "index": 0,

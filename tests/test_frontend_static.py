@@ -5,7 +5,8 @@ the real relay, served by hypercorn's trio worker like ``python -m gateway``. On
 is faked: ``FakeClient`` answers for every "worker" from a script, and nodes come online
 through ``NodeTable.heartbeat`` rather than gossip. The end-to-end browser test against real
 workers lives elsewhere; this one checks the page: streaming, the log, error display, the
-node explorer, opening from disk and finding a gateway through the registry.
+node explorer, opening from disk and finding a gateway through the registry, and the chat
+view for chat models (``/v1/chat/completions``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tests.browser import browser_page, chromium, skip_unless_browser
 pytestmark = pytest.mark.browser
 
 INDEX = Path(__file__).resolve().parent.parent / "frontend" / "index.html"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 WORDS = [" the", " quick", " brown", " fox", " jumps", " over", " the", " lazy", " dog", "."]
 NODE_A = "12D3KooWAaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
 NODE_B = "12D3KooWBbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"
@@ -34,12 +36,38 @@ NODE_OFF = "12D3KooWOffffffffffffffffffffffffffffffffffffffff"
 HOSTILE_MODEL = '<img src=x onerror="window.pwned=1">'
 REGISTRY = {"head": "9f" * 32, "cid": "QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG", "blocks": 7, "mode": "embedded"}
 REGISTRY_CID = "QmRegistryRegistryRegistryRegistryRegistryRegist"
+CHAT_MODEL = "smol-chat"
+MODEL_META = {
+    CHAT_MODEL: {"fingerprint": "sha256:" + "ab" * 32, "chat": True},
+    "tiny-gpt2": {"fingerprint": "sha256:" + "cd" * 32, "chat": False},
+}
+
+
+def last_text(request: Any) -> str:
+    """What a request ends with: its prompt, or the last message of its conversation."""
+    if request.messages:
+        return str(request.messages[-1].get("content", ""))
+    return request.prompt
+
+
+def answer_words(request: Any) -> list[str]:
+    """A prompt gets ``WORDS``; a conversation gets ``Turn <n>: <last user message>``, so a
+    test can tell from the answer which turn it is and what was asked."""
+    if request.messages is None:
+        return WORDS
+    users = [m["content"] for m in request.messages if m["role"] == "user"]
+    return ["Turn", f" {len(users)}:", *(" " + word for word in users[-1].split())]
 
 
 class FakeClient:
-    """Stands in for ``dllm_p2p.client.Client``: every worker streams ``WORDS``."""
+    """Stands in for ``dllm_p2p.client.Client``: every worker streams ``WORDS`` for a prompt
+    and echoes the last user message for a conversation (see ``answer_words``). A request
+    whose prompt or last message starts with "CRASH" fails after two tokens."""
 
     token_delay = 0.04
+
+    def __init__(self) -> None:
+        self.requests: list[Any] = []  # every wire.Request, in order
 
     async def connect(self, addr: str) -> None:
         return None
@@ -47,20 +75,23 @@ class FakeClient:
     async def generate(self, addr: str, request: Any) -> AsyncIterator[dict[str, Any]]:
         from dllm_p2p.client import WorkerError
 
-        words = WORDS[: request.max_new_tokens or len(WORDS)]
+        self.requests.append(request)
+        all_words = answer_words(request)
+        words = all_words[: request.max_new_tokens or len(all_words)]
         start = time.perf_counter()
         for i, word in enumerate(words):
             await trio.sleep(self.token_delay)
-            if i == 2 and request.prompt.startswith("CRASH"):
+            if i == 2 and last_text(request).startswith("CRASH"):
                 raise WorkerError("internal", "the worker ran out of memory")
             yield {"type": "token", "text": word}
         total = (time.perf_counter() - start) * 1000
+        said = request.prompt if request.messages is None else " ".join(m["content"] for m in request.messages)
         yield {
             "type": "done",
             "text": "".join(words),
             "model": request.model or "tiny-gpt2",
-            "finish_reason": "length",
-            "usage": {"prompt_tokens": len(request.prompt.split()), "completion_tokens": len(words)},
+            "finish_reason": "length" if len(words) < len(all_words) or request.messages is None else "stop",
+            "usage": {"prompt_tokens": len(said.split()), "completion_tokens": len(words)},
             "timing": {"queue_ms": 0.1, "first_token_ms": self.token_delay * 1000, "total_ms": total},
         }
 
@@ -93,7 +124,8 @@ class FakeGateway:
         from gateway.nodes import NodeTable
 
         self.table = NodeTable(ttl=3600)
-        self.gw = Gateway(self.table, FakeClient(), registry_info=lambda: dict(REGISTRY))  # type: ignore[arg-type]
+        self.client = FakeClient()
+        self.gw = Gateway(self.table, self.client, registry_info=lambda: dict(REGISTRY))  # type: ignore[arg-type]
         self.app = create_app(self.gw)
         self.url = ""
 
@@ -147,8 +179,8 @@ class FakeGateway:
         self.table.update_from_registry(
             [{"peer_id": peer, "role": "worker", "models": ["tiny-gpt2"], "addrs": [addr + peer], "expires": expires} for peer in (NODE_A, NODE_B, NODE_OFF)]
         )
-        self.table.heartbeat(NODE_A, models=["tiny-gpt2"], load={"running": 0, "queued": 0, "capacity": 4, "uptime_s": 3725})
-        self.table.heartbeat(NODE_B, models=["tiny-gpt2", HOSTILE_MODEL], load={"running": 1, "queued": 2, "capacity": 4, "uptime_s": 42})
+        self.table.heartbeat(NODE_A, models=["tiny-gpt2", CHAT_MODEL], load={"running": 0, "queued": 0, "capacity": 4, "uptime_s": 3725}, meta=MODEL_META)
+        self.table.heartbeat(NODE_B, models=["tiny-gpt2", HOSTILE_MODEL, CHAT_MODEL], load={"running": 1, "queued": 2, "capacity": 4, "uptime_s": 42}, meta=MODEL_META)
         self.bring_back_ghost()  # heartbeats only: not in the registry
 
     def bring_back_ghost(self) -> None:
@@ -178,6 +210,39 @@ def page(browser: Any) -> Iterator[Any]:
 def wait_models(page: Any, *models: str) -> None:
     for model in models:
         page.wait_for_selector(f'[data-testid=model] option[value="{model}"]', state="attached")
+
+
+def open_chat(page: Any, url: str) -> None:
+    """Open the page and pick the chat model, once the page knows it is one."""
+    page.goto(url)
+    page.wait_for_selector(f'[data-testid=model] option[value="{CHAT_MODEL}"]:text("chat")', state="attached")
+    page.get_by_test_id("model").select_option(CHAT_MODEL)
+    page.get_by_test_id("chat-view").wait_for(state="visible")
+
+
+ANSWERS = "[data-testid=chat-message][data-role=assistant]"
+
+
+def send_chat(page: Any, text: str) -> None:
+    page.get_by_test_id("chat-input").fill(text)
+    page.get_by_test_id("chat-input").press("Enter")
+
+
+def wait_answer(page: Any, n: int) -> Any:
+    """The n-th (1-based) assistant bubble, once its answer has ended (ok, error or stopped)."""
+    page.wait_for_function(
+        """([sel, n]) => {
+            const answers = document.querySelectorAll(sel);
+            return answers.length >= n && ['ok', 'error', 'stopped'].includes(answers[n - 1].dataset.status);
+        }""",
+        arg=[ANSWERS, n],
+    )
+    return page.locator(ANSWERS).nth(n - 1)
+
+
+def chat_requests(fake: FakeGateway, marker: str) -> list[Any]:
+    """The chat requests the workers got whose conversation mentions ``marker``."""
+    return [r for r in list(fake.client.requests) if r.messages and any(marker in m["content"] for m in r.messages)]
 
 
 def test_assets_are_served_where_the_page_asks(fake: FakeGateway) -> None:
@@ -361,3 +426,258 @@ def test_sse_parser_handles_split_and_crlf_events(page: Any) -> None:
         {"event": "message", "data": "x\ny"},
         {"event": "done", "data": "{}"},
     ]
+
+
+# --- the chat view ------------------------------------------------------------------------
+
+
+def test_chat_model_opens_the_chat_view_and_sends_the_whole_conversation(fake: FakeGateway, page: Any) -> None:
+    open_chat(page, fake.url)
+    assert page.get_by_test_id("view-toggle").get_attribute("data-view") == "chat"
+    assert page.get_by_test_id("view-chat").get_attribute("aria-pressed") == "true"
+    for hidden in ("completion-view", "prompt", "send", "output"):
+        assert page.get_by_test_id(hidden).is_hidden(), hidden
+    assert page.get_by_test_id("chat-send").is_visible() and page.get_by_test_id("chat-new").is_visible()
+    page.evaluate("""() => {
+        window.chatUpdates = 0;
+        new MutationObserver(() => window.chatUpdates++).observe(
+            document.querySelector('[data-testid=chat-messages]'), {subtree: true, characterData: true, childList: true});
+    }""")
+
+    send_chat(page, "Hello there alpha")
+    assert page.get_by_test_id("chat-input").input_value() == ""
+    first = wait_answer(page, 1)
+    assert first.get_by_test_id("chat-text").inner_text() == "Turn 1: Hello there alpha"
+    assert first.get_attribute("data-status") == "ok"
+    # Streamed: the answer's 5 tokens arrive as separate updates, not all at the end.
+    assert page.evaluate("window.chatUpdates") >= 5 + 2  # + the two bubbles
+    assert page.get_by_test_id("chat-message").first.get_attribute("data-role") == "user"
+
+    # Shift+Enter is a new line; Enter sends. A system prompt goes first when set.
+    page.locator("summary", has_text="System prompt").click()
+    page.get_by_test_id("chat-system").fill("Be brief.")
+    box = page.get_by_test_id("chat-input")
+    box.fill("How are")
+    box.press("Shift+Enter")
+    box.type("you?")
+    assert box.input_value() == "How are\nyou?"
+    assert page.locator(ANSWERS).count() == 1
+    box.press("Enter")
+    second = wait_answer(page, 2)
+    assert second.get_by_test_id("chat-text").inner_text() == "Turn 2: How are you?"
+
+    sent = chat_requests(fake, "Hello there alpha")[-1]
+    assert sent.model == CHAT_MODEL and sent.prompt == ""
+    assert list(sent.messages) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello there alpha"},
+        {"role": "assistant", "content": "Turn 1: Hello there alpha"},
+        {"role": "user", "content": "How are\nyou?"},
+    ]
+    assert sent.max_new_tokens == 64 and sent.temperature == 0.8 and sent.top_p == 0.95
+    roles = [b.get_attribute("data-role") for b in page.get_by_test_id("chat-message").all()]
+    assert roles == ["user", "assistant", "user", "assistant"]
+
+    # Each answer has a row in the query log.
+    rows = page.get_by_test_id("log-row")
+    assert rows.count() == 2
+    for row in rows.all():
+        assert row.get_attribute("data-status") == "ok" and row.get_attribute("data-kind") == "chat"
+    cells = rows.first.locator("td").all_inner_texts()
+    assert cells[2].startswith(CHAT_MODEL) and cells[3] == "5" and cells[4].removesuffix(" ms").isdigit() and cells[5] == "ok", cells
+    assert "5 tokens" in second.get_by_test_id("chat-meta").inner_text()
+    assert page.get_by_test_id("error").is_hidden()
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "chat-desktop.png"), full_page=True)
+
+    # New chat: an empty conversation, and the next request carries only the new message.
+    page.get_by_test_id("chat-new").click()
+    assert page.get_by_test_id("chat-message").count() == 0
+    send_chat(page, "Fresh start beta")
+    assert wait_answer(page, 1).get_by_test_id("chat-text").inner_text() == "Turn 1: Fresh start beta"
+    assert list(chat_requests(fake, "Fresh start beta")[-1].messages) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Fresh start beta"},
+    ]
+
+
+def test_base_model_shows_the_completion_view_and_the_toggle_switches(fake: FakeGateway, page: Any) -> None:
+    page.goto(fake.url)
+    wait_models(page, "tiny-gpt2", CHAT_MODEL)
+    assert page.get_by_test_id("chat-view").is_hidden()  # "any model": not all of them chat
+    assert "--model" in page.get_by_test_id("model-hint").text_content()  # how a worker picks its model
+    page.get_by_test_id("model").select_option("tiny-gpt2")
+    assert "tiny-gpt2: a base model" in page.get_by_test_id("model-hint").text_content()
+    assert page.get_by_test_id("completion-view").is_visible() and page.get_by_test_id("output").is_visible()
+    assert page.get_by_test_id("send").is_visible() and page.get_by_test_id("chat-send").is_hidden()
+    assert page.get_by_test_id("chat-view").is_hidden()
+    assert page.get_by_test_id("view-completion").get_attribute("aria-pressed") == "true"
+
+    page.get_by_test_id("model").select_option(CHAT_MODEL)  # the view follows the model
+    page.get_by_test_id("chat-view").wait_for(state="visible")
+    hint = page.get_by_test_id("model-hint").text_content()
+    assert f"{CHAT_MODEL}: a chat model" in hint and "abababab" in hint  # its fingerprint, shortened
+    page.get_by_test_id("view-completion").click()  # the user's pick wins...
+    assert page.get_by_test_id("completion-view").is_visible() and page.get_by_test_id("chat-view").is_hidden()
+    page.evaluate("window.dllm.refresh()")  # ...also after the models are polled again
+    assert page.get_by_test_id("completion-view").is_visible()
+    page.get_by_test_id("prompt").fill("Plain completion")
+    page.get_by_test_id("max-new-tokens").fill("3")
+    page.get_by_test_id("send").click()
+    page.wait_for_function("t => document.querySelector('[data-testid=output]').textContent === t", arg="".join(WORDS[:3]))
+    assert page.get_by_test_id("log-row").first.get_attribute("data-kind") == "completion"
+
+    page.get_by_test_id("model").select_option("tiny-gpt2")
+    page.get_by_test_id("view-chat").click()  # a base model can be chatted with too
+    assert page.get_by_test_id("chat-view").is_visible() and page.get_by_test_id("completion-view").is_hidden()
+    assert page.get_by_test_id("view-toggle").get_attribute("data-view") == "chat"
+
+
+def test_chat_error_mid_answer_keeps_the_partial_text(fake: FakeGateway, page: Any) -> None:
+    open_chat(page, fake.url)
+    send_chat(page, "CRASH right now")
+    answer = wait_answer(page, 1)
+    page.get_by_test_id("error").wait_for(state="visible")
+    assert page.get_by_test_id("error-message").inner_text() == "The worker ran out of memory (internal)"
+    assert answer.get_attribute("data-status") == "error"
+    assert answer.get_by_test_id("chat-text").inner_text() == "Turn 1:"
+    assert "Cut short: The worker ran out of memory (internal)" in answer.get_by_test_id("chat-meta").inner_text()
+    row = page.get_by_test_id("log-row").first
+    assert row.get_attribute("data-status") == "error" and row.get_attribute("data-kind") == "chat"
+    assert row.locator("td").nth(3).inner_text() == "2"
+    assert "ran out of memory" in row.get_by_test_id("log-status").inner_text()
+
+    # The conversation goes on from what the user saw.
+    send_chat(page, "Go on gamma")
+    wait_answer(page, 2)
+    assert page.get_by_test_id("error").is_hidden()
+    assert list(chat_requests(fake, "Go on gamma")[-1].messages) == [
+        {"role": "user", "content": "CRASH right now"},
+        {"role": "assistant", "content": "Turn 1:"},
+        {"role": "user", "content": "Go on gamma"},
+    ]
+
+
+def test_chat_without_a_live_node_gives_the_message_back(fake: FakeGateway, page: Any) -> None:
+    page.goto(fake.url)
+    wait_models(page, "ghost")
+    page.get_by_test_id("model").select_option("ghost")
+    page.get_by_test_id("view-chat").click()
+    fake.call(fake.table.forget, NODE_GHOST)
+    try:
+        send_chat(page, "Anyone there?")
+        page.get_by_test_id("error").wait_for(state="visible")
+        assert page.get_by_test_id("error-message").inner_text() == "No live node serves model 'ghost' (503)"
+        assert page.get_by_test_id("chat-message").count() == 0  # nothing was said...
+        assert page.get_by_test_id("chat-input").input_value() == "Anyone there?"  # ...so it can be sent again
+        row = page.get_by_test_id("log-row").first
+        assert row.get_attribute("data-status") == "error" and row.get_attribute("data-kind") == "chat"
+        assert "503" in row.get_by_test_id("log-status").inner_text()
+    finally:
+        fake.call(fake.bring_back_ghost)
+
+
+def test_stop_button_cancels_a_chat_answer(fake: FakeGateway, page: Any) -> None:
+    open_chat(page, fake.url)
+    send_chat(page, " ".join(f"word{i}" for i in range(40)))
+    page.wait_for_function("s => document.querySelector(s)?.textContent.length > 0", arg=f"{ANSWERS} [data-testid=chat-text]")
+    page.get_by_test_id("stop").click()
+    answer = wait_answer(page, 1)
+    assert answer.get_attribute("data-status") == "stopped"
+    kept = answer.get_by_test_id("chat-text").inner_text()
+    assert kept.startswith("Turn 1:") and not kept.endswith("word39")
+    page.wait_for_function("() => document.querySelector('[data-testid=log-row]').dataset.status === 'stopped'")
+    assert page.get_by_test_id("error").is_hidden()
+    assert page.get_by_test_id("chat-send").is_enabled() and page.get_by_test_id("stop").is_disabled()
+
+
+def test_new_chat_during_an_answer_stops_it_and_starts_afresh(fake: FakeGateway, page: Any) -> None:
+    open_chat(page, fake.url)
+    send_chat(page, "Interrupted " + " ".join(f"w{i}" for i in range(40)))
+    page.wait_for_function("s => document.querySelector(s)?.textContent.length > 0", arg=f"{ANSWERS} [data-testid=chat-text]")
+    page.get_by_test_id("chat-new").click()
+    assert page.get_by_test_id("chat-message").count() == 0
+    page.wait_for_function("() => document.querySelector('[data-testid=log-row]').dataset.status === 'stopped'")
+    assert page.get_by_test_id("chat-send").is_enabled()
+    send_chat(page, "Afresh eta")
+    assert wait_answer(page, 1).get_by_test_id("chat-text").inner_text() == "Turn 1: Afresh eta"
+    assert page.get_by_test_id("chat-message").count() == 2  # the old answer never comes back
+    assert list(chat_requests(fake, "Afresh eta")[-1].messages) == [{"role": "user", "content": "Afresh eta"}]
+
+
+def test_copy_puts_the_answer_on_the_clipboard(fake: FakeGateway, browser: Any) -> None:
+    with browser_page((1280, 900), browser=browser, permissions=["clipboard-read", "clipboard-write"]) as page:
+        open_chat(page, fake.url)
+        send_chat(page, "Copy me delta")
+        answer = wait_answer(page, 1)
+        copy = answer.get_by_test_id("chat-copy")
+        copy.click()
+        page.wait_for_function("s => document.querySelector(s)?.dataset.state === 'copied'", arg=f"{ANSWERS} [data-testid=chat-copy]")
+        assert copy.inner_text() == "Copied"
+        assert page.evaluate("navigator.clipboard.readText()") == "Turn 1: Copy me delta"
+        assert page.js_errors == []
+
+
+def test_copy_falls_back_without_the_clipboard_api(fake: FakeGateway, browser: Any) -> None:
+    with browser_page((1280, 900), browser=browser) as page:
+        # As on a plain-http gateway that isn't localhost: no navigator.clipboard.
+        page.add_init_script("""
+            Object.defineProperty(Navigator.prototype, 'clipboard', {get: () => undefined, configurable: true});
+            const execCommand = Document.prototype.execCommand;
+            window.copiedText = null;
+            Document.prototype.execCommand = function (command, ...rest) {
+                const area = document.activeElement;
+                if (command === 'copy' && area) window.copiedText = area.value.slice(area.selectionStart, area.selectionEnd);
+                return execCommand.call(this, command, ...rest);
+            };
+        """)
+        open_chat(page, fake.url)
+        send_chat(page, "Fallback epsilon")
+        answer = wait_answer(page, 1)
+        answer.get_by_test_id("chat-copy").click()
+        page.wait_for_function("s => document.querySelector(s)?.dataset.state === 'copied'", arg=f"{ANSWERS} [data-testid=chat-copy]")
+        assert page.evaluate("window.copiedText") == "Turn 1: Fallback epsilon"
+        assert page.locator(".clipboard-helper").count() == 0  # the helper is gone again
+        assert page.js_errors == []
+
+
+def test_non_streaming_chat_answer_names_the_node(fake: FakeGateway, page: Any) -> None:
+    open_chat(page, fake.url)
+    page.get_by_test_id("stream").uncheck()
+    send_chat(page, "No stream zeta")
+    answer = wait_answer(page, 1)
+    assert answer.get_by_test_id("chat-text").inner_text() == "Turn 1: No stream zeta"
+    row = page.get_by_test_id("log-row").first
+    assert row.get_attribute("data-status") == "ok"
+    assert row.get_attribute("data-node") in {NODE_A, NODE_B}  # the answer's "node"
+
+
+def test_chat_text_is_never_markup(fake: FakeGateway, page: Any) -> None:
+    open_chat(page, fake.url)
+    hostile = '<img src=x onerror="window.pwned=1"><b>bold</b>'
+    send_chat(page, hostile)
+    answer = wait_answer(page, 1)
+    assert answer.get_by_test_id("chat-text").inner_text() == "Turn 1: " + " ".join(hostile.split())
+    assert page.get_by_test_id("chat-message").first.get_by_test_id("chat-text").inner_text() == hostile
+    assert page.locator("[data-testid=chat-messages] img, [data-testid=chat-messages] b").count() == 0
+    assert page.evaluate("window.pwned") is None
+
+
+def test_chat_at_phone_width_has_no_sideways_scroll(fake: FakeGateway, browser: Any) -> None:
+    with browser_page((390, 844), browser=browser, is_mobile=True, has_touch=True) as page:
+        open_chat(page, fake.url)
+        send_chat(page, "What is a peer to peer network?")
+        wait_answer(page, 1)
+        send_chat(page, "x" * 300)  # one long unbroken word, echoed back
+        wait_answer(page, 2)
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, f"page is {width}px wide on a 390px screen"
+        box = page.get_by_test_id("chat-messages")
+        assert page.evaluate("el => el.scrollWidth <= el.clientWidth", box.element_handle())
+        for testid in ("chat-send", "stop", "chat-new"):
+            assert page.get_by_test_id(testid).bounding_box()["width"] >= 44, testid
+        page.get_by_test_id("chat-messages").evaluate("el => el.scrollTop = 0")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "chat-phone.png"), full_page=True)
+        assert page.js_errors == []

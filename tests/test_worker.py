@@ -80,6 +80,20 @@ async def test_client_receives_token_frames_that_add_up_to_the_text(worker: tupl
     assert "".join(f["text"] for f in tokens) == done["text"]
 
 
+def test_cli_query_sends_chat_messages_and_stop_strings(worker: tuple[Child, str, Path]) -> None:
+    _, addr, _ = worker
+    plain = run_cli("query", addr, "User: Hi\nAssistant:", "--max-new-tokens", "16", "--min-new-tokens", "16", "--temperature", "0", "--json")
+    chat = run_cli("query", addr, "Hi", "--chat", "--max-new-tokens", "16", "--min-new-tokens", "16", "--temperature", "0", "--json")
+    assert plain.returncode == chat.returncode == 0, chat.stderr
+    plain_frame, chat_frame = json.loads(plain.stdout), json.loads(chat.stdout)
+    # tiny has no chat template: the conversation becomes the same transcript.
+    assert chat_frame["text"] == plain_frame["text"] and chat_frame["usage"] == plain_frame["usage"]
+    stop = plain_frame["text"][5:8]
+    cut = run_cli("query", addr, "Hi", "--chat", "--max-new-tokens", "16", "--min-new-tokens", "16", "--temperature", "0", "--stop", stop, "--json")
+    cut_frame = json.loads(cut.stdout)
+    assert cut_frame["text"] == plain_frame["text"].split(stop)[0] and cut_frame["finish_reason"] == "stop"
+
+
 def test_info_describes_the_node(worker: tuple[Child, str, Path]) -> None:
     _, addr, data_dir = worker
     result = run_cli("info", addr)
@@ -87,6 +101,8 @@ def test_info_describes_the_node(worker: tuple[Child, str, Path]) -> None:
     info = json.loads(result.stdout)
     assert info["peer_id"] == addr.rsplit("/", 1)[1]
     assert info["models"] == ["tiny"]
+    assert info["model_info"]["tiny"]["chat"] is False
+    assert info["model_info"]["tiny"]["fingerprint"] == json.loads((data_dir / "fingerprints.json").read_text()).popitem()[1]
     assert info["limits"]["max_new_tokens"] == 512
     assert not any("/0.0.0.0/" in a for a in info["addrs"])
     node = json.loads((data_dir / "node.json").read_text())

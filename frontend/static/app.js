@@ -1,4 +1,5 @@
-// dllm-p2p web page: send prompts to a gateway, watch tokens stream in, explore the nodes.
+// dllm-p2p web page: send prompts to a gateway (or chat with a chat model), watch tokens
+// stream in, explore the nodes.
 //
 // No framework, no build step. Everything that comes from the network is put into the page
 // with textContent / attributes, never as HTML.
@@ -10,6 +11,7 @@
   const DISCOVER_TIMEOUT_MS = 20000;
   const MAX_LOG_ROWS = 100;
   const DEFAULT_IPFS_GATEWAY = "https://ipfs.io";
+  const COPIED_MS = 2000;
   const STORE = { gateway: "dllm.gatewayUrl", registry: "dllm.registryRef", ipfs: "dllm.ipfsGateway" };
 
   const $ = (id) => document.getElementById(id);
@@ -23,9 +25,22 @@
     registryRef: $("registry-ref"),
     ipfsGateway: $("ipfs-gateway"),
     discoverStatus: $("discover-status"),
+    ask: $("ask"),
+    promptTitle: $("prompt-title"),
+    viewToggle: document.querySelector("[data-testid=view-toggle]"),
+    viewButtons: [...document.querySelectorAll("[data-testid=view-toggle] button[data-view]")],
+    completionView: $("completion-view"),
+    completionOutput: $("completion-output"),
+    chatView: $("chat-view"),
+    chatSystem: $("chat-system"),
+    chatMessages: $("chat-messages"),
+    chatInput: $("chat-input"),
+    chatSend: $("chat-send"),
+    chatNew: $("chat-new"),
     promptForm: $("prompt-form"),
     prompt: $("prompt"),
     model: $("model"),
+    modelHint: $("model-hint"),
     maxNewTokens: $("max-new-tokens"),
     temperature: $("temperature"),
     topP: $("top-p"),
@@ -53,7 +68,17 @@
   };
 
   const fromDisk = !/^https?:$/.test(location.protocol);
-  const state = { gateway: "", running: null, pollTimer: null, polling: false };
+  const state = {
+    gateway: "",
+    running: null,  // the AbortController of the answer under way, completion or chat
+    pollTimer: null,
+    polling: false,
+    models: new Map(),  // id -> {chat: bool}, from /v1/models
+    view: "completion",  // "completion" | "chat"
+    viewChoice: null,  // the user's pick with the toggle; null: follow the model
+    chat: { turns: [] },  // the conversation: [{role, content}], replaced by "New chat"
+    chatRun: null,  // the AbortController of the chat answer under way, if any
+  };
 
   // --- small helpers --------------------------------------------------------------------
 
@@ -361,11 +386,12 @@
     ui.error.hidden = false;
   }
 
-  function requestBody() {
-    const body = { prompt: ui.prompt.value };
+  /** The sampling controls, named as the body wants the token limit named. */
+  function samplingParams(maxTokensKey) {
+    const body = {};
     if (ui.model.value) body.model = ui.model.value;
     const maxNew = parseInt(ui.maxNewTokens.value, 10);
-    if (Number.isFinite(maxNew)) body.max_new_tokens = maxNew;
+    if (Number.isFinite(maxNew)) body[maxTokensKey] = maxNew;
     const temperature = parseFloat(ui.temperature.value);
     if (Number.isFinite(temperature)) body.temperature = temperature;
     const topP = parseFloat(ui.topP.value);
@@ -376,23 +402,52 @@
     return body;
   }
 
-  function setRunning(running) {
+  function requestBody() {
+    return { prompt: ui.prompt.value, ...samplingParams("max_new_tokens") };
+  }
+
+  function setRunning(running, kind = "completion") {
     ui.send.disabled = running;
+    ui.chatSend.disabled = running;
     ui.stop.disabled = !running;
-    ui.output.setAttribute("aria-busy", running ? "true" : "false");
-    ui.output.classList.toggle("running", running);
+    const completion = running && kind === "completion";
+    const chat = running && kind === "chat";
+    ui.output.setAttribute("aria-busy", completion ? "true" : "false");
+    ui.output.classList.toggle("running", completion);
+    ui.chatMessages.setAttribute("aria-busy", chat ? "true" : "false");
+  }
+
+  /** False (after saying so) when there is no gateway to ask. */
+  function haveGateway() {
+    if (state.gateway) return true;
+    showError(new ApiError(fromDisk
+      ? "set the Gateway URL first (this page was opened from disk)"
+      : "set the Gateway URL first"));
+    ui.gatewayUrl.setAttribute("aria-invalid", "true");
+    ui.gatewayUrl.focus();
+    return false;
+  }
+
+  /** An error reported inside a stream: {"code", "message"}. */
+  function streamError(err) {
+    const e = err && typeof err === "object" ? err : {};
+    return new ApiError(typeof e.message === "string" && e.message ? e.message : "the node failed mid-answer",
+      { code: typeof e.code === "string" ? e.code : null });
+  }
+
+  /** Fill in a log entry for a request that failed or was stopped. */
+  function markFailed(entry, err, started) {
+    const aborted = err && err.name === "AbortError";
+    entry.latency = Math.round(performance.now() - started);
+    entry.status = aborted ? "stopped" : "error";
+    entry.error = aborted ? "stopped by you" : (err instanceof ApiError ? err.display : capitalize(String(err.message || err)));
+    entry.code = err && err.code ? err.code : null;
+    return aborted;
   }
 
   async function generate() {
     if (state.running) return;
-    if (!state.gateway) {
-      showError(new ApiError(fromDisk
-        ? "set the Gateway URL first (this page was opened from disk)"
-        : "set the Gateway URL first"));
-      ui.gatewayUrl.setAttribute("aria-invalid", "true");
-      ui.gatewayUrl.focus();
-      return;
-    }
+    if (!haveGateway()) return;
     const body = requestBody();
     const controller = new AbortController();
     const started = performance.now();
@@ -433,9 +488,7 @@
             final = payload || {};
             break;
           } else if (event === "error") {
-            const err = payload || {};
-            throw new ApiError(typeof err.message === "string" ? err.message : "the node failed mid-answer",
-              { code: typeof err.code === "string" ? err.code : null });
+            throw streamError(payload);
           }
         }
         if (!final) throw new ApiError("the answer stream ended before the final event");
@@ -448,11 +501,7 @@
       ui.outputMeta.textContent = describeAnswer(final, entry);
       ui.runStatus.textContent = "Done.";
     } catch (err) {
-      const aborted = err && err.name === "AbortError";
-      entry.latency = Math.round(performance.now() - started);
-      entry.status = aborted ? "stopped" : "error";
-      entry.error = aborted ? "stopped by you" : (err instanceof ApiError ? err.display : String(err.message || err));
-      entry.code = err && err.code ? err.code : null;
+      const aborted = markFailed(entry, err, started);
       updateLogRow(row, entry);
       ui.runStatus.textContent = aborted ? "Stopped." : "Failed.";
       if (!aborted) showError(err instanceof ApiError ? err : new ApiError(String(err.message || err)));
@@ -490,6 +539,232 @@
     return parts.join(" · ");
   }
 
+  // --- the chat view ---------------------------------------------------------------------
+
+  /** Whether the selected model (or, for "any model", every live model) is a chat model. */
+  function modelIsChat(id) {
+    if (id) return state.models.get(id)?.chat === true;
+    const all = [...state.models.values()];
+    return all.length > 0 && all.every((m) => m.chat === true);
+  }
+
+  /** Show the chat or the completion view: the user's pick, else what suits the model. */
+  function applyView() {
+    const view = state.viewChoice || (modelIsChat(ui.model.value) ? "chat" : "completion");
+    const changed = view !== state.view;
+    state.view = view;
+    const chat = view === "chat";
+    ui.ask.dataset.view = view;
+    ui.viewToggle.dataset.view = view;
+    for (const button of ui.viewButtons) button.setAttribute("aria-pressed", String(button.dataset.view === view));
+    ui.promptTitle.textContent = chat ? "Chat" : "Prompt";
+    ui.completionView.hidden = chat;
+    ui.completionOutput.hidden = chat;
+    ui.send.hidden = chat;
+    ui.chatView.hidden = !chat;
+    ui.chatSend.hidden = !chat;
+    ui.chatNew.hidden = !chat;
+    ui.prompt.required = !chat;  // a hidden required field would block the chat's submit
+    ui.temperature.max = chat ? "2" : "100";  // the OpenAI-shaped chat route takes 0..2
+    if (changed && !state.running) {
+      showError(null);
+      ui.runStatus.textContent = "";
+    }
+  }
+
+  function chatBody() {
+    const messages = [];
+    if (ui.chatSystem.value.trim()) messages.push({ role: "system", content: ui.chatSystem.value });
+    for (const turn of state.chat.turns) messages.push({ role: turn.role, content: turn.content });
+    return { messages, ...samplingParams("max_tokens") };
+  }
+
+  function scrollChat(force = false) {
+    const box = ui.chatMessages;
+    if (force || box.scrollTop + box.clientHeight >= box.scrollHeight - 48) box.scrollTop = box.scrollHeight;
+  }
+
+  /** A bubble in the conversation; its text goes in as a text node. */
+  function addBubble(role, content) {
+    const text = document.createTextNode(content);
+    const bubble = el("div", { class: `msg ${role}`, "data-testid": "chat-message", "data-role": role },
+      el("span", { class: "visually-hidden" }, role === "user" ? "You: " : "Answer: "),
+      el("div", { class: "msg-text", "data-testid": "chat-text" }, text));
+    ui.chatMessages.append(bubble);
+    scrollChat(true);
+    return { bubble, text };
+  }
+
+  /** Copy with the Clipboard API, or the old selection trick where it is missing or refused
+   * (plain http pages other than localhost have no navigator.clipboard). */
+  async function copyText(value) {
+    try {
+      if (navigator.clipboard && window.isSecureContext) {
+        await navigator.clipboard.writeText(value);
+        return true;
+      }
+    } catch { /* refused: try the fallback */ }
+    const area = el("textarea", { class: "clipboard-helper", readonly: true, "aria-hidden": "true", tabindex: "-1" });
+    area.value = value;
+    document.body.append(area);
+    const focused = document.activeElement;
+    area.select();
+    let ok = false;
+    try { ok = document.execCommand("copy"); } catch { ok = false; }
+    area.remove();
+    if (focused && typeof focused.focus === "function") focused.focus();
+    return ok;
+  }
+
+  function copyButton(value) {
+    const button = el("button", { type: "button", class: "link copy", "data-testid": "chat-copy", "aria-label": "Copy this answer" }, "Copy");
+    let timer = null;
+    button.addEventListener("click", async () => {
+      const ok = await copyText(value);
+      button.textContent = ok ? "Copied" : "Copy failed";
+      button.dataset.state = ok ? "copied" : "failed";
+      clearTimeout(timer);
+      timer = setTimeout(() => {
+        button.textContent = "Copy";
+        delete button.dataset.state;
+      }, COPIED_MS);
+    });
+    return button;
+  }
+
+  async function sendChat() {
+    if (state.running) return;
+    const content = ui.chatInput.value;
+    if (!content.trim()) {
+      ui.chatInput.focus();
+      return;
+    }
+    if (!haveGateway()) return;
+    const chat = state.chat;
+    const question = { role: "user", content };
+    chat.turns.push(question);
+    const asked = addBubble("user", content);
+    ui.chatInput.value = "";
+    const body = chatBody();
+
+    const controller = new AbortController();
+    const started = performance.now();
+    const entry = { time: new Date(), kind: "chat", model: body.model || null, node: null, tokens: 0, latency: null, status: "running" };
+    const row = addLogRow(entry);
+    state.running = controller;
+    state.chatRun = controller;
+    showError(null);
+    setRunning(true, "chat");
+    ui.runStatus.textContent = "Waiting for a node…";
+    const { bubble, text } = addBubble("assistant", "");
+    bubble.dataset.status = "streaming";
+    let firstTokenMs = null;
+    let answered = false;
+
+    const append = (piece) => {
+      if (typeof piece !== "string" || !piece) return;
+      if (firstTokenMs === null) {
+        firstTokenMs = performance.now() - started;
+        ui.runStatus.textContent = "Streaming…";
+      }
+      text.appendData(piece);
+      entry.tokens += 1;
+      scrollChat();
+    };
+
+    try {
+      const res = await api("/v1/chat/completions", { method: "POST", body, signal: controller.signal });
+      let final = null;
+      if (body.stream) {
+        for await (const { data } of sseEvents(res.body)) {
+          if (data === "[DONE]") break;
+          const payload = parseJson(data);
+          if (!payload || typeof payload !== "object") continue;
+          if (payload.error) throw streamError(payload.error);
+          if (typeof payload.node === "string" && payload.node) entry.node = payload.node;
+          const choice = Array.isArray(payload.choices) ? payload.choices[0] : null;
+          append(choice?.delta?.content);
+          if (typeof choice?.finish_reason === "string") final = payload;
+          updateLogRow(row, { ...entry, status: "streaming" });
+        }
+        if (!final) throw new ApiError("the answer stream ended before the final event");
+      } else {
+        final = await res.json();
+        const message = Array.isArray(final?.choices) ? final.choices[0]?.message : null;
+        if (typeof message?.content === "string") text.data = message.content;
+      }
+      finishChat(entry, final, started, firstTokenMs);
+      answered = true;
+      updateLogRow(row, entry);
+      ui.runStatus.textContent = "Done.";
+    } catch (err) {
+      const aborted = markFailed(entry, err, started);
+      updateLogRow(row, entry);
+      ui.runStatus.textContent = aborted ? "Stopped." : "Failed.";
+      if (!aborted) showError(err instanceof ApiError ? err : new ApiError(String(err.message || err)));
+    } finally {
+      if (state.running === controller) {
+        state.running = null;
+        setRunning(false);
+      }
+      delete bubble.dataset.status;
+      if (state.chat !== chat) {
+        // "New chat" was pressed meanwhile: this conversation is gone.
+      } else if (answered || text.data) {
+        // A stopped or broken answer keeps what came, and the conversation goes on from it.
+        chat.turns.push({ role: "assistant", content: text.data });
+        bubble.dataset.status = entry.status;
+        bubble.append(el("div", { class: "msg-foot" },
+          el("span", { class: entry.status === "error" ? "bad" : null, "data-testid": "chat-meta", title: describeAnswer(null, entry) },
+            chatNote(entry)),
+          copyButton(text.data)));
+        scrollChat();
+      } else {
+        // Nothing came back: take the question back, so that it can be sent again.
+        bubble.remove();
+        asked.bubble.remove();
+        chat.turns.splice(chat.turns.indexOf(question), 1);
+        if (!ui.chatInput.value) ui.chatInput.value = content;
+      }
+      refresh().catch(() => {});
+    }
+  }
+
+  function finishChat(entry, final, started, firstTokenMs) {
+    const usage = final && typeof final.usage === "object" && final.usage ? final.usage : {};
+    const choice = Array.isArray(final?.choices) ? final.choices[0] : null;
+    if (typeof final?.node === "string" && final.node) entry.node = final.node;
+    if (typeof final?.model === "string" && final.model) entry.model = final.model;
+    if (isNum(usage.completion_tokens)) entry.tokens = usage.completion_tokens;
+    entry.promptTokens = isNum(usage.prompt_tokens) ? usage.prompt_tokens : null;
+    entry.latency = Math.round(performance.now() - started);
+    entry.firstToken = firstTokenMs !== null ? Math.round(firstTokenMs) : null;
+    entry.finish = typeof choice?.finish_reason === "string" ? choice.finish_reason : null;
+    entry.status = "ok";
+  }
+
+  /** The short line under an answer (the log row and the tooltip have the details). */
+  function chatNote(entry) {
+    const tokens = `${entry.tokens} token${entry.tokens === 1 ? "" : "s"}`;
+    if (entry.status === "stopped") return `Stopped · ${tokens}`;
+    if (entry.status === "error") return `Cut short: ${entry.error}`;
+    const parts = [];
+    if (entry.node) parts.push(`node ${shortId(entry.node)}`);
+    parts.push(tokens);
+    if (entry.latency !== null) parts.push(`${entry.latency} ms`);
+    if (entry.finish === "length") parts.push("hit the token limit");
+    return parts.join(" · ");
+  }
+
+  function newChat() {
+    if (state.running && state.running === state.chatRun) state.running.abort();
+    state.chat = { turns: [] };
+    ui.chatMessages.replaceChildren();
+    showError(null);
+    ui.runStatus.textContent = "";
+    ui.chatInput.focus();
+  }
+
   // --- the query log ---------------------------------------------------------------------
 
   function addLogRow(entry) {
@@ -507,11 +782,13 @@
       : entry.status === "error" || entry.status === "stopped" ? entry.error : entry.status;
     const statusClass = entry.status === "ok" ? "good" : entry.status === "error" ? "bad" : entry.status === "stopped" ? "warn" : "busy";
     row.dataset.status = entry.status;
+    row.dataset.kind = entry.kind || "completion";
     if (entry.node) row.dataset.node = entry.node;
     row.replaceChildren(
       el("td", { "data-label": "Time", class: "nowrap" }, clock(entry.time)),
       el("td", { "data-label": "Node", title: entry.node || null }, el("span", { class: "mono" }, entry.node ? shortId(entry.node) : dash)),
-      el("td", { "data-label": "Model", class: "nowrap" }, entry.model || "any"),
+      el("td", { "data-label": "Model", class: "nowrap" }, el("span", { class: "cell" }, entry.model || "any",
+        entry.kind === "chat" ? el("span", { class: "badge kind", title: "a chat answer (/v1/chat/completions)" }, "chat") : null)),
       el("td", { "data-label": "Tokens", class: "num" }, String(entry.tokens ?? 0)),
       el("td", { "data-label": "Latency", class: "num", title: entry.firstToken != null ? `first token ${entry.firstToken} ms` : null },
         entry.latency === null || entry.latency === undefined ? dash : `${entry.latency} ms`),
@@ -592,14 +869,38 @@
   }
 
   function renderModels(data) {
-    const ids = Array.isArray(data?.data) ? data.data.map((m) => m && m.id).filter((id) => typeof id === "string") : [];
+    const list = Array.isArray(data?.data) ? data.data.filter((m) => m && typeof m.id === "string") : [];
+    state.models = new Map(list.map((m) => [m.id, {
+      chat: m.chat === true,
+      fingerprints: Array.isArray(m.fingerprints) ? m.fingerprints.filter((f) => typeof f === "string") : [],
+    }]));
     const chosen = ui.model.value;
-    const current = [...ui.model.options].slice(1).map((o) => o.value);
-    const wanted = [...new Set(chosen && !ids.includes(chosen) ? [...ids, chosen] : ids)];
-    if (current.join("\n") === wanted.join("\n")) return;  // keep the open dropdown undisturbed
-    ui.model.replaceChildren(el("option", { value: "" }, "any model"),
-      ...wanted.map((id) => el("option", { value: id }, ids.includes(id) ? id : `${id} (no live node)`)));
-    ui.model.value = chosen;
+    const label = (id) => !state.models.has(id) ? `${id} (no live node)` : state.models.get(id).chat ? `${id} (chat)` : id;
+    const wanted = [...new Set(chosen && !state.models.has(chosen) ? [...state.models.keys(), chosen] : state.models.keys())];
+    const current = [...ui.model.options].slice(1).map((o) => [o.value, o.textContent]);
+    // Rebuilt only when something changed, to keep an open dropdown undisturbed.
+    if (current.length !== wanted.length || current.some(([value, text], i) => value !== wanted[i] || text !== label(value))) {
+      ui.model.replaceChildren(el("option", { value: "" }, "any model"),
+        ...wanted.map((id) => el("option", { value: id }, label(id))));
+      ui.model.value = chosen;
+    }
+    applyView();
+    renderModelHint();
+  }
+
+  /** Which model the selection means: chat or base, and the weights it is served with. */
+  function renderModelHint() {
+    const id = ui.model.value;
+    const info = state.models.get(id);
+    if (!id || !info) {
+      ui.modelHint.dataset.model = "";
+      return;  // keep the static text: how a worker picks its model
+    }
+    const prints = info.fingerprints.map((f) => shortHash(f.replace(/^sha256:/, ""))).join(", ");
+    const kind = info.chat ? "a chat model (its chat template is applied)" : "a base model (text is continued)";
+    ui.modelHint.dataset.model = id;
+    ui.modelHint.textContent = `${id}: ${kind}` + (prints ? `; weights ${prints}` : "") +
+      ". Workers pick their model at start: python -m dllm_p2p --model SPEC.";
   }
 
   function renderHealth(kind, text) {
@@ -673,8 +974,26 @@
 
   ui.promptForm.addEventListener("submit", (event) => {
     event.preventDefault();
-    generate();
+    if (state.view === "chat") sendChat(); else generate();
   });
+  ui.chatInput.addEventListener("keydown", (event) => {
+    // Enter sends, Shift+Enter is a new line; not while an input method is composing.
+    if (event.key !== "Enter" || event.shiftKey || event.isComposing || event.keyCode === 229) return;
+    event.preventDefault();
+    if (!state.running) ui.promptForm.requestSubmit(ui.chatSend);
+  });
+  ui.chatNew.addEventListener("click", newChat);
+  ui.model.addEventListener("change", () => {
+    state.viewChoice = null;  // a new model: its own view again
+    applyView();
+    renderModelHint();
+  });
+  for (const button of ui.viewButtons) {
+    button.addEventListener("click", () => {
+      state.viewChoice = button.dataset.view;
+      applyView();
+    });
+  }
   ui.prompt.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
       event.preventDefault();
@@ -691,6 +1010,7 @@
   });
 
   function start() {
+    applyView();
     const params = new URLSearchParams(location.search);
     ui.registryRef.value = params.get("registry") || storage.get(STORE.registry);
     ui.ipfsGateway.value = params.get("ipfs") || storage.get(STORE.ipfs);
@@ -705,6 +1025,6 @@
   }
 
   // Exposed for tests and the console; the page itself does not depend on it.
-  window.dllm = { liveGateways, registryUrl, normalizeHttpUrl, parseEvent, sseEvents, refresh, state };
+  window.dllm = { liveGateways, registryUrl, normalizeHttpUrl, parseEvent, sseEvents, refresh, copyText, state };
   start();
 })();
