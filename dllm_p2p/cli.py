@@ -209,6 +209,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return _fail("--read-timeout must be positive")
     if args.max_concurrency < 1 or args.max_queue < 0:
         return _fail("--max-concurrency must be at least 1 and --max-queue at least 0")
+    if args.max_new_tokens < 1 or not args.request_timeout > 0:
+        return _fail("--max-new-tokens must be at least 1 and --request-timeout positive")
+    try:
+        membership_config = MembershipConfig(
+            role="worker", bootstrap=args.bootstrap, heartbeat_interval=args.heartbeat_interval, record_ttl=args.record_ttl
+        )
+    except ValueError as exc:
+        return _fail(str(exc))
     if args.threads is not None:
         import torch
 
@@ -240,7 +248,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     store = ChainStore(args.data_dir)
     membership = Membership(
         identity,
-        MembershipConfig(role="worker", bootstrap=args.bootstrap, heartbeat_interval=args.heartbeat_interval, record_ttl=args.record_ttl),
+        membership_config,
         store,
         models=lambda: worker.models,
         load=worker.load,
@@ -377,13 +385,14 @@ def cmd_registry(args: argparse.Namespace) -> int:
         return 0 if ok else 1
 
     async def show() -> int:
-        publisher = await Publisher.open(Path(tempfile.mkdtemp(prefix="dllm-show-")), args.ipfs_api)
-        try:
-            chain = await load_source(args.source, publisher)
-        except (RegistryError, IpfsError, OSError) as exc:
-            return _fail(f"{args.source}: {exc}", 1)
-        finally:
-            await publisher.aclose()
+        with tempfile.TemporaryDirectory(prefix="dllm-show-") as scratch:  # the fetched blocks
+            publisher = await Publisher.open(Path(scratch), args.ipfs_api)
+            try:
+                chain = await load_source(args.source, publisher)
+            except (RegistryError, IpfsError, OSError) as exc:
+                return _fail(f"{args.source}: {exc}", 1)
+            finally:
+                await publisher.aclose()
         if args.json:
             print(chain.to_json(), end="")
             return 0
@@ -437,7 +446,10 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         return _fail("give --bootstrap MULTIADDR to join the network, or --registry SOURCE to read one")
 
     async def run() -> int:
-        store = ChainStore(tempfile.mkdtemp(prefix="dllm-nodes-"))
+        with tempfile.TemporaryDirectory(prefix="dllm-nodes-") as scratch:
+            return await listing(ChainStore(scratch))
+
+    async def listing(store: Any) -> int:
         if args.registry:
             publisher = await Publisher.open(store.path.parent, args.ipfs_api)
             try:

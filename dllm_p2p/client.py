@@ -84,19 +84,27 @@ class Client:
 
     async def connect(self, addr: str) -> ID:
         """Dial ``addr`` (a multiaddr ending in /p2p/<id>) unless already connected."""
-        info = _peer_info(addr)
+        try:
+            info = _peer_info(addr)
+        except Exception as exc:  # an address a peer gave us: any parse failure is its fault
+            raise DialError(f"cannot dial {addr[:200]!r}: {exc}") from None
         lock = self._locks.setdefault(info.peer_id, trio.Lock())
-        async with lock:  # one handshake per peer even when many requests start at once
-            if self.host.get_network().get_connections(info.peer_id):
-                return info.peer_id
-            with trio.move_on_after(self.connect_timeout) as scope:
-                try:
-                    await self.host.connect(info)
-                except Exception as exc:
-                    raise DialError(f"cannot connect to {addr}: {exc}") from exc
-            if scope.cancelled_caught:
-                raise DialError(f"cannot connect to {addr}: timed out after {self.connect_timeout:g} s")
-        return info.peer_id
+        try:
+            async with lock:  # one handshake per peer even when many requests start at once
+                if self.host.get_network().get_connections(info.peer_id):
+                    return info.peer_id
+                with trio.move_on_after(self.connect_timeout) as scope:
+                    try:
+                        await self.host.connect(info)
+                    except Exception as exc:
+                        raise DialError(f"cannot connect to {addr}: {exc}") from exc
+                if scope.cancelled_caught:
+                    raise DialError(f"cannot connect to {addr}: timed out after {self.connect_timeout:g} s")
+            return info.peer_id
+        finally:
+            # Locks live only while someone dials: the table does not grow with every peer seen.
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._locks.pop(info.peer_id, None)
 
     async def open_stream(self, addr: str, protocol: str) -> Any:
         """A stream negotiated the usual way (propose, wait for the echo), for raw use."""
@@ -158,9 +166,11 @@ class Client:
         if not idle:
             return None
         latest = idle.pop()
+        if not idle:
+            del self._idle[peer_id]  # no empty lists left behind for peers we no longer use
         if time.monotonic() - latest.since < IDLE_REUSE_SECONDS:
             return latest
-        idle.clear()  # the others are older still; the worker's idle limit closes them
+        self._idle.pop(peer_id, None)  # the others are older still; the worker's idle limit closes them
         return None
 
     def _put_idle(self, peer_id: ID, stream: Any, reader: wire.FrameReader) -> bool:
@@ -257,7 +267,10 @@ async def _read_response(reader: wire.FrameReader, addr: str) -> dict[str, Any]:
         raise ProtocolError(f"stream from {addr} failed: {exc!r}") from exc
     if frame is None:
         raise ProtocolError(f"{addr} closed the stream without a final frame")
-    return frame
+    try:
+        return wire.check_response(frame)
+    except wire.WireError as exc:
+        raise ProtocolError(f"bad frame from {addr}: {exc}") from exc
 
 
 async def _close_quietly(stream: Any) -> None:

@@ -7,6 +7,7 @@ relayed, independent of the pubsub implementation. The topic validator checks bo
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,12 @@ _FIELDS = {"peer_id": str, "public_key": bytes, "seq": int, "ts": float, "role":
 _OPTIONAL = {"meta": dict}
 MAX_META_MODELS = 16
 MAX_FINGERPRINT_CHARS = 80
+MAX_MODELS = 16
+MAX_ADDRS = 16
+MAX_TEXT_CHARS = 256
+MAX_LOAD_ENTRIES = 32
+#: Load figures that routing computes with: whole numbers, ``capacity`` at least 1.
+_LOAD_COUNTS = ("running", "queued", "capacity", "max_queue", "in_flight")
 
 
 class InvalidHeartbeat(ValueError):
@@ -90,8 +97,13 @@ def parse(data: bytes, *, sender: str | None = None, now: float | None = None) -
             value = message[key] = float(value)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise InvalidHeartbeat(f"'{key}' must be {kind.__name__}")
-    if not all(isinstance(m, str) for m in message["models"] + message["addrs"]):
-        raise InvalidHeartbeat("models and addrs must be strings")
+    if len(message["models"]) > MAX_MODELS or len(message["addrs"]) > MAX_ADDRS:
+        raise InvalidHeartbeat(f"at most {MAX_MODELS} models and {MAX_ADDRS} addrs")
+    if not all(isinstance(m, str) and 0 < len(m) <= MAX_TEXT_CHARS for m in message["models"] + message["addrs"]):
+        raise InvalidHeartbeat(f"models and addrs must be strings of 1 to {MAX_TEXT_CHARS} characters")
+    if message["role"] not in ("worker", "gateway", "relay"):
+        raise InvalidHeartbeat("unknown role")
+    _check_load(message["load"])
     signature = message.pop("sig")
     if not isinstance(signature, bytes):
         raise InvalidHeartbeat("'sig' must be bytes")
@@ -101,6 +113,8 @@ def parse(data: bytes, *, sender: str | None = None, now: float | None = None) -
         raise InvalidHeartbeat("unreadable public key") from None
     if owner != message["peer_id"]:
         raise InvalidHeartbeat("peer id does not match the public key")
+    if not all(addr.startswith("/") and addr.endswith(f"/p2p/{owner}") for addr in message["addrs"]):
+        raise InvalidHeartbeat("every address must be a multiaddr ending in the sender's /p2p/<peer-id>")
     if sender is not None and sender != owner:
         raise InvalidHeartbeat("published by another peer")
     if not verify(message["public_key"], _body(message), signature):
@@ -136,3 +150,22 @@ def _parse_meta(meta: Any) -> dict[str, dict[str, Any]]:
             raise InvalidHeartbeat(f"meta[{name!r}].chat must be a boolean")
         out[name] = {"fingerprint": fingerprint, "chat": chat}
     return out
+
+
+def _check_load(load: dict[str, Any]) -> None:
+    """``load`` is read by routing and shown on the page: small, flat and typed."""
+    if len(load) > MAX_LOAD_ENTRIES:
+        raise InvalidHeartbeat(f"'load' has more than {MAX_LOAD_ENTRIES} entries")
+    for key, value in load.items():
+        if not isinstance(key, str) or len(key) > 32:
+            raise InvalidHeartbeat("'load' keys must be short strings")
+        if isinstance(value, str):
+            if len(value) > 32:
+                raise InvalidHeartbeat(f"load.{key} is too long")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= 2**53:
+            raise InvalidHeartbeat(f"load.{key} must be a number >= 0 or a short string")
+    for key in _LOAD_COUNTS:
+        if key in load and (not isinstance(load[key], int) or isinstance(load[key], bool)):
+            raise InvalidHeartbeat(f"load.{key} must be a whole number")
+    if load.get("capacity", 1) < 1:
+        raise InvalidHeartbeat("load.capacity must be at least 1")

@@ -57,6 +57,15 @@ class MembershipConfig:
     record_ttl: float = 600.0
     gateway_url: str | None = None
 
+    def __post_init__(self) -> None:
+        """Refuse settings that would only fail later, deep inside a loop."""
+        if not 0 < self.heartbeat_interval <= 3600:
+            raise ValueError(f"--heartbeat-interval must be between 0 and 3600 seconds, not {self.heartbeat_interval:g}")
+        if self.ttl is not None and not self.ttl > 0:
+            raise ValueError(f"--ttl must be positive, not {self.ttl:g}")
+        if not self.record_ttl >= 10:
+            raise ValueError(f"--record-ttl must be at least 10 seconds, not {self.record_ttl:g}")
+
     @property
     def effective_ttl(self) -> float:
         return self.ttl if self.ttl is not None else 3 * self.heartbeat_interval + 1.0

@@ -28,6 +28,7 @@ MAX_RESPONSE_FRAME = 1024 * 1024
 #: tighter limit in practice; this bound keeps tokenization cheap).
 MAX_PROMPT_CHARS = 32 * 1024
 MAX_NEW_TOKENS_LIMIT = 4096
+MAX_TOP_K = 1_000_000
 #: Seconds a worker keeps a ``keep_alive`` stream open waiting for the next request.
 KEEP_ALIVE_IDLE = 30.0
 _MAX_VARINT_BYTES = 10
@@ -283,7 +284,7 @@ def parse_request(message: dict[str, Any]) -> Request:
         "min_new_tokens": lambda v: _int("min_new_tokens", v, 0, MAX_NEW_TOKENS_LIMIT),
         "temperature": lambda v: _float("temperature", v, 0.0, 100.0),
         "top_p": lambda v: _float("top_p", v, 0.0, 1.0),
-        "top_k": lambda v: _int("top_k", v, 0, 1_000_000),
+        "top_k": lambda v: _int("top_k", v, 0, MAX_TOP_K),
         "seed": lambda v: _int("seed", v, 0, 2**63 - 1),
         "stream": lambda v: _bool("stream", v),
         "id": lambda v: _str("id", v, 128),
@@ -365,4 +366,49 @@ def error_frame(code: str, message: str, request_id: str | None = None) -> dict[
     frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
     if request_id is not None:
         frame["id"] = request_id
+    return frame
+
+
+FINISH_REASONS = frozenset({"stop", "length"})
+#: Largest count a worker may report in ``usage`` (tokens) and in ``timing`` (ms, a day).
+_MAX_TOKENS_REPORTED = 10_000_000
+_MAX_MS_REPORTED = 86_400_000.0
+
+
+def check_response(frame: dict[str, Any]) -> dict[str, Any]:
+    """Validate a worker's response frame; raise ``WireError`` naming the first problem.
+
+    A client must not trust what a peer sends: a frame without a ``type``, a negative
+    token count or a timing of NaN would otherwise surface as a crash far from here. The
+    frame is returned with ``usage`` and ``timing`` normalised (missing fields filled in).
+    """
+    kind = frame.get("type")
+    if kind == "token":
+        _str("text", frame.get("text"), MAX_RESPONSE_FRAME)
+        return frame
+    if kind == "error":
+        code, message = frame.get("code"), frame.get("message", "")
+        if not isinstance(code, str) or not isinstance(message, str):
+            raise WireError("error frame needs a string 'code' and 'message'")
+        frame["code"] = code if code in ERROR_CODES else "internal"  # a code we don't know: a node failure
+        frame["message"] = message[:1000]
+        return frame
+    if kind != "done":
+        raise WireError(f"unknown frame type {str(kind)[:32]!r}")
+    _str("text", frame.get("text"), MAX_RESPONSE_FRAME)
+    for key in ("model", "fingerprint"):
+        if frame.get(key) is not None:
+            _str(key, frame[key], 256)
+    if frame.get("finish_reason", "stop") not in FINISH_REASONS:
+        raise WireError(f"'finish_reason' must be one of {', '.join(sorted(FINISH_REASONS))}")
+    usage, timing = frame.get("usage", {}), frame.get("timing", {})
+    if not isinstance(usage, dict) or not isinstance(timing, dict):
+        raise WireError("'usage' and 'timing' must be maps")
+    frame["usage"] = {
+        key: _int(f"usage.{key}", usage.get(key, 0), 0, _MAX_TOKENS_REPORTED) for key in ("prompt_tokens", "completion_tokens")
+    }
+    frame["timing"] = {
+        key: _float(f"timing.{key}", timing.get(key, 0.0), 0.0, _MAX_MS_REPORTED)
+        for key in ("queue_ms", "first_token_ms", "total_ms")
+    }
     return frame

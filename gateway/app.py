@@ -34,7 +34,15 @@ from .limits import RateLimiter
 from .nodes import NodeTable
 from .relay import Done, RelayError, Token, relay
 
-FRONTEND = Path(__file__).resolve().parent.parent / "frontend"
+def _frontend() -> Path:
+    """The page: ``frontend/`` of a source checkout, else the installed ``gateway.frontend``."""
+    checkout = Path(__file__).resolve().parent.parent / "frontend"
+    if (checkout / "index.html").is_file():
+        return checkout
+    return Path(__file__).resolve().parent / "frontend"
+
+
+FRONTEND = _frontend()
 MAX_BODY = 256 * 1024
 
 
@@ -60,7 +68,7 @@ class GenerateBody(BaseModel):
     min_new_tokens: int = Field(default=0, ge=0, le=wire.MAX_NEW_TOKENS_LIMIT)
     temperature: float = Field(default=1.0, ge=0.0, le=100.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)
+    top_k: int = Field(default=0, ge=0, le=wire.MAX_TOP_K)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: StopField = None
     stream: bool = False
@@ -209,6 +217,13 @@ class Guard:
             refusal = self.check(scope)
             if refusal is not None:
                 return await refusal(scope, receive, send)
+            if Headers(scope=scope).get("content-length") is None:
+                # A chunked body has no length to check up front: read at most MAX_BODY
+                # bytes of it, refuse past that, and hand the app what was read.
+                body = await _read_at_most(receive, MAX_BODY)
+                if body is None:
+                    return await _error(413, "too_large", f"request body over {MAX_BODY} bytes")(scope, receive, send)
+                receive = _replay(body, receive)
         await self.app(scope, receive, send)
 
     def check(self, scope: Scope) -> Response | None:
@@ -235,6 +250,36 @@ class Guard:
             response.headers["Retry-After"] = str(max(1, round(wait)))
             return response
         return None
+
+
+async def _read_at_most(receive: Receive, limit: int) -> bytes | None:
+    """The request body, or None as soon as it passes ``limit`` bytes (the rest unread)."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks)  # the client went away; the app will see an empty body
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that yields ``body`` once, then defers to the real one (disconnects)."""
+    sent = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay  # type: ignore[return-value]
 
 
 def create_app(gw: Gateway) -> FastAPI:

@@ -120,19 +120,19 @@ class NodeTable:
 
     def update_from_registry(self, records: Iterable[dict[str, Any]]) -> None:
         """Replace registry facts with the live records of a verified chain."""
-        live = set()
-        for record in records:
-            if record.get("role", "worker") != "worker":
-                continue
-            node = self._get(record["peer_id"])
-            node.addrs = list(record.get("addrs", []))
-            node.models = list(record.get("models", []))
-            node.expires = float(record.get("expires", 0))
-            node.registered = True
-            live.add(node.peer_id)
+        live = {self.register(record) for record in records if record.get("role", "worker") == "worker"}
         for peer_id, node in self.nodes.items():
             if peer_id not in live:
                 node.registered = False
+
+    def register(self, record: dict[str, Any]) -> str:
+        """Take one verified registry record's facts; returns its peer id."""
+        node = self._get(record["peer_id"])
+        node.addrs = list(record.get("addrs", []))
+        node.models = list(record.get("models", []))
+        node.expires = float(record.get("expires", 0))
+        node.registered = True
+        return node.peer_id
 
     def heartbeat(
         self,
@@ -191,14 +191,19 @@ class NodeTable:
         now = time.time() if now is None else now
         return [n for n in self.nodes.values() if n.online(now, self.ttl) and n.addrs]
 
+    def routable(self, now: float | None = None) -> list[NodeState]:
+        """Online workers with a registry record: a heartbeat alone does not make a node
+        routable (anyone can gossip one; a record is signed into the shared registry)."""
+        return [n for n in self.online(now) if n.role == "worker" and n.registered and (self.allow is None or n.peer_id in self.allow)]
+
     def models(self) -> list[str]:
-        return sorted({m for n in self.online() for m in n.models})
+        return sorted({m for n in self.routable() for m in n.models})
 
     def model_facts(self) -> dict[str, dict[str, Any]]:
         """Per model served by an online node: whether it is a chat model (any node says
         so) and the fingerprints it is served under (a name may cover several builds)."""
         facts: dict[str, dict[str, Any]] = {}
-        for node in self.online():
+        for node in self.routable():
             for model in node.models:
                 entry = facts.setdefault(model, {"chat": False, "fingerprints": []})
                 info = node.model_info.get(model, {})
@@ -211,14 +216,7 @@ class NodeTable:
     def candidates(self, model: str | None, exclude: Iterable[str] = (), now: float | None = None) -> list[NodeState]:
         now = time.time() if now is None else now
         excluded = set(exclude)
-        return [
-            n
-            for n in self.online(now)
-            if n.peer_id not in excluded
-            and n.role == "worker"
-            and (model is None or model in n.models)
-            and (self.allow is None or n.peer_id in self.allow)
-        ]
+        return [n for n in self.routable(now) if n.peer_id not in excluded and (model is None or model in n.models)]
 
     def choose(self, model: str | None, exclude: Iterable[str] = ()) -> NodeState:
         """Pick a node for ``model``: nodes in backoff only when nothing else is left.

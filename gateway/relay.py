@@ -83,7 +83,7 @@ async def relay(
         first_token_at: float | None = None
         token_frames = 0
         try:
-            async with aclosing(_frames(client, node.addrs, request, first_frame_timeout)) as frames:
+            async with aclosing(_frames(client, node.addrs, request, first_frame_timeout, answer_timeout)) as frames:
                 async for frame in frames:
                     if frame["type"] == "token":
                         if first_token_at is None:
@@ -100,7 +100,7 @@ async def relay(
             last = RelayError(exc.code, exc.message, node.peer_id)
             if not retry:
                 raise last from None
-        except (ClientError, _FirstTokenTimeout) as exc:
+        except (ClientError, _Stalled) as exc:
             table.record_failure(node.peer_id, str(exc))
             last = RelayError("node_failed", f"node {node.peer_id[:16]}… failed: {exc}", node.peer_id)
             if first_token_at is not None:
@@ -122,28 +122,47 @@ def _record(table: NodeTable, peer_id: str, frame: dict[str, Any], started: floa
     table.record_success(peer_id, (first_token_at - started) * 1000, tokens, now - first_token_at)
 
 
-class _FirstTokenTimeout(Exception):
+#: Addresses of one node tried per request, and the seconds all of them may take: a
+#: record listing many dead addresses must not hold a request for 10 s per address.
+MAX_DIAL_ADDRS = 4
+DIAL_BUDGET = 10.0
+#: Longest silence between two frames of an answer once it has started.
+FRAME_IDLE_TIMEOUT = 60.0
+
+
+class _Stalled(Exception):
     pass
 
 
 async def _frames(
-    client: Client, addrs: list[str], request: wire.Request, first_frame_timeout: float
+    client: Client, addrs: list[str], request: wire.Request, first_frame_timeout: float, answer_timeout: float = 330.0
 ) -> AsyncIterator[dict[str, Any]]:
-    """Frames from the first of ``addrs`` that can be dialed."""
+    """Frames from the first of ``addrs`` that can be dialed, each within its deadline:
+    the first within ``first_frame_timeout``, the next ones within ``FRAME_IDLE_TIMEOUT``
+    of the previous, and all of them within ``answer_timeout``."""
     errors = []
-    for addr in addrs:
-        try:
-            await client.connect(addr)
-        except DialError as exc:
-            errors.append(str(exc))
-            continue
-        async with aclosing(client.generate(addr, request)) as frames:
-            with trio.move_on_after(first_frame_timeout) as scope:
-                first = await frames.__anext__()
+    chosen = None
+    with trio.move_on_after(DIAL_BUDGET):
+        for addr in addrs[:MAX_DIAL_ADDRS]:
+            try:
+                await client.connect(addr)
+            except DialError as exc:
+                errors.append(str(exc))
+                continue
+            chosen = addr
+            break
+    if chosen is None:
+        raise DialError("; ".join(errors) or f"no address answered within {DIAL_BUDGET:g} s")
+    end = trio.current_time() + answer_timeout
+    async with aclosing(client.generate(chosen, request)) as frames:
+        wait = first_frame_timeout
+        while True:
+            with trio.move_on_after(min(wait, end - trio.current_time())) as scope:
+                try:
+                    frame = await frames.__anext__()
+                except StopAsyncIteration:
+                    return
             if scope.cancelled_caught:
-                raise _FirstTokenTimeout(f"no answer within {first_frame_timeout:g} s")
-            yield first
-            async for frame in frames:
-                yield frame
-        return
-    raise DialError("; ".join(errors) or "node has no address")
+                raise _Stalled(f"no answer within {first_frame_timeout:g} s" if wait == first_frame_timeout else "the answer stalled")
+            yield frame
+            wait = FRAME_IDLE_TIMEOUT

@@ -130,13 +130,26 @@ def describe_registry(store: ChainStore, publisher: Publisher) -> dict[str, Any]
     }
 
 
+def check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with the options, in one line, or None."""
+    if args.max_attempts < 1:
+        return f"--max-attempts must be at least 1, not {args.max_attempts}"
+    if args.rate_limit < 0 or args.rate_burst < 1:
+        return "--rate-limit must be >= 0 and --rate-burst >= 1"
+    try:
+        MembershipConfig(role="gateway", heartbeat_interval=args.heartbeat_interval, ttl=args.ttl)
+        args.psk = check_psk(args.psk)
+    except (ValueError, AddressError) as exc:
+        return str(exc)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     watch_parent()  # a child of `up` stops when `up` dies, however it dies
     args = build_parser().parse_args(argv)
-    try:
-        args.psk = check_psk(args.psk)
-    except AddressError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    problem = check_args(args)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("libp2p").setLevel(logging.DEBUG if args.verbose else logging.CRITICAL)

@@ -181,9 +181,11 @@ class FakeGateway:
         )
         self.table.heartbeat(NODE_A, models=["tiny-gpt2", CHAT_MODEL], load={"running": 0, "queued": 0, "capacity": 4, "uptime_s": 3725}, meta=MODEL_META)
         self.table.heartbeat(NODE_B, models=["tiny-gpt2", HOSTILE_MODEL, CHAT_MODEL], load={"running": 1, "queued": 2, "capacity": 4, "uptime_s": 42}, meta=MODEL_META)
-        self.bring_back_ghost()  # heartbeats only: not in the registry
+        self.bring_back_ghost()
 
     def bring_back_ghost(self) -> None:
+        addrs = ["/ip4/127.0.0.1/tcp/4002/p2p/" + NODE_GHOST]
+        self.table.register({"peer_id": NODE_GHOST, "role": "worker", "models": ["ghost"], "addrs": addrs, "expires": time.time() + 600})
         self.table.heartbeat(NODE_GHOST, models=["ghost"], load={"running": 0, "capacity": 1}, addrs=["/ip4/127.0.0.1/tcp/4002/p2p/" + NODE_GHOST])
 
 

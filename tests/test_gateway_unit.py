@@ -42,6 +42,7 @@ class FakeClient:
 def table_with(*peers: str, models: tuple[str, ...] = ("tiny",)) -> NodeTable:
     table = NodeTable(ttl=10, rng=random.Random(7))
     for peer in peers:
+        table.register({"peer_id": peer, "models": list(models), "addrs": [f"/addr/{peer}"], "expires": time.time() + 600})
         table.heartbeat(peer, models=list(models), load={"running": 0, "capacity": 4}, addrs=[f"/addr/{peer}"])
     return table
 
@@ -58,6 +59,7 @@ def test_offline_and_wrong_model_nodes_are_never_chosen() -> None:
     table = table_with("a", "b")
     table.heartbeat("c", models=["other"], load={}, addrs=["/addr/c"])
     table.heartbeat("old", models=["tiny"], load={}, addrs=["/addr/old"], now=time.time() - 60)
+    table.heartbeat("unregistered", models=["tiny"], load={}, addrs=["/addr/unregistered"])  # gossip alone
     chosen = {table.choose("tiny").peer_id for _ in range(50)}
     assert chosen == {"a", "b"}
     with pytest.raises(NoLiveNode, match="no live node serves model 'gpt9'"):
