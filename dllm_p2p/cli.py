@@ -23,7 +23,7 @@ import trio
 
 from . import __version__
 
-SUBCOMMANDS = {"worker", "query", "info", "model", "registry", "nodes", "deregister", "up"}
+SUBCOMMANDS = {"worker", "query", "info", "model", "registry", "nodes", "deregister", "up", "answer"}
 
 
 def _add_worker_args(p: argparse.ArgumentParser) -> None:
@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--data-dir", type=Path, default=Path("~/.dllm/local"), help="where the nodes keep keys and registry (default ~/.dllm/local)")
     u.add_argument("-v", "--verbose", action="store_true", help="show every process's output")
 
+    a = sub.add_parser("answer", help="check who produced an answer")
+    asub = a.add_subparsers(dest="answer_command", required=True)
+    av = asub.add_parser("verify", help="verify a signed answer offline: exit 0 and name the signer, else 1 and why")
+    av.add_argument("file", type=Path, help="JSON with 'text' and 'signature': a /api/generate answer or `query --json` output ('-' reads stdin)")
+
     m = sub.add_parser("model", help="model utilities")
     msub = m.add_subparsers(dest="model_command", required=True)
     it = msub.add_parser("init-tiny", help="save the built-in tiny GPT-2 to DIR (loadable with from_pretrained)")
@@ -143,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         "nodes": cmd_nodes,
         "registry": cmd_registry,
         "deregister": cmd_deregister,
+        "answer": cmd_answer,
     }[args.command]
     if hasattr(args, "psk"):
         from .host import AddressError, check_psk
@@ -346,6 +352,32 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
 
     return trio.run(run)
+
+
+# --- answer -----------------------------------------------------------------------------
+
+
+def cmd_answer(args: argparse.Namespace) -> int:
+    from .answers import InvalidAnswer, check
+
+    try:
+        raw = sys.stdin.read() if str(args.file) == "-" else args.file.read_text()
+        doc = json.loads(raw)
+    except (OSError, ValueError) as exc:
+        return _fail(f"{args.file}: {exc}")
+    if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+        return _fail(f"{args.file}: expected a JSON object with 'text' and 'signature'")
+    try:
+        statement = check(doc.get("signature"), text=doc["text"])
+    except InvalidAnswer as exc:
+        return _fail(f"not a valid signed answer: {exc}", 1)
+    usage = statement["usage"]
+    print(
+        f"signed by {statement['peer_id']}\nmodel {statement['model']} ({statement['fingerprint']})\n"
+        f"request sha256 {statement['request']}\n{usage['prompt_tokens']} prompt + {usage['completion_tokens']} "
+        f"completion tokens, finish_reason {statement['finish_reason']}"
+    )
+    return 0
 
 
 # --- model ------------------------------------------------------------------------------

@@ -16,12 +16,13 @@ from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 import trio
 from libp2p.abc import IHost
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from . import wire
+from . import answers, wire
 from .host import make_host, parse_multiaddr, peer_info
 from .identity import Identity, generate
 
@@ -75,8 +76,10 @@ class Client:
     that worker goes out on it: no new stream, no protocol negotiation.
     """
 
-    def __init__(self, host: IHost, connect_timeout: float = 10.0, keep_alive: bool = False) -> None:
+    def __init__(self, host: IHost, connect_timeout: float = 10.0, keep_alive: bool = False, verify_answers: bool = True) -> None:
         self.host = host
+        #: Refuse a ``done`` frame unless the worker signed it, for this request and text.
+        self.verify_answers = verify_answers
         self.connect_timeout = connect_timeout
         self.keep_alive = keep_alive
         self._locks: dict[ID, trio.Lock] = {}
@@ -127,7 +130,8 @@ class Client:
         message = request.to_wire() if isinstance(request, wire.Request) else dict(request)
         if self.keep_alive:
             message["keep_alive"] = True
-        payload = wire.encode_frame(message)
+        body = msgpack.packb(message, use_bin_type=True)
+        payload = wire.frame_of(body)
         peer_id = await self.connect(addr)
         first: dict[str, Any] | None = None
         idle = self._take_idle(peer_id)
@@ -148,6 +152,11 @@ class Client:
                     raise WorkerError(str(frame.get("code", "internal")), str(frame.get("message", "")))
                 if kind == "done":
                     finished = True
+                    if self.verify_answers:
+                        try:
+                            answers.check(frame.get("signature"), text=frame["text"], request_body=body, peer_id=peer_id.to_base58())
+                        except answers.InvalidAnswer as exc:
+                            raise ProtocolError(f"{addr} sent an answer whose signature does not hold: {exc}") from None
                     if self.keep_alive and self._put_idle(peer_id, stream, reader):
                         stream = None  # kept for the next request: neither closed nor reset
                     yield frame

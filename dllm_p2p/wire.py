@@ -78,7 +78,11 @@ def encode_uvarint(value: int) -> bytes:
 
 
 def encode_frame(message: dict[str, Any]) -> bytes:
-    body = msgpack.packb(message, use_bin_type=True)
+    return frame_of(msgpack.packb(message, use_bin_type=True))
+
+
+def frame_of(body: bytes) -> bytes:
+    """A frame around an already encoded body."""
     return encode_uvarint(len(body)) + body
 
 
@@ -128,6 +132,7 @@ class FrameReader:
         self._max_frame = max_frame
         self._buffer = bytearray()
         self._eof = False
+        self.last_body = b""
 
     async def _fill(self) -> bool:
         """Read more bytes into the buffer; False at end of stream."""
@@ -149,7 +154,10 @@ class FrameReader:
         return None if body is None else decode_body(body)
 
     async def read_body(self) -> bytes | None:
-        """The next length-prefixed message's bytes, undecoded (None at a clean end)."""
+        """The next length-prefixed message's bytes, undecoded (None at a clean end).
+
+        The last body read stays in ``last_body``: a worker signs the hash of the exact
+        request bytes it answered."""
         length = await self._read_length()
         if length is None:
             return None
@@ -158,6 +166,7 @@ class FrameReader:
                 raise IncompleteFrame(f"stream ended after {len(self._buffer)} of {length} bytes")
         body = bytes(self._buffer[:length])
         del self._buffer[:length]
+        self.last_body = body
         return body
 
     async def _read_length(self) -> int | None:

@@ -19,7 +19,7 @@ import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 
-from . import __version__, wire
+from . import __version__, answers, wire
 from .engine import Engine, EngineBusy, EngineError, GenerationParams
 from .fsutil import write_json_atomic
 from .host import host_addrs, make_host, parse_multiaddr
@@ -62,6 +62,10 @@ class Worker:
         self.failed = 0
         #: Extra long-running services (registry sync, heartbeats) started beside the host.
         self.services: list[Callable[[IHost], Awaitable[None]]] = []
+        #: ``DLLM_FAULT=wrong-answers``: a lying worker, for tests of the audits.
+        self.fault = os.environ.get("DLLM_FAULT", "")
+        if self.fault:
+            log.warning("DLLM_FAULT=%s: this worker misbehaves on purpose (tests only)", self.fault)
 
     @property
     def peer_id(self) -> str:
@@ -142,7 +146,7 @@ class Worker:
     async def _on_generate(self, stream: INetStream) -> None:
         try:
             reader = wire.FrameReader(stream, wire.MAX_REQUEST_FRAME)
-            waiting: dict[str, Any] | None = None
+            waiting: tuple[dict[str, Any], bytes] | None = None
             first = True
             while True:
                 kept, waiting = await self._serve_request(stream, reader, first, waiting)
@@ -155,13 +159,13 @@ class Worker:
             await _reset_quietly(stream)
 
     async def _serve_request(
-        self, stream: INetStream, reader: wire.FrameReader, first: bool, waiting: dict[str, Any] | None
-    ) -> tuple[bool, dict[str, Any] | None]:
+        self, stream: INetStream, reader: wire.FrameReader, first: bool, waiting: tuple[dict[str, Any], bytes] | None
+    ) -> tuple[bool, tuple[dict[str, Any], bytes] | None]:
         """Read one request (or take the one that arrived early) and answer it.
 
         Returns whether the stream stays open for another request (the dialer asked for
-        ``keep_alive`` and has not closed its side), and a next request that arrived
-        while this one was generating, if any.
+        ``keep_alive`` and has not closed its side), and a next request (its map and its
+        bytes) that arrived while this one was generating, if any.
         """
         request_id: str | None = None
 
@@ -177,7 +181,7 @@ class Worker:
             await stream.close()
             return False, None
 
-        message = waiting
+        message, body = waiting if waiting is not None else (None, b"")
         if message is None:
             # The first request must come within the read timeout; on a kept stream the
             # dialer may take up to KEEP_ALIVE_IDLE to send the next one, or close it.
@@ -194,6 +198,7 @@ class Worker:
                 if message is None:
                     await stream.close()  # the dialer closed without asking (again)
                     return False, None
+                body = reader.last_body
             if message is None:
                 if first:
                     return await fail("timeout", f"no request within {self.config.read_timeout:g} s")
@@ -221,6 +226,8 @@ class Worker:
             messages=[dict(m) for m in request.messages] if request.messages is not None else None,
             stop=list(request.stop),
         )
+        if self.fault == "wrong-answers":
+            params = _wrong_question(params)
         result = None
         error: tuple[str, str] | None = None
         watch = _PeerWatch(stream, reader)
@@ -250,17 +257,27 @@ class Worker:
             await _reset_quietly(stream)
             return False, None
         self.served += 1
+        usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
+        text, tokens = result.text, result.token_ids
         await reply(
             {
                 "type": "done",
-                "text": result.text,
+                "text": text,
                 "model": self.engine.name,
                 "fingerprint": self.engine.loaded.fingerprint,
                 "finish_reason": result.finish_reason,
-                "usage": {
-                    "prompt_tokens": result.prompt_tokens,
-                    "completion_tokens": result.completion_tokens,
-                },
+                "usage": usage,
+                "signature": answers.sign(
+                    self.identity,
+                    request_body=body,
+                    request_id=request_id,
+                    text=text,
+                    token_ids=tokens,
+                    model=self.engine.name,
+                    fingerprint=self.engine.loaded.fingerprint,
+                    finish_reason=result.finish_reason,
+                    usage=usage,
+                ),
                 "timing": {
                     "queue_ms": round(result.queue_ms, 2),
                     "first_token_ms": round(result.first_token_ms, 2),
@@ -269,9 +286,19 @@ class Worker:
             }
         )
         if request.keep_alive and not watch.closed:
-            return True, watch.next_request
+            return True, watch.next_request if watch.next_request is None else (watch.next_request, watch.next_body)
         await stream.close()
         return False, None
+
+
+def _wrong_question(params: GenerationParams) -> GenerationParams:
+    """The fault ``wrong-answers``: answer another question with the real model, so the
+    text is fluent, comes from the claimed model, and is wrong for what was asked."""
+    import dataclasses
+
+    if params.messages is not None:
+        return dataclasses.replace(params, messages=[{"role": "user", "content": "Tell me a story about a dragon."}])
+    return dataclasses.replace(params, prompt="Once upon a time, in a land far away,")
 
 
 class _PeerWatch:
@@ -288,6 +315,7 @@ class _PeerWatch:
         self.reader = reader
         self.closed = False
         self.next_request: dict[str, Any] | None = None
+        self.next_body = b""
 
     async def run(self, scope: trio.CancelScope) -> None:
         try:
@@ -298,7 +326,7 @@ class _PeerWatch:
         if frame is None:
             self.closed = True
         else:
-            self.next_request = frame
+            self.next_request, self.next_body = frame, self.reader.last_body
         shutting_down = getattr(self.stream.muxed_conn, "event_shutting_down", None)
         if shutting_down is not None:
             await shutting_down.wait()

@@ -6,6 +6,7 @@ Routes: ``/api/generate`` (JSON or server-sent events), OpenAI-compatible ``/v1/
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -195,6 +196,16 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse(_error_body(code, message), status_code=status, headers=headers)
 
 
+#: OpenAI-shaped answers carry the worker's signed statement in this header (base64 of
+#: its JSON), and on the last chunk when streaming, as ``/api/generate`` does in its body.
+SIGNATURE_HEADER = "x-dllm-signature"
+
+
+def signature_header(done: Done) -> str:
+    signature = done.frame.get("signature")
+    return base64.b64encode(json.dumps(signature, sort_keys=True, separators=(",", ":")).encode()).decode("ascii")
+
+
 def _sse(data: Any, event: str | None = None) -> bytes:
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
     head = f"event: {event}\n" if event else ""
@@ -331,7 +342,8 @@ def create_app(gw: Gateway) -> FastAPI:
                             text.append(event.text)
                         else:
                             gw.metrics.requests.labels(endpoint, "200").inc()
-                            return JSONResponse(shape_final("".join(text), event))
+                            headers = {SIGNATURE_HEADER: signature_header(event)} if done_marker else None
+                            return JSONResponse(shape_final("".join(text), event), headers=headers)
             except RelayError as exc:
                 gw.metrics.requests.labels(endpoint, str(exc.status)).inc()
                 gw.metrics.errors.labels(exc.code).inc()
@@ -385,6 +397,7 @@ def create_app(gw: Gateway) -> FastAPI:
                 "usage": frame.get("usage", {}),
                 "timing": frame.get("timing", {}),
                 "attempts": done.attempts,
+                "signature": frame.get("signature"),
             }
 
         return await answer(
@@ -412,6 +425,9 @@ def create_app(gw: Gateway) -> FastAPI:
         many workers were tried."""
         return {"system_fingerprint": done.frame.get("fingerprint"), "node": done.node, "attempts": done.attempts}
 
+    def _signed(done: Done) -> dict[str, Any]:
+        return {"signature": done.frame.get("signature")}
+
     def _usage(frame: dict[str, Any]) -> dict[str, int]:
         usage = frame.get("usage", {})
         p, c = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
@@ -434,7 +450,7 @@ def create_app(gw: Gateway) -> FastAPI:
         return await answer(
             "completions", _openai_request(body, body.max_tokens, prompt=body.prompt), body.stream,
             shape_chunk=chunk,
-            shape_done=lambda d: {**chunk("", d.frame.get("finish_reason", "stop"), d.frame.get("model")), **_provenance(d), "usage": _usage(d.frame)},
+            shape_done=lambda d: {**chunk("", d.frame.get("finish_reason", "stop"), d.frame.get("model")), **_provenance(d), "usage": _usage(d.frame), **_signed(d)},
             shape_final=final,
             done_marker=True,
         )
@@ -461,6 +477,7 @@ def create_app(gw: Gateway) -> FastAPI:
                 **_provenance(done),
                 "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": done.frame.get("finish_reason", "stop")}],
                 "usage": _usage(done.frame),
+                **_signed(done),
             }
 
         def final(text: str, done: Done) -> dict[str, Any]:

@@ -86,6 +86,11 @@ def test_generate_json_and_stream(net: LocalNetwork) -> None:
     kinds = [k for k, _ in events]
     assert kinds[-1] == "done" and kinds.count("token") >= 2
     assert "".join(d["text"] for k, d in events if k == "token") == events[-1][1]["text"] == body["text"]
+    # Both answers carry the worker's signature, which holds for their text.
+    from dllm_p2p.answers import check
+
+    for answer in (body, events[-1][1]):
+        assert check(answer["signature"], text=answer["text"], peer_id=answer["node"])["model"] == "tiny"
 
 
 def test_openai_client_works_by_changing_the_base_url(net: LocalNetwork) -> None:
@@ -103,6 +108,17 @@ def test_openai_client_works_by_changing_the_base_url(net: LocalNetwork) -> None
     assert "".join(pieces) == chat.choices[0].message.content
     completion = client.completions.create(model="tiny", prompt="Once", max_tokens=4)
     assert completion.choices[0].finish_reason in {"stop", "length"}
+    # The signed statement rides in a header (and on the last chunk when streaming).
+    import base64
+
+    from dllm_p2p.answers import check
+
+    raw = client.chat.completions.with_raw_response.create(model="tiny", messages=[{"role": "user", "content": "Say hi"}], max_tokens=5, temperature=0)
+    signature = json.loads(base64.b64decode(raw.headers["x-dllm-signature"]))
+    parsed = raw.parse()
+    assert check(signature, text=parsed.choices[0].message.content, peer_id=parsed.model_extra["node"])["peer_id"] == parsed.model_extra["node"]
+    last = [c for c in client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Say hi"}], max_tokens=5, temperature=0, stream=True)][-1]
+    assert check(last.model_extra["signature"], text=chat.choices[0].message.content)["model"] == "tiny"
 
 
 def test_killing_the_chosen_worker_fails_over_and_is_reported_offline(net: LocalNetwork) -> None:

@@ -67,6 +67,46 @@ async def test_the_client_turns_a_lying_workers_frames_into_protocol_errors() ->
                     await client.complete(addr, {"prompt": "hi"})
 
 
+async def test_the_client_refuses_answers_that_are_unsigned_or_signed_for_something_else() -> None:
+    from dllm_p2p import answers
+
+    key = generate()
+    evil = make_host(key)
+    other = generate()
+
+    def signed(signer: Any, body: bytes, text: str) -> dict[str, Any]:
+        return answers.sign(signer, request_body=body, request_id=None, text=text, token_ids=[1], model="tiny",
+                            fingerprint=None, finish_reason="stop", usage={"prompt_tokens": 1, "completion_tokens": 1})
+
+    cases = [
+        lambda body: {**DONE},  # no signature at all
+        lambda body: {**DONE, "signature": signed(key, body, "another text")},
+        lambda body: {**DONE, "signature": signed(key, b"another request", DONE["text"])},
+        lambda body: {**DONE, "signature": signed(other, body, DONE["text"])},  # a valid signature, by someone else
+        lambda body: {**DONE, "signature": signed(key, body, DONE["text"])},  # the real thing
+    ]
+
+    async def handler(stream: Any) -> None:
+        try:
+            reader = wire.FrameReader(stream, wire.MAX_REQUEST_FRAME)
+            await reader.read_frame()
+            await stream.write(wire.encode_frame(cases.pop(0)(reader.last_body)))
+            await stream.close()
+        except Exception:
+            await stream.reset()
+
+    evil.set_stream_handler(TProtocol(wire.GENERATE_PROTOCOL), handler)
+    async with evil.run([parse_multiaddr("/ip4/127.0.0.1/tcp/0")]):
+        addr = host_addrs(evil)[0]
+        async with open_client() as client:
+            for fragment in ("signature must be a map", "another text", "another request", "not by the node"):
+                with trio.fail_after(20), pytest.raises(ProtocolError, match=fragment):
+                    await client.complete(addr, {"prompt": "hi"})
+            with trio.fail_after(20):
+                done = await client.complete(addr, {"prompt": "hi"})
+            assert done["signature"]["peer_id"] == key.peer_id.to_base58()
+
+
 def beat(**changes: Any) -> bytes:
     me = generate()
     fields: dict[str, Any] = dict(role="worker", models=["tiny"], addrs=[f"/ip4/127.0.0.1/tcp/1/p2p/{me.peer_id}"], load={"running": 0, "capacity": 4})

@@ -70,6 +70,22 @@ def test_cli_query_streams_tokens_and_prints_the_final_frame(worker: tuple[Child
     assert streamed.stdout == frame["text"] + "\n"  # greedy: the same text, printed as it came
 
 
+def test_answers_are_signed_and_verify_offline(worker: tuple[Child, str, Path], tmp_path: Path) -> None:
+    _, addr, _ = worker
+    result = run_cli("query", addr, "Once upon a time", "--max-new-tokens", "8", "--temperature", "0", "--json")
+    assert result.returncode == 0, result.stderr
+    frame = json.loads(result.stdout)
+    assert frame["signature"]["peer_id"] == addr.rsplit("/", 1)[1] and frame["signature"]["model"] == "tiny"
+    saved = tmp_path / "answer.json"
+    saved.write_text(result.stdout)
+    verified = run_cli("answer", "verify", str(saved))
+    assert verified.returncode == 0, verified.stderr
+    assert addr.rsplit("/", 1)[1] in verified.stdout and "finish_reason" in verified.stdout
+    saved.write_text(json.dumps({**frame, "text": frame["text"] + " (edited)"}))
+    tampered = run_cli("answer", "verify", str(saved))
+    assert tampered.returncode == 1 and "another text" in tampered.stderr
+
+
 async def test_client_receives_token_frames_that_add_up_to_the_text(worker: tuple[Child, str, Path]) -> None:
     _, addr, _ = worker
     async with open_client() as client:
