@@ -32,7 +32,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from . import heartbeat, wire
 from .host import host_addrs, peer_info
 from .identity import Identity
-from .registry.chain import Chain, InvalidChain, compact, make_record, merge
+from .registry.chain import MAX_FILE_BYTES, Chain, InvalidChain, Record, compact, make_record, merge, merge_fitting
 from .registry.publish import Publisher
 from .registry.store import ChainStore
 
@@ -40,8 +40,10 @@ log = logging.getLogger("dllm_p2p.membership")
 
 REGISTRY_TOPIC = "/dllm/registry/1"
 REGISTRY_PROTOCOL = "/dllm/registry/1.0.0"
-#: Largest chain we hand out or accept over the registry protocol.
-MAX_CHAIN_BYTES = 4 * 1024 * 1024
+#: Largest chain frame we accept over the registry protocol: any chain that verifies fits
+#: (a full chain of the largest records is under MAX_FILE_BYTES even with indentation,
+#: and it travels without), plus the frame's own fields.
+MAX_CHAIN_BYTES = MAX_FILE_BYTES + 64 * 1024
 
 
 @dataclass
@@ -102,6 +104,9 @@ class Membership:
         self._seq = int(time.time() * 1000)
         self._fetching: set[str] = set()
         self._changed = trio.Event()
+        #: Held while the chain is merged and saved: two fetches must not both build on
+        #: the same old chain, and saves (off the event loop) must land in order.
+        self._chain_lock = trio.Lock()
 
     @property
     def registers(self) -> bool:
@@ -210,14 +215,26 @@ class Membership:
             **extra,
         )
         # Compacting here keeps a long-lived node's file bounded: superseded renewals and
-        # expired records go, every live record stays (see docs/REGISTRY.md).
-        self._accept(compact(self.chain.append(record), time.time()))
+        # expired records go, every live record stays (see docs/REGISTRY.md). Our own
+        # record always fits: a full chain gives up foreign peers first.
+        async with self._chain_lock:
+            own = merge_fitting(self.chain, Chain().append(record), self.peer_id, self._rank)
+            await self._accept(compact(own, time.time()))
 
-    def _accept(self, chain: Chain) -> bool:
-        """Adopt ``chain`` if it changes our head; persist and tell listeners."""
+    def _rank(self, peer_id: str, records: list[Record]) -> tuple[int, int, str]:
+        """Which foreign peers a full chain keeps first: those heard from lately (a
+        heartbeat costs a running node; a record costs only a key), then the most
+        recently renewed."""
+        beat = self.last_seen.get(peer_id)
+        alive = beat is not None and time.time() - beat.ts < 10 * self.config.effective_ttl
+        return (0 if alive else 1, -max(r["issued"] for r in records), peer_id)
+
+    async def _accept(self, chain: Chain) -> bool:
+        """Adopt ``chain`` if it changes our head; persist (off the event loop: fsync) and
+        tell listeners. Call with ``_chain_lock`` held."""
         if chain.head == self.chain.head:
             return False
-        self.store.save(chain)
+        await trio.to_thread.run_sync(self.store.save, chain)
         self._changed.set()
         self._unpublished.set()
         if self.on_chain is not None:
@@ -228,8 +245,9 @@ class Membership:
 
     async def _serve_chain(self, stream: INetStream) -> None:
         try:
-            data = self.chain.to_json().encode()
-            await stream.write(wire.encode_frame({"type": "chain", "head": self.chain.head, "data": data}))
+            chain = self.chain
+            data = await trio.to_thread.run_sync(chain.to_compact_json)
+            await stream.write(wire.encode_frame({"type": "chain", "head": chain.head, "data": data}))
             await stream.close()
         except Exception as exc:
             log.debug("serving the chain failed: %r", exc)
@@ -250,17 +268,23 @@ class Membership:
             stream = await self.host.new_stream(info.peer_id, [TProtocol(REGISTRY_PROTOCOL)])
             try:
                 frame = await wire.FrameReader(stream, MAX_CHAIN_BYTES).read_frame()
+            except wire.FrameTooLarge as exc:
+                log.warning("refusing the chain of %s: %s", info.peer_id, exc)
+                return None
             finally:
                 with trio.move_on_after(2):
                     await stream.close()
         if not frame or not isinstance(frame.get("data"), bytes):
             raise ValueError("peer sent no chain")
         try:
-            theirs = Chain.from_json(frame["data"].decode("utf-8", "replace"))
+            # Verification is CPU work (signatures of records not seen before): off the loop.
+            theirs = await trio.to_thread.run_sync(Chain.from_json, frame["data"])
         except InvalidChain as exc:
             log.warning("ignoring an invalid chain from %s: %s", info.peer_id, exc)
             return None
-        self._accept(merge(self.chain, theirs))
+        async with self._chain_lock:
+            merged = await trio.to_thread.run_sync(merge_fitting, self.chain, theirs, self.peer_id, self._rank)
+            await self._accept(merged)
         return theirs
 
     async def push_to(self, addr: str, timeout: float = 15.0) -> bool:

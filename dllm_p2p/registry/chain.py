@@ -23,8 +23,10 @@ import binascii
 import hashlib
 import json
 import math
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from dllm_p2p import identity as _identity
@@ -61,6 +63,12 @@ MAX_INT = 2**53 - 1
 #: and merges drop records that expired before it, so it must not be far ahead of the
 #: verifier's clock: otherwise a hostile chain could expire everybody at once.
 MAX_CLOCK_SKEW = 300
+#: Longest life a record may claim (``expires - issued``): without a cap a record could
+#: claim to live for ever and never be compacted away. Nodes renew long before this.
+MAX_RECORD_TTL = 86_400
+#: Records whose signatures already verified, by the hash of their canonical encoding:
+#: a chain fetched again costs hashing, not 5,000 signature checks (~1.1 s).
+VERIFIED_CACHE = 20_000
 
 Record = dict[str, Any]
 
@@ -237,6 +245,8 @@ def _check_shape(record: Any) -> None:
     issued = _check_int("issued", record["issued"])
     if _check_int("expires", record["expires"]) <= issued:
         raise InvalidRecord("expires must be after issued")
+    if record["expires"] - issued > MAX_RECORD_TTL:
+        raise InvalidRecord(f"a record may live at most {MAX_RECORD_TTL} s (expires - issued)")
     role = record.get("role", "worker")
     if role not in ROLES:
         raise InvalidRecord(f"unknown role {_show(role)}")
@@ -250,13 +260,27 @@ def _check_shape(record: Any) -> None:
         raise InvalidRecord(f"record is larger than {MAX_RECORD_BYTES} bytes")
 
 
-def validate_record(record: Any) -> Record:
-    """Check a record on its own: fields, bounds, peer id == key, signature.
+_verified: OrderedDict[bytes, None] = OrderedDict()
+_verified_lock = threading.Lock()
+
+
+def validate_record(record: Any, now: float | None = None) -> Record:
+    """Check a record on its own: fields, bounds, peer id == key, signature, and that it
+    was not issued more than ``MAX_CLOCK_SKEW`` after ``now`` (default: the clock).
 
     Returns the record; raises ``InvalidRecord``. Whether its ``seq`` fits is a question
-    for the chain it joins (``Chain.append``).
+    for the chain it joins (``Chain.append``). A record that verified before is
+    recognised by its hash and not checked again.
     """
     _check_shape(record)
+    t = time.time() if now is None else now
+    if record["issued"] > t + MAX_CLOCK_SKEW:
+        raise InvalidRecord(f"issued in the future ({record['issued']}, more than {MAX_CLOCK_SKEW} s ahead)")
+    key = hashlib.sha256(canonical(record)).digest()
+    with _verified_lock:
+        if key in _verified:
+            _verified.move_to_end(key)
+            return record
     public_key = _decode_b64("public_key", record["public_key"])
     signature = _decode_b64("signature", record["signature"])
     try:
@@ -267,6 +291,10 @@ def validate_record(record: Any) -> Record:
         raise InvalidRecord("peer id does not match the public key")
     if not _identity.verify(public_key, signing_bytes(record), signature):
         raise InvalidRecord("bad signature")
+    with _verified_lock:
+        _verified[key] = None
+        while len(_verified) > VERIFIED_CACHE:
+            _verified.popitem(last=False)
     return record
 
 
@@ -304,7 +332,7 @@ def make_record(
     }
     _check_shape({**record, "signature": "AA=="})  # fail on bad input before signing
     record["signature"] = base64.b64encode(identity.sign(signing_bytes(record))).decode("ascii")
-    return _ordered(validate_record(record))
+    return _ordered(validate_record(record, now=issued))
 
 
 # --------------------------------------------------------------------------- chain
@@ -422,6 +450,10 @@ class Chain:
     def to_json(self) -> str:
         """The file text: indented for people; the hashes do not depend on layout."""
         return json.dumps(self.to_dict(), indent=2, ensure_ascii=True) + "\n"
+
+    def to_compact_json(self) -> bytes:
+        """The same document without layout, for the wire (about a third smaller)."""
+        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
     @classmethod
     def from_json(cls, data: bytes | str, *, now: float | None = None) -> Chain:
@@ -564,7 +596,7 @@ def verify_chain(data: bytes | str, *, now: float | None = None) -> Chain:
         block = blocks[index]
         try:
             _check_link(block, index, hashes[-1], "record")
-            record = validate_record(block["record"])
+            record = validate_record(block["record"], now=t)
             seen = last_seq.get(record["peer_id"])
             if seen is not None and record["seq"] <= seen[1]:
                 raise InvalidRecord(_seq_reason(record["seq"], *seen))
@@ -626,6 +658,44 @@ def _settle(records: Iterable[Record], at: int) -> list[Record]:
             keyed.append(((issued, peer, record["seq"]), record))
     keyed.sort(key=lambda item: item[0])
     return [record for _, record in keyed]
+
+
+#: Orders peers for eviction from a full chain: smaller keys are kept first.
+PeerRank = Callable[[str, list[Record]], Any]
+
+
+def fit(records: list[Record], keep: str, rank: PeerRank, capacity: int | None = None) -> list[Record]:
+    """Settled ``records`` cut to fit a chain, whole peers at a time: ``keep``'s records
+    always stay, the other peers in ``rank`` order while they fit.
+
+    A full chain must not stop a node from renewing itself (a flood of records from fresh
+    keys would otherwise expire every honest node). Peers are evicted whole because
+    dropping a peer's newest record would bring an older one (say, its ``register``
+    before its ``deregister``) back to life. This is a node's local choice, not part of
+    the deterministic merge: nodes only disagree on what they hold while the registry is
+    over capacity.
+    """
+    room = (MAX_BLOCKS if capacity is None else capacity) - 1
+    if len(records) <= room:
+        return records
+    by_peer: dict[str, list[Record]] = {}
+    for record in records:
+        by_peer.setdefault(record["peer_id"], []).append(record)
+    kept = set()
+    used = len(by_peer.get(keep, []))
+    if keep in by_peer:
+        kept.add(keep)
+    for peer in sorted((p for p in by_peer if p != keep), key=lambda p: rank(p, by_peer[p])):
+        if used + len(by_peer[peer]) <= room:
+            kept.add(peer)
+            used += len(by_peer[peer])
+    return [record for record in records if record["peer_id"] in kept]
+
+
+def merge_fitting(a: Chain, b: Chain, keep: str, rank: PeerRank) -> Chain:
+    """``merge(a, b)``, or when that would be over capacity, the merge cut by ``fit``."""
+    at = max(a.compacted_at, b.compacted_at)
+    return Chain._trusted(at, fit(_settle(a._records + b._records, at), keep, rank))
 
 
 def merge(a: Chain, b: Chain) -> Chain:

@@ -26,7 +26,8 @@ import hashlib
 import io
 import json
 import re
-from collections.abc import Callable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -584,6 +585,30 @@ class EmbeddedStore:
     def get_file(self, ref: str, *, max_bytes: int | None = None) -> bytes:
         """``<cid>``, ``<cid>/blockchain.json`` or ``/ipfs/<cid>/blockchain.json``, verified."""
         return cat_dag(ref, self.get_block, max_bytes=self.max_bytes if max_bytes is None else max_bytes)
+
+    def collect_garbage(self, keep: Iterable[str]) -> int:
+        """Remove every block not reachable from the ``keep`` roots (and stray temp files
+        older than a minute); returns how many files went. Blocking: call it in a thread."""
+        reachable: set[str] = set()
+        todo = [cid for cid in keep if is_cid(cid)]
+        while todo:
+            cid = todo.pop()
+            if cid in reachable:
+                continue
+            reachable.add(cid)
+            try:
+                node = _decode_node(cid, self.get_block(cid))
+            except ContentError:
+                continue  # missing or damaged: nothing below it to keep
+            todo.extend(link.cid for link in node.links)
+        removed = 0
+        stale = time.time() - 60
+        for path in self.blocks.iterdir() if self.blocks.is_dir() else ():
+            temp = path.name.startswith(".")
+            if (temp and path.stat().st_mtime < stale) or (not temp and path.name not in reachable):
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
 
 def _check_sizes(entry: Entry, max_bytes: int) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import trio
+
 from ..fsutil import write_atomic
 from .chain import Chain, verify_chain
 from .ipfs import DEFAULT_API_URL, EmbeddedStore, IpfsError, KuboClient, resolve_source
@@ -20,6 +22,9 @@ log = logging.getLogger("dllm_p2p.registry.publish")
 
 IPNS_KEY = "dllm-registry"
 CID_FILE = "current_cid.txt"
+#: Publications whose blocks the embedded store keeps (the current one and a few before
+#: it, for readers that resolved a slightly older CID); the rest are removed.
+KEEP_PUBLICATIONS = 4
 
 
 class Publisher:
@@ -32,6 +37,8 @@ class Publisher:
         self.store = EmbeddedStore(self.data_dir / "ipfs")
         self.cid: str | None = None
         self.ipns_name: str | None = None
+        #: The latest publications' CIDs, newest last.
+        self.recent: list[str] = []
         self._key_ready = False
 
     @property
@@ -57,17 +64,26 @@ class Publisher:
         return "IPFS: no daemon, embedded content-addressed store (same CIDs as Kubo; replication is peer to peer)"
 
     async def publish(self, chain: Chain) -> str:
-        """Add the chain's folder; write and return its CID."""
+        """Add the chain's folder; write and return its CID. File and block writes (with
+        fsync) run in a thread, off the event loop."""
         folder = self.data_dir / "publish"
-        write_atomic(folder / FILENAME, chain.to_json().encode())
-        cid = self.store.add_directory(folder)  # always: lets us serve and check the CID locally
+        cid = await trio.to_thread.run_sync(self._add_embedded, folder, chain)
         if self.kubo is not None:
             kubo_cid = await self.kubo.add_directory(folder, pin=True)
             if kubo_cid != cid:
                 log.warning("Kubo computed %s for the registry, the embedded store %s", kubo_cid, cid)
             cid = kubo_cid
-        write_atomic(self.data_dir / CID_FILE, (cid + "\n").encode())
+        await trio.to_thread.run_sync(write_atomic, self.data_dir / CID_FILE, (cid + "\n").encode())
         self.cid = cid
+        return cid
+
+    def _add_embedded(self, folder: Path, chain: Chain) -> str:
+        """Always add to the embedded store (it lets us serve and check the CID locally),
+        then drop the blocks of all but the last ``KEEP_PUBLICATIONS`` publications."""
+        write_atomic(folder / FILENAME, chain.to_json().encode())
+        cid = self.store.add_directory(folder)
+        self.recent = [c for c in self.recent if c != cid][-(KEEP_PUBLICATIONS - 1):] + [cid]
+        self.store.collect_garbage(self.recent)
         return cid
 
     async def publish_name(self) -> str | None:

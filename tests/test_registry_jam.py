@@ -1,0 +1,110 @@
+"""A registry that strangers cannot jam: size, capacity, expiry and time."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from libp2p.custom_types import TProtocol
+
+from dllm_p2p.host import host_addrs, make_host, parse_multiaddr
+from dllm_p2p.identity import generate
+from dllm_p2p.membership import REGISTRY_PROTOCOL, Membership, MembershipConfig
+from dllm_p2p.registry import chain as chain_mod
+from dllm_p2p.registry.chain import MAX_RECORD_TTL, Chain, InvalidChain, InvalidRecord, canonical, make_record, signing_bytes, verify_chain
+from dllm_p2p.registry.store import ChainStore
+
+
+def big_record(now: float) -> dict[str, Any]:
+    """A valid record close to the 2 KiB maximum, from a fresh key."""
+    me = generate()
+    addrs = [f"/dns4/{'relay-' * 17}{i}.example/tcp/4001/p2p/{me.peer_id}" for i in range(9)]
+    record = make_record(me, "register", addrs, ["smollm2"], seq=1, ttl=600, now=now)
+    assert 1900 < len(canonical(record)) <= 2048
+    return record
+
+
+def test_a_record_cannot_live_for_ever_nor_come_from_the_future() -> None:
+    me = generate()
+    with pytest.raises(InvalidRecord, match="at most"):
+        make_record(me, "register", [], ["tiny"], seq=1, ttl=2**52)
+    make_record(me, "register", [], ["tiny"], seq=1, ttl=MAX_RECORD_TTL)  # the cap itself is fine
+    later = make_record(me, "register", [], ["tiny"], seq=2, ttl=600, now=time.time() + 3600)
+    with pytest.raises(InvalidRecord, match="future"):
+        Chain().append(later)
+    # Signed by its owner, but claiming a century: a chain holding it does not verify.
+    forever = {k: v for k, v in make_record(me, "register", [], ["tiny"], seq=3, ttl=600).items() if k != "signature"}
+    forever["expires"] = forever["issued"] + 100 * 365 * 86400
+    import base64
+
+    forever["signature"] = base64.b64encode(me.sign(signing_bytes(forever))).decode()
+    doc = Chain().to_dict()
+    doc["blocks"].append({"index": 1, "prev": doc["blocks"][0]["hash"], "record": forever, "hash": "0" * 64})
+    with pytest.raises(InvalidChain, match="block 1: a record may live at most"):
+        verify_chain(__import__("json").dumps(doc))
+
+
+async def test_a_chain_of_large_records_replicates(tmp_path: Path) -> None:
+    """1,800 near-maximum records: over the 4 MiB the exchange used to refuse."""
+    now = time.time()
+    records = sorted((big_record(now) for _ in range(1800)), key=lambda r: r["peer_id"])
+    big = Chain._trusted(0, records)
+    assert len(big.to_json()) > 4 * 1024 * 1024
+    a_store, b_store = ChainStore(tmp_path / "a"), ChainStore(tmp_path / "b")
+    a_store.save(big)
+    a = Membership(generate(), MembershipConfig(role="observer"), a_store)
+    b = Membership(generate(), MembershipConfig(role="observer"), b_store)
+    host_a, host_b = make_host(a.identity), make_host(b.identity)
+    host_a.set_stream_handler(TProtocol(REGISTRY_PROTOCOL), a._serve_chain)
+    async with host_a.run([parse_multiaddr("/ip4/127.0.0.1/tcp/0")]), host_b.run([parse_multiaddr("/ip4/127.0.0.1/tcp/0")]):
+        a.host, b.host = host_a, host_b
+        with trio.fail_after(60):
+            theirs = await b._fetch_chain(host_addrs(host_a)[0])
+    assert theirs == big and b.chain.head == big.head
+    assert verify_chain(b_store.path.read_bytes()).head == big.head  # saved, whole
+
+
+async def test_a_full_chain_still_takes_our_own_renewal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(chain_mod, "MAX_BLOCKS", 6)
+    now = time.time()
+    friend, strangers = generate(), [generate() for _ in range(5)]
+    flood = [make_record(s, "register", [], ["x"], seq=1, ttl=3600, now=now) for s in strangers]
+    friendly = make_record(friend, "register", [], ["tiny"], seq=1, ttl=600, now=now - 100)
+    full = Chain._trusted(0, sorted(flood + [friendly], key=lambda r: (r["issued"], r["peer_id"]))[:5])
+    store = ChainStore(tmp_path)
+    store.save(full)
+    me = Membership(generate(), MembershipConfig(role="worker"), store, models=lambda: ["tiny"])
+    me.last_seen[friend.peer_id.to_base58()] = type("Beat", (), {"ts": time.time()})()  # heard from lately
+    host = make_host(me.identity)
+    async with host.run([parse_multiaddr("/ip4/127.0.0.1/tcp/0")]):
+        me.host = host
+        with pytest.raises(chain_mod.ChainFull):
+            full.append(make_record(me.identity, "register", [], ["tiny"], seq=1, ttl=600))  # what used to happen
+        await me._append_own("register")
+        await me._append_own("renew")
+    held = me.chain.nodes()
+    assert me.peer_id in held and held[me.peer_id]["op"] == "renew"
+    assert friend.peer_id.to_base58() in held  # a peer that heartbeats outranks the flood
+    assert len(me.chain.records) <= 5
+
+
+async def test_the_embedded_store_keeps_only_recent_publications(tmp_path: Path) -> None:
+    from dllm_p2p.registry.ipfs import ContentNotFound
+    from dllm_p2p.registry.publish import KEEP_PUBLICATIONS, Publisher
+
+    publisher = Publisher(tmp_path, None)
+    me = generate()
+    chain = Chain()
+    cids = []
+    for seq in range(1, 11):
+        chain = chain.append(make_record(me, "renew" if seq > 1 else "register", [], ["tiny"], seq=seq, ttl=600))
+        cids.append(await publisher.publish(chain))
+    blocks = list((tmp_path / "ipfs" / "blocks").iterdir())
+    assert len(blocks) <= 2 * KEEP_PUBLICATIONS  # a folder block and a file block each
+    for cid in cids[-KEEP_PUBLICATIONS:]:
+        assert verify_chain(publisher.store.get_file(f"{cid}/blockchain.json"))
+    with pytest.raises(ContentNotFound):
+        publisher.store.get_file(f"{cids[0]}/blockchain.json")
