@@ -253,6 +253,28 @@ class Client:
                     return frame
         raise ProtocolError("no final frame")  # unreachable: generate() raises first
 
+    async def score(self, addr: str, scoring: wire.ScoreRequest) -> dict[str, Any]:
+        """Ask the worker at ``addr`` to score tokens; the ``scores`` frame, checked.
+        An error frame raises ``WorkerError``."""
+        payload = wire.encode_frame(scoring.to_wire())
+        await self.connect(addr)
+        stream, reader = await self._open(addr, wire.SCORE_PROTOCOL, payload, finish=True)
+        try:
+            frame = await reader.read_frame()
+        except Exception as exc:
+            await _reset_quietly(stream)
+            raise ProtocolError(f"bad scores from {addr}: {exc}") from exc
+        await _close_quietly(stream)
+        if frame is None:
+            raise ProtocolError(f"{addr} sent no scores")
+        try:
+            frame = wire.check_scores(frame, len(scoring.tokens))
+        except wire.WireError as exc:
+            raise ProtocolError(f"bad scores from {addr}: {exc}") from exc
+        if frame["type"] == "error":
+            raise WorkerError(frame["code"], frame["message"])
+        return frame
+
     async def info(self, addr: str) -> dict[str, Any]:
         stream, reader = await self._open(addr, wire.INFO_PROTOCOL)
         try:

@@ -125,15 +125,20 @@ def child_env() -> dict[str, str]:
 LISTENING = r"^listening on (/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)"
 
 
-def spawn_worker(data_dir: Path, *extra: str, model: str = "tiny", name: str = "worker", echo: bool = False) -> Child:
-    """A worker process on 127.0.0.1 with a free port (``LISTENING`` matches its address)."""
+def spawn_worker(
+    data_dir: Path, *extra: str, model: str = "tiny", name: str = "worker", echo: bool = False, env: dict[str, str] | None = None
+) -> Child:
+    """A worker process on 127.0.0.1 with a free port (``LISTENING`` matches its address);
+    ``env`` adds to its environment."""
     args = [sys.executable, "-m", "dllm_p2p", "worker", "--model", model, "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir", str(data_dir), *extra]
-    return Child(args, name=name, env=child_env(), echo=echo)
+    return Child(args, name=name, env={**child_env(), **(env or {})}, echo=echo)
 
 
-def start_worker(data_dir: Path, *extra: str, model: str = "tiny", name: str = "worker", echo: bool = False, timeout: float = 300.0) -> tuple[Child, str]:
+def start_worker(
+    data_dir: Path, *extra: str, model: str = "tiny", name: str = "worker", echo: bool = False, timeout: float = 300.0, env: dict[str, str] | None = None
+) -> tuple[Child, str]:
     """A worker on 127.0.0.1 with a free port; returns it once it listens, and its dialable address."""
-    child = spawn_worker(data_dir, *extra, model=model, name=name, echo=echo)
+    child = spawn_worker(data_dir, *extra, model=model, name=name, echo=echo, env=env)
     return child, child.wait_for_line(LISTENING, timeout=timeout).group(1)
 
 

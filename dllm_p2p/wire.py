@@ -18,6 +18,7 @@ import msgpack
 
 GENERATE_PROTOCOL = "/dllm/generate/1.0.0"
 INFO_PROTOCOL = "/dllm/info/1.0.0"
+SCORE_PROTOCOL = "/dllm/score/1.0.0"
 
 #: Largest request frame a worker reads. The length prefix is checked before the body is
 #: read, so a peer announcing a gigabyte frame costs us nothing.
@@ -215,6 +216,8 @@ class Request:
     stream: bool = False
     id: str | None = None
     keep_alive: bool = False
+    #: Ask for the generated token ids in the ``done`` frame (audits score them).
+    return_tokens: bool = False
     messages: tuple[dict[str, str], ...] | None = None
     stop: tuple[str, ...] = ()
 
@@ -243,6 +246,7 @@ _DEFAULTS = {
     "stream": False,
     "id": None,
     "keep_alive": False,
+    "return_tokens": False,
 }
 
 
@@ -298,6 +302,7 @@ def parse_request(message: dict[str, Any]) -> Request:
         "stream": lambda v: _bool("stream", v),
         "id": lambda v: _str("id", v, 128),
         "keep_alive": lambda v: _bool("keep_alive", v),
+        "return_tokens": lambda v: _bool("return_tokens", v),
     }
     for key, check in checks.items():
         value = message.get(key)
@@ -410,6 +415,12 @@ def check_response(frame: dict[str, Any]) -> dict[str, Any]:
             _str(key, frame[key], 256)
     if frame.get("finish_reason", "stop") not in FINISH_REASONS:
         raise WireError(f"'finish_reason' must be one of {', '.join(sorted(FINISH_REASONS))}")
+    if "tokens" in frame:
+        tokens = frame["tokens"]
+        if not isinstance(tokens, list) or len(tokens) > MAX_NEW_TOKENS_LIMIT + 1:
+            raise WireError(f"'tokens' must be a list of at most {MAX_NEW_TOKENS_LIMIT + 1} token ids")
+        for token in tokens:
+            _int("tokens[]", token, 0, 2**31 - 1)
     usage, timing = frame.get("usage", {}), frame.get("timing", {})
     if not isinstance(usage, dict) or not isinstance(timing, dict):
         raise WireError("'usage' and 'timing' must be maps")
@@ -420,4 +431,46 @@ def check_response(frame: dict[str, Any]) -> dict[str, Any]:
         key: _float(f"timing.{key}", timing.get(key, 0.0), 0.0, _MAX_MS_REPORTED)
         for key in ("queue_ms", "first_token_ms", "total_ms")
     }
+    return frame
+
+
+# --- /dllm/score/1.0.0 ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """Score given tokens as a continuation of a prompt: how plausible is each one?"""
+
+    request: Request
+    tokens: tuple[int, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**self.request.to_wire(), "tokens": list(self.tokens)}
+
+
+def parse_score_request(message: dict[str, Any]) -> ScoreRequest:
+    """A generate request (``prompt`` or ``messages``, ``model``, sampling) plus ``tokens``."""
+    tokens = message.get("tokens")
+    if not isinstance(tokens, list) or not 1 <= len(tokens) <= MAX_NEW_TOKENS_LIMIT + 1:
+        raise WireError(f"'tokens' must be a list of 1 to {MAX_NEW_TOKENS_LIMIT + 1} token ids")
+    checked = tuple(_int("tokens[]", t, 0, 2**31 - 1) for t in tokens)
+    return ScoreRequest(parse_request({k: v for k, v in message.items() if k != "tokens"}), checked)
+
+
+def check_scores(frame: dict[str, Any], count: int) -> dict[str, Any]:
+    """Validate a ``scores`` frame for ``count`` tokens; raise ``WireError``."""
+    if frame.get("type") == "error":
+        return check_response(frame)
+    if frame.get("type") != "scores":
+        raise WireError(f"expected a scores frame, got {str(frame.get('type'))[:32]!r}")
+    _int("prompt_tokens", frame.get("prompt_tokens"), 0, _MAX_TOKENS_REPORTED)
+    for key in ("logprobs", "gaps", "ranks", "mass_above"):
+        values = frame.get(key)
+        if not isinstance(values, list) or len(values) != count:
+            raise WireError(f"'{key}' must hold one value per token ({count})")
+        for value in values:
+            if key == "ranks":
+                _int(key, value, 0, 2**31 - 1)
+            else:
+                _float(key, value, -1e9, 1e9)
     return frame

@@ -21,6 +21,7 @@ from libp2p.custom_types import TProtocol
 
 from . import __version__, answers, wire
 from .engine import Engine, EngineBusy, EngineError, GenerationParams
+from .engine.scoring import score_tokens
 from .fsutil import write_json_atomic
 from .host import host_addrs, make_host, parse_multiaddr
 from .identity import Identity
@@ -62,6 +63,7 @@ class Worker:
         self.failed = 0
         #: Extra long-running services (registry sync, heartbeats) started beside the host.
         self.services: list[Callable[[IHost], Awaitable[None]]] = []
+        self._scoring = trio.Lock()
         #: ``DLLM_FAULT=wrong-answers``: a lying worker, for tests of the audits.
         self.fault = os.environ.get("DLLM_FAULT", "")
         if self.fault:
@@ -83,6 +85,7 @@ class Worker:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self.host.set_stream_handler(TProtocol(wire.GENERATE_PROTOCOL), self._on_generate)
         self.host.set_stream_handler(TProtocol(wire.INFO_PROTOCOL), self._on_info)
+        self.host.set_stream_handler(TProtocol(wire.SCORE_PROTOCOL), self._on_score)
         listen = [parse_multiaddr(a) for a in self.config.listen]
         async with self.host.run(listen):
             addrs = host_addrs(self.host)
@@ -123,7 +126,7 @@ class Worker:
             "models": self.models,
             "model_info": self.model_info(),
             "version": __version__,
-            "protocols": [wire.GENERATE_PROTOCOL, wire.INFO_PROTOCOL],
+            "protocols": [wire.GENERATE_PROTOCOL, wire.INFO_PROTOCOL, wire.SCORE_PROTOCOL],
             "limits": {
                 "max_request_frame": wire.MAX_REQUEST_FRAME,
                 "max_prompt_chars": wire.MAX_PROMPT_CHARS,
@@ -140,6 +143,48 @@ class Worker:
         except Exception as exc:  # never let a peer's stream kill the host
             log.debug("info stream failed: %r", exc)
             await _reset_quietly(stream)
+
+    # --- /dllm/score/1.0.0 --------------------------------------------------------------
+
+    async def _on_score(self, stream: INetStream) -> None:
+        """Score claimed tokens for an auditor: one request, one ``scores`` (or error) frame."""
+        try:
+            frame = await self._score(stream)
+            with trio.move_on_after(self.config.read_timeout):
+                await stream.write(wire.encode_frame(frame))
+                await stream.close()
+        except Exception as exc:  # never let a peer's stream kill the host
+            log.debug("score stream failed: %r", exc)
+            await _reset_quietly(stream)
+
+    async def _score(self, stream: INetStream) -> dict[str, Any]:
+        try:
+            message = None
+            with trio.move_on_after(self.config.read_timeout):
+                message = await wire.FrameReader(stream, wire.MAX_REQUEST_FRAME).read_frame()
+            if message is None:
+                return wire.error_frame("timeout", f"no score request within {self.config.read_timeout:g} s")
+            scoring = wire.parse_score_request(message)
+        except wire.WireError as exc:
+            return wire.error_frame(exc.code, str(exc))
+        request = scoring.request
+        if request.model and request.model not in self.models:
+            return wire.error_frame("unknown_model", f"this node serves {self.models}, not {request.model!r}")
+        params = GenerationParams(
+            prompt=request.prompt,
+            messages=[dict(m) for m in request.messages] if request.messages is not None else None,
+            max_new_tokens=len(scoring.tokens),
+            temperature=request.temperature,
+        )
+        # One scoring pass at a time: it is a whole forward pass, beside the batch.
+        async with self._scoring:
+            try:
+                prompt_ids = self.engine._encode_prompt(params)
+                return await trio.to_thread.run_sync(
+                    score_tokens, self.engine.loaded, prompt_ids, list(scoring.tokens), request.temperature
+                )
+            except ValueError as exc:
+                return wire.error_frame("too_large" if "too long" in str(exc) else "bad_request", str(exc))
 
     # --- /dllm/generate/1.0.0 -----------------------------------------------------------
 
@@ -226,7 +271,13 @@ class Worker:
             messages=[dict(m) for m in request.messages] if request.messages is not None else None,
             stop=list(request.stop),
         )
+        claimed_prompt_tokens = None
         if self.fault == "wrong-answers":
+            # A careful liar: it reports the prompt length of the question it was asked.
+            try:
+                claimed_prompt_tokens = len(self.engine._encode_prompt(params))
+            except ValueError:
+                pass
             params = _wrong_question(params)
         result = None
         error: tuple[str, str] | None = None
@@ -257,7 +308,7 @@ class Worker:
             await _reset_quietly(stream)
             return False, None
         self.served += 1
-        usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
+        usage = {"prompt_tokens": claimed_prompt_tokens or result.prompt_tokens, "completion_tokens": result.completion_tokens}
         text, tokens = result.text, result.token_ids
         await reply(
             {
@@ -267,6 +318,7 @@ class Worker:
                 "fingerprint": self.engine.loaded.fingerprint,
                 "finish_reason": result.finish_reason,
                 "usage": usage,
+                **({"tokens": tokens} if request.return_tokens else {}),
                 "signature": answers.sign(
                     self.identity,
                     request_body=body,

@@ -7,6 +7,7 @@ Routes: ``/api/generate`` (JSON or server-sent events), OpenAI-compatible ``/v1/
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -31,6 +32,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from dllm_p2p import __version__, wire
 from dllm_p2p.client import Client
 
+from .audit import Auditor
 from .limits import RateLimiter
 from .nodes import NodeTable
 from .relay import Done, RelayError, Token, relay
@@ -156,8 +158,10 @@ class Gateway:
         api_keys: list[str] | None = None,
         rate_limit: float = 0.0,
         rate_burst: int = 20,
+        auditor: Auditor | None = None,
     ) -> None:
         self.table = table
+        self.auditor = auditor
         self.client = client
         self.registry_info = registry_info or (lambda: {"head": None, "cid": None, "blocks": []})
         self.max_attempts = max_attempts
@@ -171,6 +175,9 @@ class Gateway:
         assert self.client is not None, "gateway has no libp2p client"
         start = time.perf_counter()
         first = True
+        audited = self.auditor is not None and self.auditor.sample()
+        if audited:
+            request = dataclasses.replace(request, return_tokens=True)  # the auditor scores them
         async with aclosing(relay(self.table, self.client, request, max_attempts=self.max_attempts)) as events:
             async for event in events:
                 if isinstance(event, Token) and first:
@@ -183,6 +190,8 @@ class Gateway:
                     self.metrics.latency.observe(time.perf_counter() - start)
                     if event.attempts > 1:
                         self.metrics.failovers.inc()
+                    if audited and self.auditor is not None:
+                        self.auditor.submit(request, event.frame, event.node)
                 yield event
 
 
@@ -517,6 +526,13 @@ def create_app(gw: Gateway) -> FastAPI:
     async def nodes() -> dict[str, Any]:
         described = gw.table.describe()
         return {"nodes": described, "online": sum(1 for n in described if n["online"]), "ttl_s": gw.table.ttl}
+
+    @app.get("/api/audits")
+    async def audits() -> dict[str, Any]:
+        """Audit counts and the evidence of the latest failed audits."""
+        if gw.auditor is None:
+            return {"rate": 0.0, "counts": {}, "evidence": []}
+        return gw.auditor.describe()
 
     @app.get("/api/registry")
     async def registry() -> dict[str, Any]:

@@ -45,6 +45,13 @@ class NodeState:
     #: EWMA of outcomes (1 success, 0 failure or stall), from 0 to 1; see ``reputation``.
     outcome: float = NEUTRAL_REPUTATION
     last_outcome_at: float = 0.0
+    # audits (gateway.audit)
+    audits_passed: int = 0
+    audits_failed: int = 0
+    #: A failed audit: never routed to until it passes probe audits again.
+    quarantined: bool = False
+    quarantine_reason: str | None = None
+    probation_passes: int = 0
 
     def online(self, now: float, ttl: float) -> bool:
         return self.last_seen > 0 and now - self.last_seen <= ttl
@@ -194,7 +201,54 @@ class NodeTable:
     def routable(self, now: float | None = None) -> list[NodeState]:
         """Online workers with a registry record: a heartbeat alone does not make a node
         routable (anyone can gossip one; a record is signed into the shared registry)."""
-        return [n for n in self.online(now) if n.role == "worker" and n.registered and (self.allow is None or n.peer_id in self.allow)]
+        return [
+            n
+            for n in self.online(now)
+            if n.role == "worker" and n.registered and not n.quarantined and (self.allow is None or n.peer_id in self.allow)
+        ]
+
+    def auditors(self, model: str | None, fingerprint: str | None, exclude: Iterable[str] = ()) -> list[NodeState]:
+        """Routable workers that serve ``model`` with exactly the weights ``fingerprint``
+        names: only they can check an answer made with those weights."""
+        excluded = set(exclude)
+        return [
+            n
+            for n in self.routable()
+            if n.peer_id not in excluded
+            and fingerprint is not None
+            and (model is None or model in n.models)
+            and any(info.get("fingerprint") == fingerprint for name, info in n.model_info.items() if model is None or name == model)
+        ]
+
+    # --- audits ------------------------------------------------------------------------
+
+    def record_audit(self, peer_id: str, *, passed: bool, reason: str) -> None:
+        node = self._get(peer_id)
+        if passed:
+            node.audits_passed += 1
+        else:
+            node.audits_failed += 1
+
+    def quarantine(self, peer_id: str, reason: str) -> bool:
+        """Stop routing to ``peer_id`` after a failed audit; True if it was not already."""
+        node = self._get(peer_id)
+        node.audits_failed += 1
+        node.probation_passes = 0
+        node.quarantine_reason = reason
+        node.outcome = 0.0
+        node.last_outcome_at = time.time()
+        newly, node.quarantined = not node.quarantined, True
+        return newly
+
+    def probation_pass(self, peer_id: str, needed: int) -> None:
+        """A quarantined node passed a probe audit; after ``needed`` in a row it is free."""
+        node = self._get(peer_id)
+        if not node.quarantined:
+            return
+        node.probation_passes += 1
+        if node.probation_passes >= needed:
+            node.quarantined = False
+            node.probation_passes = 0
 
     def models(self) -> list[str]:
         return sorted({m for n in self.routable() for m in n.models})
@@ -260,6 +314,9 @@ class NodeTable:
                     "backoff_s": max(0.0, round(node.backoff_until - now, 1)),
                     "last_error": node.last_error,
                     "reputation": round(node.reputation(now), 3),
+                    "quarantined": node.quarantined,
+                    "quarantine_reason": node.quarantine_reason,
+                    "audits": {"passed": node.audits_passed, "failed": node.audits_failed},
                     "cost_ms": round(node.cost(now), 1),
                 }
             )

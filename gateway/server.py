@@ -26,6 +26,7 @@ from dllm_p2p.registry.publish import Publisher
 from dllm_p2p.registry.store import ChainStore
 
 from .app import Gateway, create_app
+from .audit import Auditor
 from .nodes import NodeTable
 
 log = logging.getLogger("gateway")
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", action="append", default=None, metavar="KEY", help="require 'Authorization: Bearer KEY' on POST routes (repeatable; also read from DLLM_API_KEYS, comma-separated)")
     p.add_argument("--rate-limit", type=float, default=0.0, help="requests per second per client (API key or address); 0 = off (default)")
     p.add_argument("--rate-burst", type=int, default=20, help="burst allowed above --rate-limit (default 20)")
+    p.add_argument("--audit-rate", type=float, default=0.05, metavar="R", help="fraction of answers re-checked on another worker with the same weights (default 0.05; 0 = off)")
     p.add_argument("--allow-peer", action="append", default=None, metavar="PEER_ID", help="route only to these worker peer ids (repeatable)")
     p.add_argument("--psk", default=None, help="private network key (64 hex chars)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -87,6 +89,7 @@ async def run_gateway(
     membership = Membership(identity, membership_config, store, on_heartbeat=on_heartbeat, on_chain=on_chain, publisher=publisher)
     host = make_host(identity, psk=args.psk)
     client = Client(host, keep_alive=True)  # reuse streams to workers: no setup per request
+    auditor = Auditor(table, client, rate=args.audit_rate, evidence_dir=Path(args.data_dir).expanduser() / "audits")
     gw = Gateway(
         table,
         client,
@@ -96,6 +99,7 @@ async def run_gateway(
         api_keys=api_keys,
         rate_limit=args.rate_limit,
         rate_burst=args.rate_burst,
+        auditor=auditor,
     )
     app = create_app(gw)
     config = Config()
@@ -106,6 +110,7 @@ async def run_gateway(
         async with host.run([parse_multiaddr(args.p2p_listen)]):
             async with trio.open_nursery() as nursery:
                 await nursery.start(membership.run, host)
+                nursery.start_soon(auditor.run)
                 if stop is not None:
                     nursery.start_soon(until_signal, stop, membership.leave)
                 binds = await nursery.start(serve, app, config)
@@ -136,6 +141,8 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"--max-attempts must be at least 1, not {args.max_attempts}"
     if args.rate_limit < 0 or args.rate_burst < 1:
         return "--rate-limit must be >= 0 and --rate-burst >= 1"
+    if not 0 <= args.audit_rate <= 1:
+        return f"--audit-rate must be between 0 and 1, not {args.audit_rate:g}"
     try:
         MembershipConfig(role="gateway", heartbeat_interval=args.heartbeat_interval, ttl=args.ttl)
         args.psk = check_psk(args.psk)

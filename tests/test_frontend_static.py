@@ -362,6 +362,22 @@ def test_node_explorer_lists_nodes_and_registry(fake: FakeGateway, page: Any) ->
     assert page.get_by_test_id("health").inner_text() == "3 live nodes"
 
 
+def test_a_quarantined_node_is_marked_with_the_reason(fake: FakeGateway, page: Any) -> None:
+    reason = "token 0 (17) is not the model's choice: 3.20 nats below the best (greedy)"
+    fake.call(fake.table.quarantine, NODE_B, reason)
+    try:
+        page.goto(fake.url)
+        b = page.locator(f'[data-testid=node-row][data-peer-id="{NODE_B}"]')
+        badge = b.get_by_test_id("node-quarantined")
+        badge.wait_for()
+        assert badge.inner_text() == "quarantined" and reason in badge.get_attribute("title")
+        assert page.locator(f'[data-testid=node-row][data-peer-id="{NODE_A}"]').get_by_test_id("node-quarantined").count() == 0
+    finally:
+        for _ in range(3):
+            fake.call(fake.table.probation_pass, NODE_B, 3)
+    assert not fake.table.nodes[NODE_B].quarantined
+
+
 def test_page_opened_from_disk_asks_for_the_gateway(fake: FakeGateway, page: Any) -> None:
     page.goto(INDEX.as_uri())
     assert page.get_by_test_id("gateway-url").input_value() == ""

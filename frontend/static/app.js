@@ -815,6 +815,10 @@
     if (isNum(node.backoff_s) && node.backoff_s > 0) badges.push(el("span", { class: "badge backoff" }, `backoff ${Math.ceil(node.backoff_s)}s`));
     if (typeof node.role === "string" && node.role && node.role !== "worker") badges.push(el("span", { class: "badge" }, node.role));
     if (node.registered === false) badges.push(el("span", { class: "badge", title: "not in the registry" }, "unregistered"));
+    if (node.quarantined === true) {
+      const why = typeof node.quarantine_reason === "string" ? node.quarantine_reason : "it failed an audit";
+      badges.push(el("span", { class: "badge quarantined", title: `not routed to: ${why}`, "data-testid": "node-quarantined" }, "quarantined"));
+    }
 
     const running = isNum(load.running) ? load.running : null;
     const capacity = isNum(load.capacity) ? load.capacity : null;
