@@ -495,8 +495,8 @@ def cmd_nodes(args: argparse.Namespace) -> int:
             identity = generate()
             membership = Membership(
                 identity, MembershipConfig(role="observer", bootstrap=args.bootstrap, ttl=args.ttl), store,
-                # Seen at the sender's stamp: gossip replays a dead node's last heartbeats.
-                on_heartbeat=lambda beat: beats.__setitem__(beat.peer_id, (min(time.time(), beat.ts), beat)),
+                # Seen when sent, on our clock (see Membership._stamp).
+                on_heartbeat=lambda beat: beats.__setitem__(beat.peer_id, (beat.seen_at, beat)),
             )
             host = make_host(identity, psk=args.psk)
             async with host.run([parse_multiaddr("/ip4/0.0.0.0/tcp/0")]):

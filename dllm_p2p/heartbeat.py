@@ -19,8 +19,9 @@ from .identity import Identity, peer_id_for, verify
 TOPIC = "/dllm/heartbeat/1"
 DOMAIN = b"dllm-heartbeat/1\n"
 MAX_BYTES = 8 * 1024
-#: Heartbeats stamped further than this from our clock are refused (replays, bad clocks).
-MAX_SKEW_S = 60.0
+#: Heartbeats stamped further than this from our clock are refused (old replays). Clocks
+#: within it are tolerated: liveness is measured on the receiver's clock (Membership).
+MAX_SKEW_S = 600.0
 
 _FIELDS = {"peer_id": str, "public_key": bytes, "seq": int, "ts": float, "role": str, "models": list, "addrs": list, "load": dict}
 #: Optional: per model, its fingerprint and whether it is a chat model (``{"fingerprint": str, "chat": bool}``).
@@ -49,6 +50,8 @@ class Heartbeat:
     addrs: list[str]
     load: dict[str, Any]
     meta: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: When it was sent, on the receiver's clock (set by ``Membership``; 0 until then).
+    seen_at: float = 0.0
 
 
 def _body(fields: dict[str, Any]) -> bytes:

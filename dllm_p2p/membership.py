@@ -13,8 +13,10 @@ One ``Membership`` runs beside a worker's or gateway's host:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +41,16 @@ from .registry.store import ChainStore
 log = logging.getLogger("dllm_p2p.membership")
 
 REGISTRY_TOPIC = "/dllm/registry/1"
+#: Peers whose last heartbeat we keep (the least recently heard are forgotten first):
+#: every fresh key that gossips would otherwise grow this for ever.
+MAX_PEERS_TRACKED = 10_000
+#: Chain fetches running at once; how soon the same peer is asked again for the same
+#: head (or, prompted by a heartbeat, at all); and at least how long between two asks.
+MAX_FETCHES = 8
+REFETCH_AFTER = 30.0
+REFETCH_MIN = 1.0
+#: Addresses of one peer tried per fetch.
+MAX_DIAL_ADDRS = 4
 REGISTRY_PROTOCOL = "/dllm/registry/1.0.0"
 #: Largest chain frame we accept over the registry protocol: any chain that verifies fits
 #: (a full chain of the largest records is under MAX_FILE_BYTES even with indentation,
@@ -100,9 +112,15 @@ class Membership:
         self.peer_id = identity.peer_id.to_base58()
         self.host: IHost | None = None
         self.pubsub: Pubsub | None = None
-        self.last_seen: dict[str, heartbeat.Heartbeat] = {}
+        #: peer id -> its latest heartbeat, ``seen_at`` on our clock; least recently heard first.
+        self.last_seen: OrderedDict[str, heartbeat.Heartbeat] = OrderedDict()
+        #: peer id -> the smallest (arrival - stamp) seen: its clock's offset from ours
+        #: plus the fastest delivery; bounded with ``last_seen``.
+        self._offsets: dict[str, float] = {}
+        self._fetched_at: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
         self._seq = int(time.time() * 1000)
         self._fetching: set[str] = set()
+        self._again: set[str] = set()  # announced a head while we were fetching from it
         self._changed = trio.Event()
         #: Held while the chain is merged and saved: two fetches must not both build on
         #: the same old chain, and saves (off the event loop) must land in order.
@@ -226,7 +244,7 @@ class Membership:
         heartbeat costs a running node; a record costs only a key), then the most
         recently renewed."""
         beat = self.last_seen.get(peer_id)
-        alive = beat is not None and time.time() - beat.ts < 10 * self.config.effective_ttl
+        alive = beat is not None and time.time() - beat.seen_at < 10 * self.config.effective_ttl
         return (0 if alive else 1, -max(r["issued"] for r in records), peer_id)
 
     async def _accept(self, chain: Chain) -> bool:
@@ -298,19 +316,63 @@ class Membership:
                 await trio.sleep(0.5)
         return False
 
-    async def _fetch_from_peer(self, peer_id: str, addrs: list[str]) -> None:
-        if peer_id in self._fetching or peer_id == self.peer_id:
+    def _stamp(self, beat: heartbeat.Heartbeat, arrival: float) -> heartbeat.Heartbeat:
+        """When the heartbeat was sent, on *our* clock.
+
+        The sender's stamp is on its clock, which may be off by minutes; arrival time alone
+        would count a delayed or replayed heartbeat as fresh. So each peer's offset (the
+        smallest arrival - stamp seen, allowed to drift up by a second per heartbeat) maps
+        its stamps onto our clock: a slow clock no longer hides a live node, and a
+        heartbeat that arrives late counts from when it was sent.
+        """
+        offset = arrival - beat.ts
+        known = self._offsets.get(beat.peer_id)
+        if known is None:
+            # First sight: no offset to go by yet. Gossip hands new peers the last few
+            # messages it holds, maybe a dead node's: trust the stamp, which can only make
+            # the heartbeat look older. A slow-clocked node shows at its second one.
+            self._offsets[beat.peer_id] = offset
+            return dataclasses.replace(beat, seen_at=min(arrival, beat.ts))
+        base = self._offsets[beat.peer_id] = min(offset, known + 1.0)
+        return dataclasses.replace(beat, seen_at=min(arrival, beat.ts + base))
+
+    async def _fetch_from_peer(self, peer_id: str, addrs: list[str], head: str | None = None) -> None:
+        """Fetch ``peer_id``'s chain when it announces a ``head`` we have not fetched from
+        it (at most once a second: a later announcement waits for its turn), or, with no
+        head (prompted by a heartbeat), at most once per 30 s. A peer that keeps
+        announcing must not keep us fetching; one that announces during a fetch is asked
+        again after it."""
+        if peer_id == self.peer_id:
+            return
+        if peer_id in self._fetching:
+            if head is not None:
+                self._again.add(peer_id)
+            return
+        last, last_head = self._fetched_at.get(peer_id, (-REFETCH_AFTER, None))
+        fresh = head is not None and head != last_head
+        if len(self._fetching) >= MAX_FETCHES or (not fresh and trio.current_time() - last < REFETCH_AFTER):
             return
         self._fetching.add(peer_id)
         try:
-            for addr in addrs:
-                try:
-                    await self._fetch_chain(addr)
+            while True:
+                await trio.sleep(max(0.0, last + REFETCH_MIN - trio.current_time()))
+                last = trio.current_time()
+                self._fetched_at[peer_id] = (last, head)
+                self._fetched_at.move_to_end(peer_id)
+                while len(self._fetched_at) > MAX_PEERS_TRACKED:
+                    self._fetched_at.popitem(last=False)
+                for addr in addrs[:MAX_DIAL_ADDRS]:
+                    try:
+                        await self._fetch_chain(addr)
+                        break
+                    except Exception as exc:
+                        log.debug("fetching the chain from %s failed: %r", addr, exc)
+                if peer_id not in self._again:
                     return
-                except Exception as exc:
-                    log.debug("fetching the chain from %s failed: %r", addr, exc)
+                self._again.discard(peer_id)
         finally:
             self._fetching.discard(peer_id)
+            self._again.discard(peer_id)
 
     # --- gossip -------------------------------------------------------------------------
 
@@ -339,7 +401,12 @@ class Membership:
                 previous = self.last_seen.get(beat.peer_id)
                 if previous is not None and beat.seq <= previous.seq:
                     continue  # replayed or reordered
+                beat = self._stamp(beat, time.time())
                 self.last_seen[beat.peer_id] = beat
+                self.last_seen.move_to_end(beat.peer_id)
+                while len(self.last_seen) > MAX_PEERS_TRACKED:
+                    forgotten, _ = self.last_seen.popitem(last=False)
+                    self._offsets.pop(forgotten, None)
                 if self.on_heartbeat is not None:
                     self.on_heartbeat(beat)
                 if beat.role == "worker" and beat.peer_id not in self.chain.nodes():
@@ -354,7 +421,7 @@ class Membership:
                     continue
                 sender = ID(message.from_id).to_base58()
                 if head != self.chain.head and sender != self.peer_id:
-                    nursery.start_soon(self._fetch_from_peer, sender, addrs)
+                    nursery.start_soon(self._fetch_from_peer, sender, addrs, head)
 
     async def _announce(self) -> None:
         if self.pubsub is None or self.host is None:
@@ -455,7 +522,7 @@ class Membership:
     def online(self, peer_id: str, now: float | None = None) -> bool:
         beat = self.last_seen.get(peer_id)
         now = time.time() if now is None else now
-        return beat is not None and now - beat.ts <= self.config.effective_ttl
+        return beat is not None and now - beat.seen_at <= self.config.effective_ttl
 
 
 def deregistered(chain: Chain) -> set[str]:

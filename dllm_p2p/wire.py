@@ -413,7 +413,8 @@ def check_response(frame: dict[str, Any]) -> dict[str, Any]:
     for key in ("model", "fingerprint"):
         if frame.get(key) is not None:
             _str(key, frame[key], 256)
-    if frame.get("finish_reason", "stop") not in FINISH_REASONS:
+    reason = frame.get("finish_reason", "stop")
+    if not isinstance(reason, str) or reason not in FINISH_REASONS:
         raise WireError(f"'finish_reason' must be one of {', '.join(sorted(FINISH_REASONS))}")
     if "tokens" in frame:
         tokens = frame["tokens"]

@@ -15,6 +15,9 @@ from typing import Any
 
 
 NEUTRAL_REPUTATION = 0.8
+#: Nodes the table remembers. Past it, nodes without a registry record are forgotten,
+#: least recently heard first: a flood of fresh keys must not grow the table for ever.
+MAX_NODES = 10_000
 REPUTATION_HALF_LIFE = 300.0
 REPUTATION_ALPHA = 0.25
 TYPICAL_TOKENS = 32
@@ -120,8 +123,17 @@ class NodeTable:
     def _get(self, peer_id: str) -> NodeState:
         node = self.nodes.get(peer_id)
         if node is None:
+            if len(self.nodes) >= MAX_NODES:
+                self._forget_one()
             node = self.nodes[peer_id] = NodeState(peer_id=peer_id, first_seen=time.time())
         return node
+
+    def _forget_one(self) -> None:
+        """Make room: drop the unregistered node heard from least recently (or, if all
+        are registered, the one heard from least recently)."""
+        pool = [n for n in self.nodes.values() if not n.registered] or list(self.nodes.values())
+        victim = min(pool, key=lambda n: (n.last_seen, n.peer_id))
+        del self.nodes[victim.peer_id]
 
     # --- updates -----------------------------------------------------------------------
 

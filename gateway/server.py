@@ -74,10 +74,10 @@ async def run_gateway(
 
     def on_heartbeat(beat: Heartbeat) -> None:
         if beat.role == "worker":
-            # The sender's stamp, not the arrival time: gossip replays recent messages to
-            # new peers, and a dead node's last heartbeat must not make it look alive.
+            # When it was sent, on our clock (Membership._stamp): a node with a slow clock
+            # is live, a late or replayed heartbeat counts from when it was sent.
             table.heartbeat(
-                beat.peer_id, models=beat.models, load=beat.load, addrs=beat.addrs, meta=beat.meta, now=min(time.time(), beat.ts)
+                beat.peer_id, models=beat.models, load=beat.load, addrs=beat.addrs, meta=beat.meta, now=beat.seen_at
             )
 
     def on_chain(chain: Any) -> None:

@@ -57,7 +57,12 @@ def liar_net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalNe
         )
         try:
             wait_online(net.url, 3, children=[*net.children, liar])
-            yield net, addr.rsplit("/", 1)[1]
+            peer = addr.rsplit("/", 1)[1]
+            deadline = time.monotonic() + 30
+            while not nodes(net).get(peer, {}).get("registered"):  # routable only once registered
+                assert time.monotonic() < deadline, "the liar's registry record never reached the gateway"
+                time.sleep(0.1)
+            yield net, peer
         finally:
             liar.stop()
 

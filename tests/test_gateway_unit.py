@@ -203,3 +203,15 @@ async def test_form_encoded_json_is_accepted_like_curl_sends_it() -> None:
     async with app_for(table_with("a"), FakeClient({"/addr/a": "ok"})) as http:
         response = await http.post("/api/generate", content=b'{"prompt": "hi"}', headers={"content-type": "application/x-www-form-urlencoded"})
     assert response.status_code == 200 and response.json()["text"] == "Hello"
+
+
+def test_the_node_table_stays_bounded_forgetting_unregistered_nodes_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway import nodes as nodes_module
+
+    monkeypatch.setattr(nodes_module, "MAX_NODES", 50)
+    table = table_with("a", "b")
+    for i in range(500):  # a flood of gossip from fresh keys
+        table.heartbeat(f"fresh-{i}", models=["tiny"], load={}, addrs=[f"/addr/fresh-{i}"], now=time.time() - 1 + i / 1000)
+    assert len(table.nodes) <= 50
+    assert {"a", "b"} <= set(table.nodes)  # registered nodes are kept
+    assert "fresh-499" in table.nodes and "fresh-0" not in table.nodes  # the least recently heard went first

@@ -4,6 +4,7 @@ heartbeats at the gossip validator, bodies at the gateway. None of it may become
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import pytest
@@ -29,6 +30,7 @@ DONE = {"type": "done", "text": "hi", "model": "tiny", "finish_reason": "stop", 
         ({**DONE, "usage": "lots"}, "must be maps"),
         ({**DONE, "timing": {"total_ms": math.nan}}, "timing.total_ms"),
         ({**DONE, "finish_reason": "because"}, "finish_reason"),
+        ({**DONE, "finish_reason": ["stop"]}, "finish_reason"),
         ({**DONE, "model": ["x"]}, "'model' must be a string"),
     ],
 )
@@ -291,3 +293,59 @@ def test_the_wheel_carries_every_module_and_the_page(tmp_path: Any) -> None:
     expected = {str(p.relative_to(root)) for pkg in ("dllm_p2p", "gateway") for p in (root / pkg).rglob("*.py")}
     expected |= {"gateway/frontend/" + str(p.relative_to(root / "frontend")) for p in (root / "frontend").rglob("*") if p.is_file()}
     assert expected <= names, sorted(expected - names)
+
+
+# --- liveness on the receiver's clock, bounded per-peer state ---------------------------
+
+
+def test_liveness_is_measured_on_our_clock_and_tolerates_a_slow_sender() -> None:
+    from dllm_p2p.membership import Membership, MembershipConfig
+    from dllm_p2p.registry.store import ChainStore
+
+    m = Membership(generate(), MembershipConfig(heartbeat_interval=1.0), ChainStore("/nonexistent-dllm-test"))
+    slow = generate()
+    now = time.time()
+
+    def arrive(sent_by_sender: float, arrival: float, seq: int) -> heartbeat.Heartbeat:
+        beat = heartbeat.parse(heartbeat.make(slow, seq, role="worker", models=[], addrs=[], load={}, now=sent_by_sender), now=arrival)
+        stamped = m._stamp(beat, arrival)
+        m.last_seen[stamped.peer_id] = stamped
+        return stamped
+
+    # Its clock is 5 minutes slow: the first heartbeat counts from its own stamp (it could
+    # be a replay), the second from when it was really sent, on our clock.
+    first = arrive(now - 300, now, 1)
+    assert not m.online(first.peer_id, now=now)
+    second = arrive(now - 298, now + 2, 2)
+    assert second.seen_at == pytest.approx(now + 2) and m.online(second.peer_id, now=now + 2)
+    # A heartbeat that arrives 20 s late counts from when it was sent (give or take the
+    # second a peer's offset may drift per heartbeat).
+    late = arrive(now - 296, now + 24, 3)
+    assert late.seen_at == pytest.approx(now + 4 + 1, abs=0.01) and not m.online(late.peer_id, now=now + 24)
+
+
+def test_per_peer_state_of_membership_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dllm_p2p.membership as membership_module
+    from dllm_p2p.membership import Membership, MembershipConfig
+    from dllm_p2p.registry.store import ChainStore
+
+    monkeypatch.setattr(membership_module, "MAX_PEERS_TRACKED", 20)
+    m = Membership(generate(), MembershipConfig(), ChainStore("/nonexistent-dllm-test"))
+
+    class Subscription:
+        def __init__(self, messages: list) -> None:
+            self.messages = messages
+
+        def __aiter__(self):  # type: ignore[no-untyped-def]
+            return self
+
+        async def __anext__(self):  # type: ignore[no-untyped-def]
+            if not self.messages:
+                raise StopAsyncIteration
+            return self.messages.pop(0)
+
+    keys = [generate() for _ in range(100)]
+    messages = [type("Msg", (), {"data": heartbeat.make(k, 1, role="gateway", models=[], addrs=[], load={}), "from_id": k.peer_id.to_bytes()})() for k in keys]
+    trio.run(m._consume_heartbeats, Subscription(messages))
+    assert len(m.last_seen) == 20 and len(m._offsets) == 20
+    assert keys[-1].peer_id.to_base58() in m.last_seen and keys[0].peer_id.to_base58() not in m.last_seen
