@@ -22,6 +22,7 @@ from typing import Any
 import trio
 
 from . import __version__
+from .registry.chain import DEFAULT_POW_BITS
 
 SUBCOMMANDS = {"worker", "query", "info", "model", "registry", "nodes", "deregister", "up", "answer"}
 
@@ -39,6 +40,7 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR", help="a node to join the network through (repeatable)")
     p.add_argument("--heartbeat-interval", type=float, default=2.0, help="seconds between signed heartbeats (default 2)")
     p.add_argument("--record-ttl", type=float, default=600.0, help="seconds a registry record lives unless renewed (default 600)")
+    p.add_argument("--pow-bits", type=int, default=DEFAULT_POW_BITS, help=f"proof of work each registry record carries, the same on every node of a network (default {DEFAULT_POW_BITS}: about a second, once per identity)")
     p.add_argument("--registry", default=None, metavar="SOURCE", help="seed the registry from a file, CID or /ipns/ name")
     p.add_argument("--ipfs-api", default=None, metavar="URL", help="Kubo RPC API to publish the registry (default http://127.0.0.1:5001 when it answers; else an embedded store)")
     p.add_argument("--read-timeout", type=float, default=10.0, help="seconds a dialer has to send its request (default 10)")
@@ -219,7 +221,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return _fail("--max-new-tokens must be at least 1 and --request-timeout positive")
     try:
         membership_config = MembershipConfig(
-            role="worker", bootstrap=args.bootstrap, heartbeat_interval=args.heartbeat_interval, record_ttl=args.record_ttl
+            role="worker", bootstrap=args.bootstrap, heartbeat_interval=args.heartbeat_interval, record_ttl=args.record_ttl,
+            pow_bits=args.pow_bits,
         )
     except ValueError as exc:
         return _fail(str(exc))
@@ -494,7 +497,12 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         if args.bootstrap:
             identity = generate()
             membership = Membership(
-                identity, MembershipConfig(role="observer", bootstrap=args.bootstrap, ttl=args.ttl), store,
+                identity,
+                MembershipConfig(
+                    role="observer", bootstrap=args.bootstrap, ttl=args.ttl,
+                    pow_bits=store.chain.pow_bits if store.chain.records else DEFAULT_POW_BITS,
+                ),
+                store,
                 # Seen when sent, on our clock (see Membership._stamp).
                 on_heartbeat=lambda beat: beats.__setitem__(beat.peer_id, (beat.seen_at, beat)),
             )
@@ -542,7 +550,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 def cmd_deregister(args: argparse.Namespace) -> int:
     from .host import host_addrs, make_host, parse_multiaddr
     from .identity import KEY_FILE, DataDirLock, DataDirLocked, load_or_create
-    from .membership import Membership, MembershipConfig
+    from .membership import Membership, MembershipConfig, proof_of_work
     from .registry.chain import RegistryError, make_record
     from .registry.store import ChainStore
 
@@ -562,13 +570,16 @@ def cmd_deregister(args: argparse.Namespace) -> int:
     peer_id = identity.peer_id.to_base58()
 
     async def run() -> int:
-        membership = Membership(identity, MembershipConfig(role="observer", bootstrap=args.bootstrap), store)
+        bits = store.chain.pow_bits if store.chain.records else DEFAULT_POW_BITS
+        membership = Membership(identity, MembershipConfig(role="observer", bootstrap=args.bootstrap, pow_bits=bits), store)
         host = make_host(identity, psk=args.psk)
         async with host.run([parse_multiaddr("/ip4/0.0.0.0/tcp/0")]):
             async with trio.open_nursery() as nursery:
                 await nursery.start(membership.run, host)  # joins: merges the bootstrap chain
                 seq = max(int(time.time() * 1000), store.chain.next_seq(peer_id))
-                record = make_record(identity, "deregister", host_addrs(host), [], seq, ttl=600)
+                bits = store.chain.pow_bits
+                extra = {"pow": await trio.to_thread.run_sync(proof_of_work, args.data_dir, peer_id, bits)} if bits else {}
+                record = make_record(identity, "deregister", host_addrs(host), [], seq, ttl=600, **extra)
                 store.save(store.chain.append(record))
                 if args.bootstrap:
                     await membership.push_to(args.bootstrap[0])

@@ -34,7 +34,21 @@ from libp2p.tools.anyio_service import background_trio_service
 from . import heartbeat, wire
 from .host import host_addrs, peer_info
 from .identity import Identity
-from .registry.chain import MAX_FILE_BYTES, Chain, InvalidChain, Record, compact, make_record, merge, merge_fitting
+from .fsutil import write_json_atomic
+from .registry.chain import (
+    DEFAULT_POW_BITS,
+    MAX_FILE_BYTES,
+    MAX_POW_BITS,
+    Chain,
+    InvalidChain,
+    Record,
+    compact,
+    make_record,
+    merge,
+    merge_fitting,
+    pow_ok,
+    solve_pow,
+)
 from .registry.publish import Publisher
 from .registry.store import ChainStore
 
@@ -70,6 +84,9 @@ class MembershipConfig:
     #: Registry records expire after this long unless renewed (renewal at a third of it).
     record_ttl: float = 600.0
     gateway_url: str | None = None
+    #: Proof of work a record of this network carries (the registry's checkpoint says it;
+    #: every node of one network must use the same value).
+    pow_bits: int = DEFAULT_POW_BITS
 
     def __post_init__(self) -> None:
         """Refuse settings that would only fail later, deep inside a loop."""
@@ -79,6 +96,8 @@ class MembershipConfig:
             raise ValueError(f"--ttl must be positive, not {self.ttl:g}")
         if not self.record_ttl >= 10:
             raise ValueError(f"--record-ttl must be at least 10 seconds, not {self.record_ttl:g}")
+        if not 0 <= self.pow_bits <= MAX_POW_BITS:
+            raise ValueError(f"--pow-bits must be between 0 and {MAX_POW_BITS}, not {self.pow_bits}")
 
     @property
     def effective_ttl(self) -> float:
@@ -143,6 +162,13 @@ class Membership:
             self.store.load()
         except InvalidChain as exc:
             log.warning("ignoring %s: %s; starting from an empty registry", self.store.path, exc)
+        if self.chain.pow_bits != self.config.pow_bits:
+            if self.chain.records:
+                log.warning(
+                    "%s asks for %d bits of proof of work, this node for %d: starting a new registry",
+                    self.store.path, self.chain.pow_bits, self.config.pow_bits,
+                )
+            self.store.save(Chain(pow_bits=self.config.pow_bits))
         if self.on_chain is not None:
             self.on_chain(self.chain)
         router = GossipSub(
@@ -223,6 +249,8 @@ class Membership:
         extra: dict[str, Any] = {"role": self.config.role}
         if self.config.gateway_url:
             extra["gateway_url"] = self.config.gateway_url
+        if self.chain.pow_bits:
+            extra["pow"] = await trio.to_thread.run_sync(proof_of_work, self.store.path.parent, self.peer_id, self.chain.pow_bits)
         record = make_record(
             self.identity,
             op,
@@ -299,6 +327,12 @@ class Membership:
             theirs = await trio.to_thread.run_sync(Chain.from_json, frame["data"])
         except InvalidChain as exc:
             log.warning("ignoring an invalid chain from %s: %s", info.peer_id, exc)
+            return None
+        if theirs.pow_bits != self.config.pow_bits:
+            log.warning(
+                "ignoring the chain of %s: it asks for %d bits of proof of work, this network %d (another network?)",
+                info.peer_id, theirs.pow_bits, self.config.pow_bits,
+            )
             return None
         async with self._chain_lock:
             merged = await trio.to_thread.run_sync(merge_fitting, self.chain, theirs, self.peer_id, self._rank)
@@ -548,3 +582,30 @@ def parse_announcement(data: bytes) -> tuple[str, list[str]]:
     if not isinstance(addrs, list) or not all(isinstance(a, str) for a in addrs):
         raise ValueError("bad addrs")
     return message["head"], addrs[:16]
+
+
+POW_FILE = "pow.json"
+
+
+def proof_of_work(data_dir: Any, peer_id: str, bits: int) -> str:
+    """This identity's proof of ``bits`` bits of work: from ``<data_dir>/pow.json`` when
+    it holds one, else solved now (about a second at 20 bits) and saved. Blocking."""
+    from pathlib import Path
+
+    path = Path(data_dir).expanduser() / POW_FILE
+    try:
+        import json
+
+        saved = json.loads(path.read_text())
+        if saved.get("peer_id") == peer_id and pow_ok(peer_id, saved.get("nonce"), bits):
+            return str(saved["nonce"])
+    except (OSError, ValueError, AttributeError):
+        pass
+    started = time.perf_counter()
+    nonce = solve_pow(peer_id, bits)
+    log.info("proof of work of %d bits for %s in %.1f s", bits, peer_id, time.perf_counter() - started)
+    try:
+        write_json_atomic(path, {"peer_id": peer_id, "bits": bits, "nonce": nonce})
+    except OSError as exc:
+        log.warning("could not save the proof of work in %s: %s", path, exc)
+    return nonce

@@ -22,6 +22,7 @@ from dllm_p2p.identity import DataDirLock, DataDirLocked, load_or_create
 from dllm_p2p.lifeline import watch_parent
 from dllm_p2p.membership import Membership, MembershipConfig, deregistered
 from dllm_p2p.registry.ipfs import IpfsError
+from dllm_p2p.registry.chain import DEFAULT_POW_BITS
 from dllm_p2p.registry.publish import Publisher
 from dllm_p2p.registry.store import ChainStore
 
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", action="append", default=None, metavar="KEY", help="require 'Authorization: Bearer KEY' on POST routes (repeatable; also read from DLLM_API_KEYS, comma-separated)")
     p.add_argument("--rate-limit", type=float, default=0.0, help="requests per second per client (API key or address); 0 = off (default)")
     p.add_argument("--rate-burst", type=int, default=20, help="burst allowed above --rate-limit (default 20)")
+    p.add_argument("--pow-bits", type=int, default=DEFAULT_POW_BITS, help=f"proof of work of the network's registry records (default {DEFAULT_POW_BITS}; the same on every node)")
     p.add_argument("--audit-rate", type=float, default=0.05, metavar="R", help="fraction of answers re-checked on another worker with the same weights (default 0.05; 0 = off)")
     p.add_argument("--allow-peer", action="append", default=None, metavar="PEER_ID", help="route only to these worker peer ids (repeatable)")
     p.add_argument("--psk", default=None, help="private network key (64 hex chars)")
@@ -68,6 +70,7 @@ async def run_gateway(
         heartbeat_interval=args.heartbeat_interval,
         ttl=args.ttl,
         gateway_url=args.public_url,
+        pow_bits=args.pow_bits,
     )
     table = NodeTable(ttl=membership_config.effective_ttl, policy=args.policy, allow=args.allow_peer)
     api_keys = list(args.api_key or []) + [k for k in os.environ.get("DLLM_API_KEYS", "").split(",") if k]
@@ -144,7 +147,7 @@ def check_args(args: argparse.Namespace) -> str | None:
     if not 0 <= args.audit_rate <= 1:
         return f"--audit-rate must be between 0 and 1, not {args.audit_rate:g}"
     try:
-        MembershipConfig(role="gateway", heartbeat_interval=args.heartbeat_interval, ttl=args.ttl)
+        MembershipConfig(role="gateway", heartbeat_interval=args.heartbeat_interval, ttl=args.ttl, pow_bits=args.pow_bits)
         args.psk = check_psk(args.psk)
     except (ValueError, AddressError) as exc:
         return str(exc)

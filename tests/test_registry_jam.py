@@ -55,8 +55,8 @@ async def test_a_chain_of_large_records_replicates(tmp_path: Path) -> None:
     assert len(big.to_json()) > 4 * 1024 * 1024
     a_store, b_store = ChainStore(tmp_path / "a"), ChainStore(tmp_path / "b")
     a_store.save(big)
-    a = Membership(generate(), MembershipConfig(role="observer"), a_store)
-    b = Membership(generate(), MembershipConfig(role="observer"), b_store)
+    a = Membership(generate(), MembershipConfig(role="observer", pow_bits=0), a_store)
+    b = Membership(generate(), MembershipConfig(role="observer", pow_bits=0), b_store)
     host_a, host_b = make_host(a.identity), make_host(b.identity)
     host_a.set_stream_handler(TProtocol(REGISTRY_PROTOCOL), a._serve_chain)
     async with host_a.run([parse_multiaddr("/ip4/127.0.0.1/tcp/0")]), host_b.run([parse_multiaddr("/ip4/127.0.0.1/tcp/0")]):
@@ -76,8 +76,8 @@ async def test_a_full_chain_still_takes_our_own_renewal(tmp_path: Path, monkeypa
     full = Chain._trusted(0, sorted(flood + [friendly], key=lambda r: (r["issued"], r["peer_id"]))[:5])
     store = ChainStore(tmp_path)
     store.save(full)
-    me = Membership(generate(), MembershipConfig(role="worker"), store, models=lambda: ["tiny"])
-    me.last_seen[friend.peer_id.to_base58()] = type("Beat", (), {"ts": time.time()})()  # heard from lately
+    me = Membership(generate(), MembershipConfig(role="worker", pow_bits=0), store, models=lambda: ["tiny"])
+    me.last_seen[friend.peer_id.to_base58()] = type("Beat", (), {"ts": time.time(), "seen_at": time.time()})()  # heard from lately
     host = make_host(me.identity)
     async with host.run([parse_multiaddr("/ip4/127.0.0.1/tcp/0")]):
         me.host = host
@@ -108,3 +108,70 @@ async def test_the_embedded_store_keeps_only_recent_publications(tmp_path: Path)
         assert verify_chain(publisher.store.get_file(f"{cid}/blockchain.json"))
     with pytest.raises(ContentNotFound):
         publisher.store.get_file(f"{cids[0]}/blockchain.json")
+
+
+# --- proof of work ------------------------------------------------------------------
+
+
+def test_registering_costs_work_and_checking_it_costs_a_hash() -> None:
+    from dllm_p2p.registry.chain import OtherNetwork, merge, pow_ok, solve_pow
+
+    me = generate()
+    peer = me.peer_id.to_base58()
+    started = time.perf_counter()
+    nonce = solve_pow(peer, 12)
+    assert pow_ok(peer, nonce, 12) and not pow_ok(generate().peer_id.to_base58(), nonce, 12)  # bound to the key
+    checks = time.perf_counter()
+    for _ in range(1000):
+        pow_ok(peer, nonce, 12)
+    per_check = (time.perf_counter() - checks) / 1000
+    assert per_check < 1e-4  # microseconds, whatever the difficulty
+
+    network = Chain(pow_bits=12)
+    with pytest.raises(InvalidRecord, match="no proof of work of 12 bits"):
+        network.append(make_record(me, "register", [], ["tiny"], seq=1, ttl=600))
+    chain = network.append(make_record(me, "register", [], ["tiny"], seq=1, ttl=600, pow=nonce))
+    again = verify_chain(chain.to_json())
+    assert again.pow_bits == 12 and again.head == chain.head
+    # The difficulty is in the hashed checkpoint: lowering it in the file breaks the chain.
+    lowered = chain.to_json().replace('"pow_bits": 12', '"pow_bits": 1')
+    with pytest.raises(InvalidChain, match="block 0"):
+        verify_chain(lowered)
+    # A record that lacks the work does not verify in such a chain.
+    doc = chain.to_dict()
+    doc["blocks"][1]["record"]["pow"] = "0"
+    with pytest.raises(InvalidChain, match="block 1"):
+        verify_chain(__import__("json").dumps(doc))
+    # Chains of different difficulty are different networks: no merge can raise (and so
+    # wipe) or lower the bar. The empty chain of a node that has not joined yet takes it.
+    other = Chain().append(make_record(generate(), "register", [], ["tiny"], seq=1, ttl=600))
+    with pytest.raises(OtherNetwork):
+        merge(chain, other)
+    assert merge(Chain(), chain) == chain and merge(chain, Chain()).pow_bits == 12
+
+
+async def test_a_node_ignores_a_chain_of_another_difficulty(tmp_path: Path) -> None:
+    rich = Chain(pow_bits=1)
+    a_store = ChainStore(tmp_path / "a")
+    from dllm_p2p.registry.chain import solve_pow
+
+    me = generate()
+    a_store.save(rich.append(make_record(me, "register", [], ["tiny"], seq=1, ttl=600, pow=solve_pow(me.peer_id.to_base58(), 1))))
+    a = Membership(generate(), MembershipConfig(role="observer", pow_bits=1), a_store)
+    b = Membership(generate(), MembershipConfig(role="observer", pow_bits=2), ChainStore(tmp_path / "b"))
+    host_a, host_b = make_host(a.identity), make_host(b.identity)
+    host_a.set_stream_handler(TProtocol(REGISTRY_PROTOCOL), a._serve_chain)
+    async with host_a.run([parse_multiaddr("/ip4/127.0.0.1/tcp/0")]), host_b.run([parse_multiaddr("/ip4/127.0.0.1/tcp/0")]):
+        a.host, b.host = host_a, host_b
+        with trio.fail_after(30):
+            assert await b._fetch_chain(host_addrs(host_a)[0]) is None
+    assert not b.chain.records
+
+
+def test_the_proof_is_solved_once_per_identity_and_kept_in_the_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dllm_p2p import membership as membership_module
+
+    peer = generate().peer_id.to_base58()
+    first = membership_module.proof_of_work(tmp_path, peer, 10)
+    monkeypatch.setattr(membership_module, "solve_pow", lambda *a: pytest.fail("solved again"))
+    assert membership_module.proof_of_work(tmp_path, peer, 10) == first

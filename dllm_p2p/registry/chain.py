@@ -66,6 +66,14 @@ MAX_CLOCK_SKEW = 300
 #: Longest life a record may claim (``expires - issued``): without a cap a record could
 #: claim to live for ever and never be compacted away. Nodes renew long before this.
 MAX_RECORD_TTL = 86_400
+#: Proof of work: a registering identity shows ``pow_bits`` leading zero bits of
+#: sha256(POW_DOMAIN + peer id + "\n" + nonce). The chain's checkpoint sets the difficulty
+#: (absent: 0); a node starting a new registry uses DEFAULT_POW_BITS, about a second of one
+#: core, and a check costs one hash.
+POW_DOMAIN = b"dllm-pow/1\n"
+DEFAULT_POW_BITS = 20
+MAX_POW_BITS = 32
+MAX_POW_CHARS = 32
 #: Records whose signatures already verified, by the hash of their canonical encoding:
 #: a chain fetched again costs hashing, not 5,000 signature checks (~1.1 s).
 VERIFIED_CACHE = 20_000
@@ -75,11 +83,11 @@ Record = dict[str, Any]
 _REQUIRED_FIELDS = (
     "op", "peer_id", "public_key", "addrs", "models", "seq", "issued", "expires", "signature",
 )
-_OPTIONAL_FIELDS = ("role", "gateway_url")
+_OPTIONAL_FIELDS = ("role", "gateway_url", "pow")
 #: Order of a record's keys in the file (for people; hashing sorts keys anyway).
 _FIELD_ORDER = (
     "op", "peer_id", "role", "addrs", "models", "gateway_url",
-    "seq", "issued", "expires", "public_key", "signature",
+    "seq", "issued", "expires", "pow", "public_key", "signature",
 )
 _HEX = frozenset("0123456789abcdef")
 
@@ -146,8 +154,35 @@ def block_hash(block: dict[str, Any]) -> str:
     return hashlib.sha256(canonical({k: v for k, v in block.items() if k != "hash"})).hexdigest()
 
 
-def _checkpoint_block(compacted_at: int) -> dict[str, Any]:
-    return {"index": 0, "prev": ZERO_HASH, "checkpoint": {"compacted_at": compacted_at}}
+def _checkpoint_block(compacted_at: int, pow_bits: int = 0) -> dict[str, Any]:
+    checkpoint: dict[str, Any] = {"compacted_at": compacted_at}
+    if pow_bits:
+        checkpoint["pow_bits"] = pow_bits  # absent when 0: older chains hash as they did
+    return {"index": 0, "prev": ZERO_HASH, "checkpoint": checkpoint}
+
+
+def pow_ok(peer_id: str, nonce: Any, bits: int) -> bool:
+    """Whether ``nonce`` is a proof of ``bits`` bits of work for ``peer_id``."""
+    if bits <= 0:
+        return True
+    if not isinstance(nonce, str) or not 0 < len(nonce) <= MAX_POW_CHARS:
+        return False
+    digest = hashlib.sha256(POW_DOMAIN + peer_id.encode("ascii", "replace") + b"\n" + nonce.encode("ascii", "replace")).digest()
+    return int.from_bytes(digest, "big") >> (256 - bits) == 0
+
+
+def solve_pow(peer_id: str, bits: int) -> str:
+    """A nonce proving ``bits`` bits of work for ``peer_id`` (2^bits hashes on average:
+    about a second at 20 bits). Blocking: call it from a thread."""
+    prefix = POW_DOMAIN + peer_id.encode("ascii") + b"\n"
+    limit = 1 << (256 - bits)
+    sha256 = hashlib.sha256
+    counter = 0
+    while True:
+        nonce = format(counter, "x")
+        if int.from_bytes(sha256(prefix + nonce.encode()).digest(), "big") < limit:
+            return nonce
+        counter += 1
 
 
 def _ordered(record: Record) -> Record:
@@ -160,8 +195,8 @@ def _ordered(record: Record) -> Record:
     return out
 
 
-def _link(compacted_at: int, records: Sequence[Record]) -> list[str]:
-    hashes = [block_hash(_checkpoint_block(compacted_at))]
+def _link(compacted_at: int, records: Sequence[Record], pow_bits: int = 0) -> list[str]:
+    hashes = [block_hash(_checkpoint_block(compacted_at, pow_bits))]
     for index, record in enumerate(records, 1):
         hashes.append(block_hash({"index": index, "prev": hashes[-1], "record": record}))
     return hashes
@@ -250,6 +285,8 @@ def _check_shape(record: Any) -> None:
     role = record.get("role", "worker")
     if role not in ROLES:
         raise InvalidRecord(f"unknown role {_show(role)}")
+    if "pow" in record:
+        _check_str("pow", record["pow"], MAX_POW_CHARS)
     if "gateway_url" in record:
         url = _check_str("gateway_url", record["gateway_url"], MAX_URL_CHARS)
         if not url.startswith(("http://", "https://")) or " " in url:
@@ -341,33 +378,44 @@ def make_record(
 class Chain:
     """A verified registry chain; immutable (``append``, ``merge``, ``compact`` return new ones).
 
-    ``Chain()`` is the empty chain: a checkpoint block with ``compacted_at`` 0. Two chains
-    are equal when their heads are, which (sha256) means when their blocks are.
+    ``Chain()`` is the empty chain: a checkpoint block with ``compacted_at`` 0 (and, with
+    ``pow_bits``, the proof of work its records need). Two chains are equal when their
+    heads are, which (sha256) means when their blocks are.
     """
 
-    __slots__ = ("_compacted_at", "_records", "_hashes")
+    __slots__ = ("_compacted_at", "_pow_bits", "_records", "_hashes")
 
     _compacted_at: int
+    _pow_bits: int
     _records: tuple[Record, ...]
     _hashes: tuple[str, ...]
 
-    def __init__(self) -> None:
+    def __init__(self, pow_bits: int = 0) -> None:
+        if not 0 <= pow_bits <= MAX_POW_BITS:
+            raise ValueError(f"pow_bits must be between 0 and {MAX_POW_BITS}")
         self._compacted_at = 0
+        self._pow_bits = pow_bits
         self._records = ()
-        self._hashes = tuple(_link(0, ()))
+        self._hashes = tuple(_link(0, (), pow_bits))
 
     @classmethod
     def _trusted(
-        cls, compacted_at: int, records: Sequence[Record], hashes: Sequence[str] | None = None
+        cls, compacted_at: int, records: Sequence[Record], hashes: Sequence[str] | None = None, pow_bits: int = 0
     ) -> Chain:
         """Build from records that already verified (no signature checks here)."""
         if len(records) + 1 > MAX_BLOCKS:
             raise ChainFull(f"{len(records) + 1} blocks is more than {MAX_BLOCKS}")
         chain = object.__new__(cls)
         chain._compacted_at = compacted_at
+        chain._pow_bits = pow_bits
         chain._records = tuple(records)
-        chain._hashes = tuple(_link(compacted_at, records) if hashes is None else hashes)
+        chain._hashes = tuple(_link(compacted_at, records, pow_bits) if hashes is None else hashes)
         return chain
+
+    @property
+    def pow_bits(self) -> int:
+        """Proof of work every record of this chain carries (leading zero bits)."""
+        return self._pow_bits
 
     # ---- reading
 
@@ -389,7 +437,7 @@ class Chain:
     @property
     def blocks(self) -> list[dict[str, Any]]:
         """The blocks as they appear in the file."""
-        checkpoint = {**_checkpoint_block(self._compacted_at), "hash": self._hashes[0]}
+        checkpoint = {**_checkpoint_block(self._compacted_at, self._pow_bits), "hash": self._hashes[0]}
         return [checkpoint] + [
             {"index": i, "prev": self._hashes[i - 1], "record": _ordered(record), "hash": self._hashes[i]}
             for i, record in enumerate(self._records, 1)
@@ -429,6 +477,8 @@ class Chain:
         ``ChainFull``).
         """
         validate_record(record)
+        if not pow_ok(record["peer_id"], record.get("pow"), self._pow_bits):
+            raise InvalidRecord(_pow_reason(self._pow_bits))
         for index in range(len(self._records), 0, -1):  # the peer's latest record is last
             held = self._records[index - 1]
             if held["peer_id"] == record["peer_id"]:
@@ -439,7 +489,7 @@ class Chain:
         index = len(self._records) + 1
         new_hash = block_hash({"index": index, "prev": self.head, "record": record})
         return Chain._trusted(
-            self._compacted_at, self._records + (record,), self._hashes + (new_hash,)
+            self._compacted_at, self._records + (record,), self._hashes + (new_hash,), self._pow_bits
         )
 
     # ---- files
@@ -470,6 +520,10 @@ class Chain:
 
     def __repr__(self) -> str:
         return f"<Chain {len(self._records)} records, head {self.head[:12]}>"
+
+
+def _pow_reason(bits: int) -> str:
+    return f"no proof of work of {bits} bits for this peer id ('pow')"
 
 
 def _seq_reason(seq: int, index: int, held: int) -> str:
@@ -543,12 +597,12 @@ def _check_hash(block: dict[str, Any]) -> str:
     return block["hash"]
 
 
-def _check_checkpoint(block: Any, now: float) -> int:
+def _check_checkpoint(block: Any, now: float) -> tuple[int, int]:
     _check_link(block, 0, ZERO_HASH, "checkpoint")
     checkpoint = block["checkpoint"]
     if not isinstance(checkpoint, dict):
         raise _BadBlock("checkpoint must be a JSON object")
-    problem = _check_fields(checkpoint, ("compacted_at",), ())
+    problem = _check_fields(checkpoint, ("compacted_at",), ("pow_bits",))
     if problem:
         raise _BadBlock(f"checkpoint: {problem}")
     compacted_at = checkpoint["compacted_at"]
@@ -556,8 +610,11 @@ def _check_checkpoint(block: Any, now: float) -> int:
         raise _BadBlock("compacted_at must be an integer from 0 to 2^53-1")
     if compacted_at > now + MAX_CLOCK_SKEW:
         raise _BadBlock(f"checkpoint is in the future (compacted_at {compacted_at})")
+    pow_bits = checkpoint.get("pow_bits", 0)
+    if "pow_bits" in checkpoint and (type(pow_bits) is not int or not 1 <= pow_bits <= MAX_POW_BITS):
+        raise _BadBlock(f"pow_bits must be an integer from 1 to {MAX_POW_BITS} (absent for 0)")
     _check_hash(block)
-    return compacted_at
+    return compacted_at, pow_bits
 
 
 def verify_chain(data: bytes | str, *, now: float | None = None) -> Chain:
@@ -586,7 +643,7 @@ def verify_chain(data: bytes | str, *, now: float | None = None) -> Chain:
 
     t = time.time() if now is None else now
     try:
-        compacted_at = _check_checkpoint(blocks[0], t)
+        compacted_at, pow_bits = _check_checkpoint(blocks[0], t)
     except _BadBlock as exc:
         raise InvalidChain(0, exc.reason) from None
     hashes = [blocks[0]["hash"]]
@@ -597,6 +654,8 @@ def verify_chain(data: bytes | str, *, now: float | None = None) -> Chain:
         try:
             _check_link(block, index, hashes[-1], "record")
             record = validate_record(block["record"], now=t)
+            if not pow_ok(record["peer_id"], record.get("pow"), pow_bits):
+                raise InvalidRecord(_pow_reason(pow_bits))
             seen = last_seq.get(record["peer_id"])
             if seen is not None and record["seq"] <= seen[1]:
                 raise InvalidRecord(_seq_reason(record["seq"], *seen))
@@ -605,7 +664,7 @@ def verify_chain(data: bytes | str, *, now: float | None = None) -> Chain:
             raise InvalidChain(index, exc.reason) from None
         last_seq[record["peer_id"]] = (index, record["seq"])
         records.append(record)
-    return Chain._trusted(compacted_at, records, hashes)
+    return Chain._trusted(compacted_at, records, hashes, pow_bits)
 
 
 # --------------------------------------------------------------------------- merge, compaction
@@ -694,8 +753,23 @@ def fit(records: list[Record], keep: str, rank: PeerRank, capacity: int | None =
 
 def merge_fitting(a: Chain, b: Chain, keep: str, rank: PeerRank) -> Chain:
     """``merge(a, b)``, or when that would be over capacity, the merge cut by ``fit``."""
-    at = max(a.compacted_at, b.compacted_at)
-    return Chain._trusted(at, fit(_settle(a._records + b._records, at), keep, rank))
+    at, bits = max(a.compacted_at, b.compacted_at), _same_difficulty(a, b)
+    return Chain._trusted(at, fit(_settle(a._records + b._records, at), keep, rank), pow_bits=bits)
+
+
+class OtherNetwork(RegistryError):
+    """Two chains ask for different proofs of work: they are registries of different networks."""
+
+
+def _same_difficulty(a: Chain, b: Chain) -> int:
+    """The proof of work of a merge. A peer must not be able to raise (or lower) it:
+    raised, it would drop every honest record; so chains that differ do not merge. The
+    empty chain (a node that has not joined yet) takes the other's."""
+    if a.pow_bits == b.pow_bits or not b._records and not b.compacted_at:
+        return a.pow_bits
+    if not a._records and not a.compacted_at:
+        return b.pow_bits
+    raise OtherNetwork(f"the chains ask for {a.pow_bits} and {b.pow_bits} bits of proof of work: different networks")
 
 
 def merge(a: Chain, b: Chain) -> Chain:
@@ -704,10 +778,11 @@ def merge(a: Chain, b: Chain) -> Chain:
     The union of their records, settled at the later of their checkpoint stamps (see
     ``_settle``) and re-linked on a checkpoint with that stamp. It depends only on the
     union of records and the larger stamp, hence commutative, associative and idempotent:
-    peers converge on one head whatever order chains reach them in. Raises ``ChainFull``.
+    peers converge on one head whatever order chains reach them in. Raises ``ChainFull``,
+    or ``OtherNetwork`` when the two ask for different proofs of work.
     """
-    at = max(a.compacted_at, b.compacted_at)
-    return Chain._trusted(at, _settle(a._records + b._records, at))
+    at, bits = max(a.compacted_at, b.compacted_at), _same_difficulty(a, b)
+    return Chain._trusted(at, _settle(a._records + b._records, at), pow_bits=bits)
 
 
 def compact(chain: Chain, now: float | None = None) -> Chain:
@@ -719,4 +794,4 @@ def compact(chain: Chain, now: float | None = None) -> Chain:
     ``nodes(t)`` is unchanged for every ``t >= now``.
     """
     at = max(chain.compacted_at, int(time.time() if now is None else now))
-    return Chain._trusted(at, _settle(chain._records, at))
+    return Chain._trusted(at, _settle(chain._records, at), pow_bits=chain.pow_bits)
