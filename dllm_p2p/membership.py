@@ -14,6 +14,7 @@ One ``Membership`` runs beside a worker's or gateway's host:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -264,7 +265,7 @@ class Membership:
         # expired records go, every live record stays (see docs/REGISTRY.md). Our own
         # record always fits: a full chain gives up foreign peers first.
         async with self._chain_lock:
-            own = merge_fitting(self.chain, Chain().append(record), self.peer_id, self._rank)
+            own = merge_fitting(self.chain, Chain(self.chain.pow_bits).append(record), self.peer_id, self._rank)
             await self._accept(compact(own, time.time()))
 
     def _rank(self, peer_id: str, records: list[Record]) -> tuple[int, int, str]:
@@ -324,7 +325,7 @@ class Membership:
             raise ValueError("peer sent no chain")
         try:
             # Verification is CPU work (signatures of records not seen before): off the loop.
-            theirs = await trio.to_thread.run_sync(Chain.from_json, frame["data"])
+            theirs = await trio.to_thread.run_sync(functools.partial(Chain.from_json, frame["data"], clamp=True))
         except InvalidChain as exc:
             log.warning("ignoring an invalid chain from %s: %s", info.peer_id, exc)
             return None

@@ -49,7 +49,9 @@ def test_the_verdict_rules(request_: wire.Request, claimed: dict, scored: dict, 
 @pytest.fixture(scope="module")
 def liar_net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalNetwork, str]]:
     net = fast_network(tmp_path_factory.mktemp("audits"), 2)
-    net.gateway_args += ["--audit-rate", "1"]
+    # Random routing: p2c would keep to the first nodes it measured as fast, and the
+    # liar, the last to join, might then get no request to be caught at.
+    net.gateway_args += ["--audit-rate", "1", "--policy", "random"]
     with net:
         liar, addr = start_worker(
             net.data_dir / "liar", "--bootstrap", net.worker_addrs[0], "--heartbeat-interval", HEARTBEAT, "--threads", "1",

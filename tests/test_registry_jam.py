@@ -32,7 +32,7 @@ def test_a_record_cannot_live_for_ever_nor_come_from_the_future() -> None:
     with pytest.raises(InvalidRecord, match="at most"):
         make_record(me, "register", [], ["tiny"], seq=1, ttl=2**52)
     make_record(me, "register", [], ["tiny"], seq=1, ttl=MAX_RECORD_TTL)  # the cap itself is fine
-    later = make_record(me, "register", [], ["tiny"], seq=2, ttl=600, now=time.time() + 3600)
+    later = make_record(me, "register", [], ["tiny"], seq=2, ttl=600, now=time.time() + 2 * chain_mod.MAX_ISSUED_SKEW)
     with pytest.raises(InvalidRecord, match="future"):
         Chain().append(later)
     # Signed by its owner, but claiming a century: a chain holding it does not verify.
@@ -175,3 +175,19 @@ def test_the_proof_is_solved_once_per_identity_and_kept_in_the_data_dir(tmp_path
     first = membership_module.proof_of_work(tmp_path, peer, 10)
     monkeypatch.setattr(membership_module, "solve_pow", lambda *a: pytest.fail("solved again"))
     assert membership_module.proof_of_work(tmp_path, peer, 10) == first
+
+
+def test_a_node_whose_clock_is_slow_still_takes_honest_chains() -> None:
+    now = time.time()
+    me = generate()
+    honest = chain_mod.compact(Chain().append(make_record(me, "register", [], ["tiny"], seq=1, ttl=600, now=now)), now)
+    data = honest.to_json()
+    for slow in (300 + 30, 600, 1800):  # minutes behind the network
+        with pytest.raises(InvalidChain, match="future"):
+            verify_chain(data, now=now - slow)  # `registry verify` stays strict
+        taken = verify_chain(data, now=now - slow, clamp=True)
+        assert taken.records == honest.records and taken.compacted_at <= now - slow + chain_mod.MAX_CLOCK_SKEW
+    # A chain stamped a day ahead cannot expire records beyond the bound either.
+    ahead = Chain._trusted(int(now + 86_400), [make_record(generate(), "register", [], ["x"], seq=1, ttl=400, now=now)])
+    kept = verify_chain(ahead.to_json(), now=now, clamp=True)
+    assert len(kept.records) == 1 and kept.compacted_at == int(now + chain_mod.MAX_CLOCK_SKEW)

@@ -63,6 +63,10 @@ MAX_INT = 2**53 - 1
 #: and merges drop records that expired before it, so it must not be far ahead of the
 #: verifier's clock: otherwise a hostile chain could expire everybody at once.
 MAX_CLOCK_SKEW = 300
+#: How far a record's ``issued`` may be ahead of the verifier's clock. Loose on purpose:
+#: a verifier whose clock is slow must still accept honest records, and with the cap on
+#: a record's life a record from the future still expires within a day of its issue.
+MAX_ISSUED_SKEW = 3600
 #: Longest life a record may claim (``expires - issued``): without a cap a record could
 #: claim to live for ever and never be compacted away. Nodes renew long before this.
 MAX_RECORD_TTL = 86_400
@@ -303,7 +307,7 @@ _verified_lock = threading.Lock()
 
 def validate_record(record: Any, now: float | None = None) -> Record:
     """Check a record on its own: fields, bounds, peer id == key, signature, and that it
-    was not issued more than ``MAX_CLOCK_SKEW`` after ``now`` (default: the clock).
+    was not issued more than ``MAX_ISSUED_SKEW`` after ``now`` (default: the clock).
 
     Returns the record; raises ``InvalidRecord``. Whether its ``seq`` fits is a question
     for the chain it joins (``Chain.append``). A record that verified before is
@@ -311,8 +315,8 @@ def validate_record(record: Any, now: float | None = None) -> Record:
     """
     _check_shape(record)
     t = time.time() if now is None else now
-    if record["issued"] > t + MAX_CLOCK_SKEW:
-        raise InvalidRecord(f"issued in the future ({record['issued']}, more than {MAX_CLOCK_SKEW} s ahead)")
+    if record["issued"] > t + MAX_ISSUED_SKEW:
+        raise InvalidRecord(f"issued in the future ({record['issued']}, more than {MAX_ISSUED_SKEW} s ahead)")
     key = hashlib.sha256(canonical(record)).digest()
     with _verified_lock:
         if key in _verified:
@@ -506,9 +510,9 @@ class Chain:
         return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
     @classmethod
-    def from_json(cls, data: bytes | str, *, now: float | None = None) -> Chain:
+    def from_json(cls, data: bytes | str, *, now: float | None = None, clamp: bool = False) -> Chain:
         """Same as ``verify_chain``."""
-        return verify_chain(data, now=now)
+        return verify_chain(data, now=now, clamp=clamp)
 
     # ---- identity
 
@@ -597,7 +601,7 @@ def _check_hash(block: dict[str, Any]) -> str:
     return block["hash"]
 
 
-def _check_checkpoint(block: Any, now: float) -> tuple[int, int]:
+def _check_checkpoint(block: Any, now: float, clamp: bool = False) -> tuple[int, int]:
     _check_link(block, 0, ZERO_HASH, "checkpoint")
     checkpoint = block["checkpoint"]
     if not isinstance(checkpoint, dict):
@@ -608,7 +612,7 @@ def _check_checkpoint(block: Any, now: float) -> tuple[int, int]:
     compacted_at = checkpoint["compacted_at"]
     if type(compacted_at) is not int or not 0 <= compacted_at <= MAX_INT:
         raise _BadBlock("compacted_at must be an integer from 0 to 2^53-1")
-    if compacted_at > now + MAX_CLOCK_SKEW:
+    if compacted_at > now + MAX_CLOCK_SKEW and not clamp:
         raise _BadBlock(f"checkpoint is in the future (compacted_at {compacted_at})")
     pow_bits = checkpoint.get("pow_bits", 0)
     if "pow_bits" in checkpoint and (type(pow_bits) is not int or not 1 <= pow_bits <= MAX_POW_BITS):
@@ -617,13 +621,19 @@ def _check_checkpoint(block: Any, now: float) -> tuple[int, int]:
     return compacted_at, pow_bits
 
 
-def verify_chain(data: bytes | str, *, now: float | None = None) -> Chain:
+def verify_chain(data: bytes | str, *, now: float | None = None, clamp: bool = False) -> Chain:
     """Parse and verify a whole ``blockchain.json`` document.
 
     Checks, block by block: fields and bounds, index == position, ``prev`` links, each
     record's peer id == key and signature, each peer's ``seq`` strictly growing, then the
     block's own ``hash``. Raises ``InvalidChain`` naming the first bad block and why.
-    ``now`` (default: the clock) only bounds the checkpoint stamp.
+    ``now`` (default: the clock) bounds the checkpoint stamp and the records' ``issued``.
+
+    With ``clamp`` (how a node takes a peer's chain) a checkpoint stamped more than
+    ``MAX_CLOCK_SKEW`` ahead of ``now`` is not refused but taken as stamped at ``now +
+    MAX_CLOCK_SKEW``, and the chain re-linked on that stamp: a node whose clock is slow
+    still takes honest chains, and a chain stamped far ahead still cannot expire records
+    beyond that bound.
     """
     doc = _parse(data)
     if not isinstance(doc, dict):
@@ -643,7 +653,7 @@ def verify_chain(data: bytes | str, *, now: float | None = None) -> Chain:
 
     t = time.time() if now is None else now
     try:
-        compacted_at, pow_bits = _check_checkpoint(blocks[0], t)
+        compacted_at, pow_bits = _check_checkpoint(blocks[0], t, clamp)
     except _BadBlock as exc:
         raise InvalidChain(0, exc.reason) from None
     hashes = [blocks[0]["hash"]]
@@ -664,6 +674,9 @@ def verify_chain(data: bytes | str, *, now: float | None = None) -> Chain:
             raise InvalidChain(index, exc.reason) from None
         last_seq[record["peer_id"]] = (index, record["seq"])
         records.append(record)
+    if compacted_at > t + MAX_CLOCK_SKEW:  # only with clamp: re-linked on the bound
+        bound = int(t + MAX_CLOCK_SKEW)
+        return Chain._trusted(bound, _settle(records, bound), pow_bits=pow_bits)
     return Chain._trusted(compacted_at, records, hashes, pow_bits)
 
 

@@ -18,14 +18,14 @@ from dllm_p2p.registry.chain import MAX_FILE_BYTES, Chain, InvalidChain, merge, 
 FILENAME = "blockchain.json"
 
 
-def load_chain(path: str | Path, *, now: float | None = None) -> Chain:
-    """Read and verify a chain file.
+def load_chain(path: str | Path, *, now: float | None = None, clamp: bool = False) -> Chain:
+    """Read and verify a chain file (``clamp``: see ``verify_chain``).
 
     Raises ``OSError`` (``FileNotFoundError`` when absent) or ``InvalidChain``.
     """
     with open(path, "rb") as f:
         data = f.read(MAX_FILE_BYTES + 1)  # one byte over the limit is enough to refuse
-    return verify_chain(data, now=now)
+    return verify_chain(data, now=now, clamp=clamp)
 
 
 def save_chain(path: str | Path, chain: Chain) -> None:
@@ -71,7 +71,7 @@ class ChainStore:
         """Re-read the file. A missing file keeps the current chain; a file that fails
         verification raises ``InvalidChain`` and the current chain is kept."""
         try:
-            chain = load_chain(self.path, now=now)
+            chain = load_chain(self.path, now=now, clamp=True)  # our own file: a clock set back must not lose it
         except FileNotFoundError:
             return self._chain
         self._chain = chain
