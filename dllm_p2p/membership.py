@@ -59,11 +59,11 @@ REGISTRY_TOPIC = "/dllm/registry/1"
 #: Peers whose last heartbeat we keep (the least recently heard are forgotten first):
 #: every fresh key that gossips would otherwise grow this for ever.
 MAX_PEERS_TRACKED = 10_000
-#: Chain fetches running at once; how soon the same peer is asked again for the same
-#: head (or, prompted by a heartbeat, at all); and at least how long between two asks.
+#: Chain fetches running at once, and how soon the same peer is asked again for the
+#: same head (or, prompted by a heartbeat, at all). A new head is fetched at once (one
+#: fetch per peer at a time; gossip's own rate limit bounds how often a peer announces).
 MAX_FETCHES = 8
 REFETCH_AFTER = 30.0
-REFETCH_MIN = 1.0
 #: Addresses of one peer tried per fetch.
 MAX_DIAL_ADDRS = 4
 REGISTRY_PROTOCOL = "/dllm/registry/1.0.0"
@@ -373,10 +373,10 @@ class Membership:
 
     async def _fetch_from_peer(self, peer_id: str, addrs: list[str], head: str | None = None) -> None:
         """Fetch ``peer_id``'s chain when it announces a ``head`` we have not fetched from
-        it (at most once a second: a later announcement waits for its turn), or, with no
-        head (prompted by a heartbeat), at most once per 30 s. A peer that keeps
-        announcing must not keep us fetching; one that announces during a fetch is asked
-        again after it."""
+        it, or, with no head (prompted by a heartbeat), at most once per 30 s. One fetch
+        per peer at a time: a peer that announces during a fetch is asked again after it.
+        (A leaving node stays up only a second after announcing its deregistration:
+        its new head must not wait.)"""
         if peer_id == self.peer_id:
             return
         if peer_id in self._fetching:
@@ -390,9 +390,7 @@ class Membership:
         self._fetching.add(peer_id)
         try:
             while True:
-                await trio.sleep(max(0.0, last + REFETCH_MIN - trio.current_time()))
-                last = trio.current_time()
-                self._fetched_at[peer_id] = (last, head)
+                self._fetched_at[peer_id] = (trio.current_time(), head)
                 self._fetched_at.move_to_end(peer_id)
                 while len(self._fetched_at) > MAX_PEERS_TRACKED:
                     self._fetched_at.popitem(last=False)
