@@ -156,7 +156,8 @@ def get_json(url: str, timeout: float = 5.0) -> dict:
 
 
 def wait_online(base_url: str, count: int, timeout: float = 120.0, children: list[Child] = ()) -> list[dict]:
-    """Poll the gateway's /api/nodes until ``count`` nodes are online."""
+    """Poll the gateway's /api/nodes until ``count`` nodes are online and registered: only
+    then can the gateway route to them (heartbeats may arrive before the record does)."""
     deadline = time.monotonic() + timeout
     nodes: list[dict] = []
     while time.monotonic() < deadline:
@@ -167,10 +168,11 @@ def wait_online(base_url: str, count: int, timeout: float = 120.0, children: lis
             nodes = get_json(f"{base_url}/api/nodes")["nodes"]
         except OSError:
             nodes = []
-        if sum(1 for n in nodes if n["online"]) >= count:
+        if sum(1 for n in nodes if n["online"] and n.get("registered", True)) >= count:
             return nodes
         time.sleep(0.2)
-    raise TimeoutError(f"only {sum(1 for n in nodes if n['online'])} of {count} workers online after {timeout:g} s")
+    ready = sum(1 for n in nodes if n["online"] and n.get("registered", True))
+    raise TimeoutError(f"only {ready} of {count} workers online and registered after {timeout:g} s")
 
 
 @dataclass
