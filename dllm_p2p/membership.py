@@ -118,6 +118,7 @@ class Membership:
         on_heartbeat: Callable[[heartbeat.Heartbeat], None] | None = None,
         on_chain: Callable[[Chain], None] | None = None,
         publisher: Publisher | None = None,
+        on_bad_heartbeat: Callable[[str, str], None] | None = None,
     ) -> None:
         self.identity = identity
         self.config = config
@@ -127,6 +128,7 @@ class Membership:
         self.model_info = model_info
         self.on_heartbeat = on_heartbeat
         self.on_chain = on_chain
+        self.on_bad_heartbeat = on_bad_heartbeat
         self.publisher = publisher
         self._unpublished = trio.Event()
         self.peer_id = identity.peer_id.to_base58()
@@ -411,10 +413,18 @@ class Membership:
 
     def _validate_heartbeat(self, forwarder: ID, message: Any) -> bool:
         try:
-            heartbeat.parse(message.data, sender=ID(message.from_id).to_base58())
+            sender = ID(message.from_id).to_base58()
+        except Exception:
+            return False
+        try:
+            heartbeat.parse(message.data, sender=sender)
             return True
         except heartbeat.InvalidHeartbeat as exc:
-            log.debug("rejected heartbeat: %s", exc)
+            log.debug("rejected heartbeat from %s: %s", sender, exc)
+            if self.on_bad_heartbeat is not None:
+                # GossipSub's strict signing has authenticated the publisher: it is the
+                # one that sent content we cannot use.
+                self.on_bad_heartbeat(sender, str(exc))
             return False
 
     def _validate_announcement(self, forwarder: ID, message: Any) -> bool:

@@ -172,6 +172,12 @@ class NodeTable:
         if addrs:
             node.addrs = list(addrs)
 
+    def bad_heartbeat(self, peer_id: str, reason: str) -> None:
+        """A known node gossiped a heartbeat we cannot use: it costs reputation (no
+        backoff: it may still answer well). Unknown senders are not added to the table."""
+        if peer_id in self.nodes:
+            self.record_failure(peer_id, f"bad heartbeat: {reason}", backoff=False)
+
     def forget(self, peer_id: str) -> None:
         """A node deregistered: drop it from routing at once."""
         node = self.nodes.get(peer_id)

@@ -89,7 +89,10 @@ async def run_gateway(
             table.forget(peer_id)
 
     publisher = await open_registry(store, args.data_dir, args.ipfs_api, args.registry)
-    membership = Membership(identity, membership_config, store, on_heartbeat=on_heartbeat, on_chain=on_chain, publisher=publisher)
+    membership = Membership(
+        identity, membership_config, store,
+        on_heartbeat=on_heartbeat, on_chain=on_chain, publisher=publisher, on_bad_heartbeat=table.bad_heartbeat,
+    )
     host = make_host(identity, psk=args.psk)
     client = Client(host, keep_alive=True)  # reuse streams to workers: no setup per request
     auditor = Auditor(table, client, rate=args.audit_rate, evidence_dir=Path(args.data_dir).expanduser() / "audits")

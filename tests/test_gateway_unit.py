@@ -215,3 +215,13 @@ def test_the_node_table_stays_bounded_forgetting_unregistered_nodes_first(monkey
     assert len(table.nodes) <= 50
     assert {"a", "b"} <= set(table.nodes)  # registered nodes are kept
     assert "fresh-499" in table.nodes and "fresh-0" not in table.nodes  # the least recently heard went first
+
+
+def test_a_known_node_that_gossips_a_bad_heartbeat_loses_reputation_a_stranger_is_not_added() -> None:
+    table = table_with("a", "b")
+    before = table.nodes["a"].reputation()
+    table.bad_heartbeat("a", "load.capacity must be at least 1")
+    assert table.nodes["a"].reputation() < before and "bad heartbeat" in table.nodes["a"].last_error
+    assert table.nodes["a"].backoff_until == 0  # no backoff: it may still answer well
+    table.bad_heartbeat("stranger", "wrong fields")
+    assert "stranger" not in table.nodes
