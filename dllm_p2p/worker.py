@@ -64,10 +64,12 @@ class Worker:
         #: Extra long-running services (registry sync, heartbeats) started beside the host.
         self.services: list[Callable[[IHost], Awaitable[None]]] = []
         self._scoring = trio.Lock()
-        #: ``DLLM_FAULT=wrong-answers``: a lying worker, for tests of the audits.
-        self.fault = os.environ.get("DLLM_FAULT", "")
+        #: ``DLLM_FAULT=wrong-answers``: a lying worker, for tests of the audits;
+        #: ``wrong-answers:N`` lies in its first N answers only, then reforms.
+        self.fault, _, lies = os.environ.get("DLLM_FAULT", "").partition(":")
+        self._lies_left = int(lies) if lies.isdigit() else None
         if self.fault:
-            log.warning("DLLM_FAULT=%s: this worker misbehaves on purpose (tests only)", self.fault)
+            log.warning("DLLM_FAULT=%s: this worker misbehaves on purpose (tests only)", os.environ["DLLM_FAULT"])
 
     @property
     def peer_id(self) -> str:
@@ -272,7 +274,9 @@ class Worker:
             stop=list(request.stop),
         )
         claimed_prompt_tokens = None
-        if self.fault == "wrong-answers":
+        if self.fault == "wrong-answers" and self._lies_left != 0:
+            if self._lies_left is not None:
+                self._lies_left -= 1
             # A careful liar: it reports the prompt length of the question it was asked.
             try:
                 claimed_prompt_tokens = len(self.engine._encode_prompt(params))

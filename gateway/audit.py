@@ -118,6 +118,7 @@ class Auditor:
         rate: float,
         evidence_dir: Path | None = None,
         rng: random.Random | None = None,
+        probe_interval: float = PROBE_INTERVAL,
     ) -> None:
         if not 0 <= rate <= 1:
             raise ValueError(f"--audit-rate must be between 0 and 1, not {rate:g}")
@@ -126,9 +127,10 @@ class Auditor:
         self.rate = rate
         self.evidence_dir = evidence_dir
         self.rng = rng or random.Random()
+        self.probe_interval = probe_interval
         self._send, self._receive = trio.open_memory_channel[Job](QUEUE)
         self.evidence: deque[dict[str, Any]] = deque(maxlen=EVIDENCE_KEPT)
-        self.counts = {"sampled": 0, "passed": 0, "failed": 0, "quarantined": 0, "skipped": 0, "unauditable": 0, "errors": 0, "disputed": 0}
+        self.counts = {"sampled": 0, "passed": 0, "failed": 0, "quarantined": 0, "skipped": 0, "unauditable": 0, "errors": 0, "disputed": 0, "probes": 0}
 
     # --- from the request path ---------------------------------------------------------
 
@@ -242,7 +244,7 @@ class Auditor:
         """A quarantined node is asked a probe question now and then; enough audited
         passes in a row and it is routed to again."""
         while True:
-            await trio.sleep(PROBE_INTERVAL)
+            await trio.sleep(self.probe_interval)
             for node in [n for n in self.table.nodes.values() if n.quarantined]:
                 with trio.move_on_after(AUDIT_TIMEOUT):
                     try:
@@ -259,6 +261,7 @@ class Auditor:
                 frame = await self.client.complete(addr, request)
             except ClientError:
                 continue
+            self.counts["probes"] += 1
             verdict = await self.audit(Job(request, frame, node.peer_id))
             if verdict is not None and verdict.passed:
                 self.table.probation_pass(node.peer_id, PROBATION_PASSES)

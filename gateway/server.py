@@ -27,7 +27,7 @@ from dllm_p2p.registry.publish import Publisher
 from dllm_p2p.registry.store import ChainStore
 
 from .app import Gateway, create_app
-from .audit import Auditor
+from .audit import PROBATION_PASSES, PROBE_INTERVAL, Auditor
 from .nodes import NodeTable
 
 log = logging.getLogger("gateway")
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-burst", type=int, default=20, help="burst allowed above --rate-limit (default 20)")
     p.add_argument("--pow-bits", type=int, default=DEFAULT_POW_BITS, help=f"proof of work of the network's registry records (default {DEFAULT_POW_BITS}; the same on every node)")
     p.add_argument("--audit-rate", type=float, default=0.05, metavar="R", help="fraction of answers re-checked on another worker with the same weights (default 0.05; 0 = off)")
+    p.add_argument("--probe-interval", type=float, default=PROBE_INTERVAL, metavar="S", help=f"seconds between probe audits of a quarantined worker; {PROBATION_PASSES} passes in a row free it (default {PROBE_INTERVAL:g})")
     p.add_argument("--allow-peer", action="append", default=None, metavar="PEER_ID", help="route only to these worker peer ids (repeatable)")
     p.add_argument("--psk", default=None, help="private network key (64 hex chars)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -95,7 +96,7 @@ async def run_gateway(
     )
     host = make_host(identity, psk=args.psk)
     client = Client(host, keep_alive=True)  # reuse streams to workers: no setup per request
-    auditor = Auditor(table, client, rate=args.audit_rate, evidence_dir=Path(args.data_dir).expanduser() / "audits")
+    auditor = Auditor(table, client, rate=args.audit_rate, evidence_dir=Path(args.data_dir).expanduser() / "audits", probe_interval=args.probe_interval)
     gw = Gateway(
         table,
         client,
@@ -149,6 +150,8 @@ def check_args(args: argparse.Namespace) -> str | None:
         return "--rate-limit must be >= 0 and --rate-burst >= 1"
     if not 0 <= args.audit_rate <= 1:
         return f"--audit-rate must be between 0 and 1, not {args.audit_rate:g}"
+    if not args.probe_interval > 0:
+        return f"--probe-interval must be above 0 seconds, not {args.probe_interval:g}"
     try:
         MembershipConfig(role="gateway", heartbeat_interval=args.heartbeat_interval, ttl=args.ttl, pow_bits=args.pow_bits)
         args.psk = check_psk(args.psk)

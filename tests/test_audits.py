@@ -51,7 +51,7 @@ def liar_net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalNe
     net = fast_network(tmp_path_factory.mktemp("audits"), 2)
     # Random routing: p2c would keep to the first nodes it measured as fast, and the
     # liar, the last to join, might then get no request to be caught at.
-    net.gateway_args += ["--audit-rate", "1", "--policy", "random"]
+    net.gateway_args += ["--audit-rate", "1", "--policy", "random", "--probe-interval", "0.5"]
     with net:
         liar, addr = start_worker(
             net.data_dir / "liar", "--bootstrap", net.worker_addrs[0], "--heartbeat-interval", HEARTBEAT, "--threads", "1",
@@ -115,10 +115,51 @@ def test_200_audited_answers_never_quarantine_an_honest_worker(liar_net: tuple[L
     deadline = time.monotonic() + 60
     while True:  # audits run behind the answers: wait for the last ones
         counts = get_json(f"{net.url}/api/audits")["counts"]
-        done = counts["passed"] + counts["failed"] + counts["unauditable"] + counts["skipped"] + counts["errors"] + counts["disputed"]
-        if done - sum(before[k] for k in ("passed", "failed", "unauditable", "skipped", "errors", "disputed")) >= 200:
+        # (probe audits of the quarantined liar count too: leave them out)
+        done = sum(counts[k] - before[k] for k in ("passed", "failed", "unauditable", "skipped", "errors", "disputed", "probes"))
+        if done - 2 * (counts["probes"] - before["probes"]) >= 200:
             break
         assert time.monotonic() < deadline, counts
         time.sleep(0.2)
-    assert counts["failed"] == before["failed"] and counts["passed"] - before["passed"] >= 150, counts
-    assert not any(n["quarantined"] for peer, n in nodes(net).items() if peer != liar)
+    assert counts["passed"] - before["passed"] >= 150, counts
+    honest = [n for peer, n in nodes(net).items() if peer != liar]
+    assert not any(n["quarantined"] or n["audits"]["failed"] for n in honest), honest
+
+
+def test_a_reformed_worker_is_freed_by_probe_audits(liar_net: tuple[LocalNetwork, str]) -> None:
+    """``wrong-answers:1`` lies once, is caught, then answers the probes honestly: after
+    three passed probes in a row it is routed to again."""
+    net, _ = liar_net
+    reformed, addr = start_worker(
+        net.data_dir / "reformed", "--bootstrap", net.worker_addrs[0], "--heartbeat-interval", HEARTBEAT, "--threads", "1",
+        name="reformed", env={"DLLM_FAULT": "wrong-answers:1"},
+    )
+    try:
+        peer = addr.rsplit("/", 1)[1]
+        wait_until(lambda: nodes(net).get(peer, {}).get("registered"), 30, "the worker never registered")
+        with httpx.Client(base_url=net.url, timeout=60) as http:
+            def ask() -> str:
+                answer = http.post("/api/generate", json={"prompt": "The bridge", "max_new_tokens": 6, "temperature": 0})
+                assert answer.status_code == 200, answer.text
+                return answer.json()["node"]
+
+            for _ in range(60):  # random routing: it gets a request soon
+                if ask() == peer:
+                    break
+            else:
+                raise AssertionError("the new worker got no request in 60")
+            wait_until(lambda: nodes(net)[peer]["quarantined"] or nodes(net)[peer]["audits"]["passed"], 20, "its lie was never audited")
+            assert nodes(net)[peer]["quarantined"], nodes(net)[peer]
+            wait_until(lambda: not nodes(net)[peer]["quarantined"], 30, "probe audits never freed it")
+            node = nodes(net)[peer]
+            assert node["audits"]["failed"] == 1 and node["audits"]["passed"] >= 3, node
+            assert any(ask() == peer for _ in range(60)), "freed but never routed to"
+    finally:
+        reformed.stop()
+
+
+def wait_until(condition, timeout: float, message: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.1)
