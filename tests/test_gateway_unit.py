@@ -9,7 +9,9 @@ from typing import Any
 
 import httpx
 import pytest
+import trio
 
+from dllm_p2p import wire
 from dllm_p2p.client import DialError, WorkerError
 from gateway.app import Gateway, create_app
 from gateway.nodes import NodeTable, NoLiveNode
@@ -225,3 +227,56 @@ def test_a_known_node_that_gossips_a_bad_heartbeat_loses_reputation_a_stranger_i
     assert table.nodes["a"].backoff_until == 0  # no backoff: it may still answer well
     table.bad_heartbeat("stranger", "wrong fields")
     assert "stranger" not in table.nodes
+
+
+# --- deadlines (on trio's virtual clock: minutes pass at once) ------------------------------
+
+
+class HangingClient(FakeClient):
+    """``blackhole`` addresses never answer a dial; ``stall`` workers send one token and
+    then nothing, keeping the stream open."""
+
+    def __init__(self, behaviour: dict[str, str]) -> None:
+        super().__init__(behaviour)
+        self.dialed: list[str] = []
+
+    async def connect(self, addr: str) -> None:
+        self.dialed.append(addr)
+        if self.behaviour[addr] == "blackhole":
+            await trio.sleep_forever()
+        await super().connect(addr)
+
+    async def generate(self, addr: str, request: Any):  # type: ignore[no-untyped-def]
+        if self.behaviour[addr] == "stall":
+            yield {"type": "token", "text": "Hel"}
+            await trio.sleep_forever()
+        async for frame in super().generate(addr, request):
+            yield frame
+
+
+async def test_an_answer_that_stalls_after_its_first_frame_fails_within_the_idle_deadline(autojump_clock: Any) -> None:
+    from gateway.relay import FRAME_IDLE_TIMEOUT, RelayError, relay
+
+    table = table_with("stuck")
+    client = HangingClient({"/addr/stuck": "stall"})
+    started = trio.current_time()
+    with trio.fail_after(3600), pytest.raises(RelayError, match="stalled"):
+        async for _ in relay(table, client, wire.Request(prompt="hi", stream=True)):  # type: ignore[arg-type]
+            pass
+    assert trio.current_time() - started == pytest.approx(FRAME_IDLE_TIMEOUT, abs=1)
+
+
+async def test_a_record_full_of_dead_addresses_costs_one_dial_budget_then_fails_over(autojump_clock: Any) -> None:
+    from gateway.relay import DIAL_BUDGET, MAX_DIAL_ADDRS, relay
+
+    table = table_with("dead", "alive")
+    dead = [f"/addr/dead{i}" for i in range(20)]
+    table.heartbeat("alive", models=["tiny"], load={"running": 4, "capacity": 4}, addrs=["/addr/alive"])  # p2c tries "dead" first
+    table.nodes["dead"].addrs = dead
+    client = HangingClient({**{a: "blackhole" for a in dead}, "/addr/alive": "ok"})
+    started = trio.current_time()
+    with trio.fail_after(3600):
+        frames = [f async for f in relay(table, client, wire.Request(prompt="hi"))]  # type: ignore[arg-type]
+    assert frames[-1].node == "alive"
+    assert trio.current_time() - started <= DIAL_BUDGET + 0.5
+    assert len([a for a in client.dialed if a in dead]) <= MAX_DIAL_ADDRS

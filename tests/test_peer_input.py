@@ -349,3 +349,47 @@ def test_per_peer_state_of_membership_is_bounded(monkeypatch: pytest.MonkeyPatch
     trio.run(m._consume_heartbeats, Subscription(messages))
     assert len(m.last_seen) == 20 and len(m._offsets) == 20
     assert keys[-1].peer_id.to_base58() in m.last_seen and keys[0].peer_id.to_base58() not in m.last_seen
+
+
+async def test_chain_fetches_are_bounded_at_once_and_per_peer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fresh keys announcing heads must not start unbounded fetches: at most MAX_FETCHES
+    at once, one per peer, and a peer prompting a fetch without a new head waits 30 s."""
+    import trio.testing
+
+    import dllm_p2p.membership as membership_module
+    from dllm_p2p.membership import Membership, MembershipConfig
+    from dllm_p2p.registry.store import ChainStore
+
+    m = Membership(generate(), MembershipConfig(), ChainStore("/nonexistent-dllm-test"))
+    running, most, fetched = 0, 0, []
+    release = trio.Event()
+
+    async def fetch(addr: str) -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        fetched.append(addr)
+        await release.wait()
+        running -= 1
+
+    monkeypatch.setattr(m, "_fetch_chain", fetch)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for i in range(30):
+                nursery.start_soon(m._fetch_from_peer, f"peer{i}", [f"/addr/{i}"], f"head{i}")
+                nursery.start_soon(m._fetch_from_peer, f"peer{i}", [f"/addr/{i}"], f"head{i}")  # twice at once
+            await trio.testing.wait_all_tasks_blocked()
+            assert most == membership_module.MAX_FETCHES and len(fetched) == membership_module.MAX_FETCHES
+            release.set()
+        fetched.clear()
+        await m._fetch_from_peer("peer0", ["/addr/0"])  # no new head: too soon to ask again
+        await m._fetch_from_peer("peer0", ["/addr/0"], "head-new")  # a new head: at once
+    assert fetched == ["/addr/0"]
+
+
+def test_the_client_keeps_a_bounded_number_of_idle_streams_per_peer() -> None:
+    from dllm_p2p.client import MAX_IDLE_PER_PEER, Client
+
+    client = Client(host=None)  # type: ignore[arg-type]
+    kept = [client._put_idle("peer", object(), None) for _ in range(MAX_IDLE_PER_PEER + 3)]  # type: ignore[arg-type]
+    assert kept.count(True) == MAX_IDLE_PER_PEER and len(client._idle["peer"]) == MAX_IDLE_PER_PEER

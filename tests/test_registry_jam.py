@@ -191,3 +191,45 @@ def test_a_node_whose_clock_is_slow_still_takes_honest_chains() -> None:
     ahead = Chain._trusted(int(now + 86_400), [make_record(generate(), "register", [], ["x"], seq=1, ttl=400, now=now)])
     kept = verify_chain(ahead.to_json(), now=now, clamp=True)
     assert len(kept.records) == 1 and kept.compacted_at == int(now + chain_mod.MAX_CLOCK_SKEW)
+
+
+async def test_chain_work_runs_off_the_event_loop_and_each_signature_is_checked_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Verifying a chain (about 1 s when full) and saving it with fsync would stall every
+    stream and heartbeat of the node: both run in threads, and a record verified once is
+    not verified again when the next peer sends the same chain."""
+    import threading
+
+    now = time.time()
+    chain = Chain._trusted(0, sorted((big_record(now) for _ in range(40)), key=lambda r: r["peer_id"]))
+    on_loop: dict[str, list[bool]] = {"verify": [], "save": []}
+    real_verify, real_save = chain_mod._identity.verify, ChainStore.save
+
+    def verify(*args: Any) -> bool:
+        on_loop["verify"].append(threading.current_thread() is threading.main_thread())
+        return real_verify(*args)
+
+    def save(self: ChainStore, chain: Chain) -> None:
+        on_loop["save"].append(threading.current_thread() is threading.main_thread())
+        real_save(self, chain)
+
+    stores = [ChainStore(tmp_path / name) for name in "abc"]
+    stores[0].save(chain)
+    monkeypatch.setattr(chain_mod._identity, "verify", verify)
+    monkeypatch.setattr(ChainStore, "save", save)
+    monkeypatch.setattr(chain_mod, "_verified", type(chain_mod._verified)())  # signing filled it
+    nodes = [Membership(generate(), MembershipConfig(role="observer", pow_bits=0), store) for store in stores]
+    hosts = [make_host(n.identity) for n in nodes]
+    hosts[0].set_stream_handler(TProtocol(REGISTRY_PROTOCOL), nodes[0]._serve_chain)
+    listen = [parse_multiaddr("/ip4/127.0.0.1/tcp/0")]
+    async with hosts[0].run(listen), hosts[1].run(listen), hosts[2].run(listen):
+        for node, host in zip(nodes, hosts):
+            node.host = host
+        with trio.fail_after(60):
+            await nodes[1]._fetch_chain(host_addrs(hosts[0])[0])
+            assert len(on_loop["verify"]) == 40  # every record checked once...
+            await nodes[2]._fetch_chain(host_addrs(hosts[0])[0])
+    assert len(on_loop["verify"]) == 40  # ...and not again for the second node
+    assert nodes[2].chain.head == chain.head
+    assert on_loop["save"] and not any(on_loop["verify"]) and not any(on_loop["save"]), on_loop
