@@ -7,9 +7,9 @@ Noise alone so that no peer can talk to it unencrypted or unauthenticated.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Sequence
 
+import ifaddr
 import multiaddr
 from libp2p import new_host
 from libp2p.abc import IHost
@@ -50,15 +50,19 @@ def peer_info(text: str) -> PeerInfo:
 
 
 def local_ip_addresses() -> list[str]:
-    """This machine's IPv4 addresses, loopback first; never the unspecified address."""
+    """This machine's IPv4 addresses, loopback first; never the unspecified address.
+
+    Read from the interfaces (the host name often resolves to 127.0.1.1 only, so peers on
+    the LAN would be given nothing they can dial)."""
     found = ["127.0.0.1"]
     try:
-        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
-            ip = str(info[4][0])
-            if ip not in found and not ip.startswith("127."):
-                found.append(ip)
+        adapters = ifaddr.get_adapters()
     except OSError:
-        pass
+        adapters = []
+    for adapter in adapters:
+        for ip in adapter.ips:
+            if isinstance(ip.ip, str) and ip.ip not in found and not ip.ip.startswith(("127.", "169.254.")):
+                found.append(ip.ip)
     return found
 
 
