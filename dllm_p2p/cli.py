@@ -24,7 +24,7 @@ import trio
 from . import __version__
 from .registry.chain import DEFAULT_POW_BITS
 
-SUBCOMMANDS = {"worker", "query", "info", "model", "registry", "nodes", "deregister", "up", "answer"}
+SUBCOMMANDS = {"worker", "relay", "query", "info", "model", "registry", "nodes", "deregister", "up", "answer"}
 
 
 def _add_worker_args(p: argparse.ArgumentParser) -> None:
@@ -45,6 +45,21 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ipfs-api", default=None, metavar="URL", help="Kubo RPC API to publish the registry (default http://127.0.0.1:5001 when it answers; else an embedded store)")
     p.add_argument("--read-timeout", type=float, default=10.0, help="seconds a dialer has to send its request (default 10)")
     p.add_argument("--psk", default=None, help="private network key (64 hex chars); peers without it can't connect")
+    p.add_argument("--no-relay", action="store_true", help="never relay for others (by default a node that peers can reach directly offers circuit-relay reservations)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _add_relay_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--listen", action="append", metavar="MULTIADDR", help="listen address (repeatable; default /ip4/0.0.0.0/tcp/4001)")
+    p.add_argument("--announce", action="append", default=[], metavar="MULTIADDR", help="address to advertise instead of the listen addresses (repeatable)")
+    p.add_argument("--data-dir", default="~/.dllm/relay", type=Path, help="node key and registry files (default ~/.dllm/relay)")
+    p.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR", help="a node to join the network through (repeatable)")
+    p.add_argument("--heartbeat-interval", type=float, default=2.0, help="seconds between signed heartbeats (default 2)")
+    p.add_argument("--record-ttl", type=float, default=600.0, help="seconds a registry record lives unless renewed (default 600)")
+    p.add_argument("--pow-bits", type=int, default=DEFAULT_POW_BITS, help=f"proof of work of the network's registry records (default {DEFAULT_POW_BITS})")
+    p.add_argument("--registry", default=None, metavar="SOURCE", help="seed the registry from a file, CID or /ipns/ name")
+    p.add_argument("--ipfs-api", default=None, metavar="URL", help="Kubo RPC API to publish the registry (default http://127.0.0.1:5001 when it answers; else an embedded store)")
+    p.add_argument("--psk", default=None, help="private network key (64 hex chars); peers without it can't connect")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -57,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
 
     _add_worker_args(sub.add_parser("worker", help="start a worker node (the default)"))
+    _add_relay_args(sub.add_parser("relay", help="start a relay: no model; bootstraps, keeps the registry, relays for nodes behind NAT"))
 
     q = sub.add_parser("query", help="send a prompt to a worker")
     q.add_argument("addr", metavar="MULTIADDR", help="worker address ending in /p2p/<peer-id>")
@@ -143,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("libp2p").setLevel(logging.CRITICAL if not getattr(args, "verbose", False) else logging.DEBUG)
     handler = {
         "worker": cmd_worker,
+        "relay": cmd_relay,
         "query": cmd_query,
         "info": cmd_info,
         "model": cmd_model,
@@ -210,6 +227,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from .engine.fingerprint import fingerprint
     from .identity import DataDirLock, DataDirLocked, load_or_create
     from .membership import Membership, MembershipConfig
+    from .reach import Reach
     from .registry.store import ChainStore
     from .worker import Worker, WorkerConfig
 
@@ -255,6 +273,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     )
     worker = Worker(engine, identity, config)
     store = ChainStore(args.data_dir)
+    reach = Reach(worker.host, psk=args.psk, relays=relay_candidates(args.bootstrap, store), hop=False if args.no_relay else "auto")
     membership = Membership(
         identity,
         membership_config,
@@ -263,6 +282,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         load=worker.load,
         model_info=worker.model_info,
     )
+    worker.services.append(lambda host: reach.run())
     worker.services.append(membership.run)
 
     async def serve() -> None:
@@ -286,6 +306,82 @@ def cmd_worker(args: argparse.Namespace) -> int:
     finally:
         engine.close()
     print("worker stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def relay_candidates(bootstrap: list[str], store: Any) -> Callable[[], list[str]]:
+    """Where a node behind NAT may reserve a slot: its bootstrap peers, then every
+    registered relay (one address each)."""
+
+    def candidates() -> list[str]:
+        registered = [
+            record["addrs"][0] for record in store.chain.nodes().values()
+            if record.get("role") == "relay" and record.get("addrs")
+        ]
+        return list(dict.fromkeys([*bootstrap, *registered]))
+
+    return candidates
+
+
+# --- relay ------------------------------------------------------------------------------
+
+
+def cmd_relay(args: argparse.Namespace) -> int:
+    """A node with no model: it bootstraps others, keeps and serves the registry, forwards
+    gossip and relays for nodes behind NAT. Starts in about a second (no torch)."""
+    from .fsutil import write_json_atomic
+    from .host import host_addrs, make_host, parse_multiaddr
+    from .identity import DataDirLock, DataDirLocked, load_or_create
+    from .membership import Membership, MembershipConfig
+    from .reach import Reach
+    from .registry.ipfs import IpfsError
+    from .registry.store import ChainStore
+
+    try:
+        membership_config = MembershipConfig(
+            role="relay", bootstrap=args.bootstrap, heartbeat_interval=args.heartbeat_interval, record_ttl=args.record_ttl,
+            pow_bits=args.pow_bits,
+        )
+        listen = [parse_multiaddr(a) for a in args.listen or ["/ip4/0.0.0.0/tcp/4001"]]
+    except ValueError as exc:
+        return _fail(str(exc))
+    try:
+        DataDirLock(args.data_dir).acquire()
+    except DataDirLocked as exc:
+        return _fail(str(exc))
+    identity = load_or_create(args.data_dir)
+    print(f"peer id {identity.peer_id}", file=sys.stderr, flush=True)
+    host = make_host(identity, announce=args.announce, psk=args.psk)
+    reach = Reach(host, psk=args.psk, hop=True)
+    store = ChainStore(args.data_dir)
+    membership = Membership(identity, membership_config, store)
+
+    async def serve() -> None:
+        async with trio.open_nursery() as outer:
+            outer.start_soon(until_signal, outer.cancel_scope, membership.leave)
+            membership.publisher = await open_registry(store, args.data_dir, args.ipfs_api, args.registry)
+            try:
+                async with host.run(listen), trio.open_nursery() as nursery:
+                    addrs = host_addrs(host)
+                    write_json_atomic(
+                        Path(args.data_dir).expanduser() / "node.json",
+                        {"peer_id": identity.peer_id.to_base58(), "role": "relay", "addrs": addrs, "pid": __import__("os").getpid(), "started": int(time.time())},
+                    )
+                    for addr in addrs:
+                        print(f"listening on {addr}", flush=True)
+                    await nursery.start(reach.run)
+                    await nursery.start(membership.run, host)
+                    print("relay ready: offering circuit-relay-v2 reservations", file=sys.stderr, flush=True)
+            finally:
+                await membership.publisher.aclose()
+
+    try:
+        trio.run(serve)
+    except IpfsError as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(f"cannot listen on {args.listen}: {exc}")
+    print("relay stopped", file=sys.stderr, flush=True)
     return 0
 
 

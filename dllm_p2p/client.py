@@ -22,7 +22,7 @@ from libp2p.abc import IHost
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from . import answers, wire
+from . import answers, reach, wire
 from .host import make_host, parse_multiaddr, peer_info
 from .identity import Identity, generate
 
@@ -96,18 +96,31 @@ class Client:
             async with lock:  # one handshake per peer even when many requests start at once
                 if self.host.get_network().get_connections(info.peer_id):
                     return info.peer_id
-                with trio.move_on_after(self.connect_timeout) as scope:
-                    try:
-                        await self.host.connect(info)
-                    except Exception as exc:
-                        raise DialError(f"cannot connect to {addr}: {exc}") from exc
-                if scope.cancelled_caught:
-                    raise DialError(f"cannot connect to {addr}: timed out after {self.connect_timeout:g} s")
+                try:
+                    # Direct, or through the relay a /p2p-circuit address names.
+                    await reach.connect(self.host, info.peer_id, [addr], self.connect_timeout)
+                except Exception as exc:
+                    raise DialError(f"cannot connect to {addr}: {exc}") from exc
             return info.peer_id
         finally:
             # Locks live only while someone dials: the table does not grow with every peer seen.
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._locks.pop(info.peer_id, None)
+
+    async def connect_any(self, addrs: list[str], timeout: float | None = None) -> str:
+        """Connect to the peer the ``addrs`` of one record name, trying them together
+        (direct first, circuits a moment later); return one that names the peer."""
+        if not addrs:
+            raise DialError("no address to dial")
+        try:
+            info = _peer_info(addrs[0])
+        except Exception as exc:
+            raise DialError(f"cannot dial {addrs[0][:200]!r}: {exc}") from None
+        try:
+            await reach.connect(self.host, info.peer_id, addrs, timeout or self.connect_timeout)
+        except Exception as exc:
+            raise DialError(str(exc)) from exc
+        return addrs[0]
 
     async def open_stream(self, addr: str, protocol: str) -> Any:
         """A stream negotiated the usual way (propose, wait for the echo), for raw use."""

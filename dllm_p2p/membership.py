@@ -32,7 +32,7 @@ from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
-from . import heartbeat, wire
+from . import heartbeat, reach, wire
 from .host import host_addrs, peer_info
 from .identity import Identity
 from .fsutil import write_json_atomic
@@ -76,7 +76,8 @@ MAX_CHAIN_BYTES = MAX_FILE_BYTES + 64 * 1024
 @dataclass
 class MembershipConfig:
     #: "worker" registers and heartbeats; "gateway" heartbeats (and registers when it
-    #: has a public URL); "observer" only listens (the `nodes` command).
+    #: has a public URL); "relay" registers and heartbeats, serving no model;
+    #: "observer" only listens (the `nodes` command).
     role: str = "worker"
     bootstrap: list[str] = field(default_factory=list)
     heartbeat_interval: float = 2.0
@@ -150,11 +151,18 @@ class Membership:
 
     @property
     def registers(self) -> bool:
-        return self.config.role == "worker" or bool(self.config.gateway_url)
+        return self.config.role in ("worker", "relay") or bool(self.config.gateway_url)
 
     @property
     def chain(self) -> Chain:
         return self.store.chain
+
+    def addrs(self) -> list[str]:
+        """What we advertise: our addresses, and circuits through relays when we hold
+        reservations (dllm_p2p.reach)."""
+        assert self.host is not None
+        found = getattr(self.host, "_dllm_reach", None)
+        return found.addrs()[:16] if found is not None else host_addrs(self.host)
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -204,6 +212,7 @@ class Membership:
                     await self._append_own("register")
                 nursery.start_soon(self._heartbeat_loop)
                 nursery.start_soon(self._renew_loop)
+                nursery.start_soon(self._readdress_loop)
                 nursery.start_soon(self._mesh_loop)
                 nursery.start_soon(self._announce_loop)
                 if self.publisher is not None:
@@ -257,7 +266,7 @@ class Membership:
         record = make_record(
             self.identity,
             op,
-            addrs=host_addrs(self.host),
+            addrs=self.addrs(),
             models=self.models() if self.config.role == "worker" else [],
             seq=self._next_seq(),
             ttl=self.config.record_ttl,
@@ -312,8 +321,7 @@ class Membership:
         assert self.host is not None
         info = peer_info(addr)
         with trio.fail_after(10):
-            if not self.host.get_network().get_connections(info.peer_id):
-                await self.host.connect(info)
+            await reach.connect(self.host, info.peer_id, [addr])
             stream = await self.host.new_stream(info.peer_id, [TProtocol(REGISTRY_PROTOCOL)])
             try:
                 frame = await wire.FrameReader(stream, MAX_CHAIN_BYTES).read_frame()
@@ -469,7 +477,7 @@ class Membership:
     async def _announce(self) -> None:
         if self.pubsub is None or self.host is None:
             return
-        payload = msgpack.packb({"head": self.chain.head, "blocks": len(self.chain.blocks), "addrs": host_addrs(self.host)})
+        payload = msgpack.packb({"head": self.chain.head, "blocks": len(self.chain.blocks), "addrs": self.addrs()})
         await self.pubsub.publish(REGISTRY_TOPIC, payload)
 
     async def _announce_loop(self) -> None:
@@ -522,7 +530,7 @@ class Membership:
                     seq,
                     role=self.config.role,
                     models=self.models(),
-                    addrs=host_addrs(self.host),
+                    addrs=self.addrs(),
                     load=self.load(),
                     meta=self.model_info(),
                 )
@@ -541,6 +549,24 @@ class Membership:
             except Exception as exc:
                 log.warning("renewal failed: %r", exc)
 
+    async def _readdress_loop(self) -> None:
+        """Renew our record when our addresses change (a relay reservation gained or
+        lost), at most every 2 s: peers that only read the registry must dial what works."""
+        found = getattr(self.host, "_dllm_reach", None)
+        if not self.registers or found is None:
+            return
+        advertised = self.addrs()
+        while True:
+            await found.changed.wait()
+            found.changed = trio.Event()
+            if self.addrs() != advertised:
+                advertised = self.addrs()
+                try:
+                    await self._append_own("renew")
+                except Exception as exc:
+                    log.warning("renewal with new addresses failed: %r", exc)
+            await trio.sleep(2)
+
     async def _mesh_loop(self) -> None:
         """Stay connected to every registered node, so gossip reaches all of them."""
         assert self.host is not None
@@ -551,13 +577,10 @@ class Membership:
                 info_id = ID.from_base58(peer_id)
                 if self.host.get_network().get_connections(info_id):
                     continue
-                for addr in record.get("addrs", []):
-                    try:
-                        with trio.fail_after(5):
-                            await self.host.connect(peer_info(addr))
-                        break
-                    except Exception:
-                        continue
+                try:
+                    await reach.connect(self.host, info_id, record.get("addrs", []), timeout=5)
+                except Exception:
+                    continue
             await trio.sleep(max(1.0, self.config.heartbeat_interval))
 
     # --- liveness -----------------------------------------------------------------------

@@ -29,7 +29,8 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from dllm_p2p import __version__, wire
+from libp2p.peer.id import ID
+from dllm_p2p import __version__, reach, wire
 from dllm_p2p.client import Client
 
 from .audit import Auditor
@@ -302,6 +303,15 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay  # type: ignore[return-value]
 
 
+def _path(host: Any, peer_id: str) -> str | None:
+    if host is None:
+        return None
+    try:
+        return reach.path_of(host, ID.from_base58(peer_id))
+    except Exception:
+        return None
+
+
 def create_app(gw: Gateway) -> FastAPI:
     app = FastAPI(title="dllm-p2p gateway", version=__version__, docs_url="/docs", redoc_url=None)
     app.state.gateway = gw
@@ -525,6 +535,10 @@ def create_app(gw: Gateway) -> FastAPI:
     @app.get("/api/nodes")
     async def nodes() -> dict[str, Any]:
         described = gw.table.describe()
+        host = getattr(gw.client, "host", None)
+        for node in described:
+            # How this gateway reaches the node now: direct, relayed, or not connected.
+            node["path"] = _path(host, node["peer_id"])
         return {"nodes": described, "online": sum(1 for n in described if n["online"]), "ttl_s": gw.table.ttl}
 
     @app.get("/api/audits")

@@ -14,13 +14,14 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-from dllm_p2p.cli import open_registry, until_signal
+from dllm_p2p.cli import open_registry, relay_candidates, until_signal
 from dllm_p2p.client import Client
 from dllm_p2p.heartbeat import Heartbeat
 from dllm_p2p.host import AddressError, check_psk, make_host, parse_multiaddr
 from dllm_p2p.identity import DataDirLock, DataDirLocked, load_or_create
 from dllm_p2p.lifeline import watch_parent
 from dllm_p2p.membership import Membership, MembershipConfig, deregistered
+from dllm_p2p.reach import Reach
 from dllm_p2p.registry.ipfs import IpfsError
 from dllm_p2p.registry.chain import DEFAULT_POW_BITS
 from dllm_p2p.registry.publish import Publisher
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-interval", type=float, default=PROBE_INTERVAL, metavar="S", help=f"seconds between probe audits of a quarantined worker; {PROBATION_PASSES} passes in a row free it (default {PROBE_INTERVAL:g})")
     p.add_argument("--allow-peer", action="append", default=None, metavar="PEER_ID", help="route only to these worker peer ids (repeatable)")
     p.add_argument("--psk", default=None, help="private network key (64 hex chars)")
+    p.add_argument("--no-relay", action="store_true", help="never relay for others (by default a gateway that peers can reach directly offers circuit-relay reservations)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -95,6 +97,7 @@ async def run_gateway(
         on_heartbeat=on_heartbeat, on_chain=on_chain, publisher=publisher, on_bad_heartbeat=table.bad_heartbeat,
     )
     host = make_host(identity, psk=args.psk)
+    reach = Reach(host, psk=args.psk, relays=relay_candidates(args.bootstrap, store), hop=False if args.no_relay else "auto")
     client = Client(host, keep_alive=True)  # reuse streams to workers: no setup per request
     auditor = Auditor(table, client, rate=args.audit_rate, evidence_dir=Path(args.data_dir).expanduser() / "audits", probe_interval=args.probe_interval)
     gw = Gateway(
@@ -116,6 +119,7 @@ async def run_gateway(
     try:
         async with host.run([parse_multiaddr(args.p2p_listen)]):
             async with trio.open_nursery() as nursery:
+                await nursery.start(reach.run)
                 await nursery.start(membership.run, host)
                 nursery.start_soon(auditor.run)
                 if stop is not None:

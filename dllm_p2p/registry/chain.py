@@ -39,7 +39,7 @@ RECORD_DOMAIN = b"dllm-registry-record/1\n"
 #: ``prev`` of the checkpoint block, which has no predecessor.
 ZERO_HASH = "0" * 64
 OPS = ("register", "renew", "deregister")
-ROLES = ("worker", "gateway")
+ROLES = ("worker", "gateway", "relay")
 
 # Bounds. A chain arrives from untrusted peers, so everything that costs memory or time
 # to check is capped before it is checked. A real record is about 600 bytes; the caps
