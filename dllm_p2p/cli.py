@@ -46,6 +46,7 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--read-timeout", type=float, default=10.0, help="seconds a dialer has to send its request (default 10)")
     p.add_argument("--psk", default=None, help="private network key (64 hex chars); peers without it can't connect")
     p.add_argument("--no-relay", action="store_true", help="never relay for others (by default a node that peers can reach directly offers circuit-relay reservations)")
+    p.add_argument("--no-mdns", action="store_true", help="do not look for peers on the LAN with mDNS (on by default)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -60,6 +61,7 @@ def _add_relay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--registry", default=None, metavar="SOURCE", help="seed the registry from a file, CID or /ipns/ name")
     p.add_argument("--ipfs-api", default=None, metavar="URL", help="Kubo RPC API to publish the registry (default http://127.0.0.1:5001 when it answers; else an embedded store)")
     p.add_argument("--psk", default=None, help="private network key (64 hex chars); peers without it can't connect")
+    p.add_argument("--no-mdns", action="store_true", help="do not look for peers on the LAN with mDNS (on by default)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -227,6 +229,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from .engine.fingerprint import fingerprint
     from .identity import DataDirLock, DataDirLocked, load_or_create
     from .membership import Membership, MembershipConfig
+    from .lan import LanDiscovery
     from .reach import Reach
     from .registry.store import ChainStore
     from .worker import Worker, WorkerConfig
@@ -284,6 +287,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     )
     worker.services.append(lambda host: reach.run())
     worker.services.append(membership.run)
+    if not args.no_mdns:
+        worker.services.append(lambda host: LanDiscovery(host, membership.meet, args.psk).run())
 
     async def serve() -> None:
         async with trio.open_nursery() as nursery:
@@ -332,6 +337,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
     from .fsutil import write_json_atomic
     from .host import host_addrs, make_host, parse_multiaddr
     from .identity import DataDirLock, DataDirLocked, load_or_create
+    from .lan import LanDiscovery
     from .membership import Membership, MembershipConfig
     from .reach import Reach
     from .registry.ipfs import IpfsError
@@ -371,6 +377,8 @@ def cmd_relay(args: argparse.Namespace) -> int:
                         print(f"listening on {addr}", flush=True)
                     await nursery.start(reach.run)
                     await nursery.start(membership.run, host)
+                    if not args.no_mdns:
+                        nursery.start_soon(LanDiscovery(host, membership.meet, args.psk).run)
                     print("relay ready: offering circuit-relay-v2 reservations", file=sys.stderr, flush=True)
             finally:
                 await membership.publisher.aclose()
@@ -573,8 +581,9 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     from .registry.publish import Publisher, load_source
     from .registry.store import ChainStore
 
-    if not args.bootstrap and not args.registry:
-        return _fail("give --bootstrap MULTIADDR to join the network, or --registry SOURCE to read one")
+    lan = not args.bootstrap and not args.registry
+    if lan:
+        print(f"no --bootstrap or --registry: looking for nodes on the LAN (mDNS) for {args.wait:g} s", file=sys.stderr, flush=True)
 
     async def run() -> int:
         with tempfile.TemporaryDirectory(prefix="dllm-nodes-") as scratch:
@@ -590,7 +599,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
             finally:
                 await publisher.aclose()
         beats: dict[str, Any] = {}
-        if args.bootstrap:
+        if args.bootstrap or lan:
             identity = generate()
             membership = Membership(
                 identity,
@@ -606,14 +615,17 @@ def cmd_nodes(args: argparse.Namespace) -> int:
             async with host.run([parse_multiaddr("/ip4/0.0.0.0/tcp/0")]):
                 async with trio.open_nursery() as nursery:
                     await nursery.start(membership.run, host)
+                    if lan:
+                        from .lan import LanDiscovery
+
+                        await nursery.start(LanDiscovery(host, membership.meet, args.psk).run)
                     await trio.sleep(args.wait)
                     nursery.cancel_scope.cancel()
         now = time.time()
         rows = []
         peers = dict(store.chain.nodes())
         for peer_id, (_, beat) in beats.items():
-            if beat.role == "worker":
-                peers.setdefault(peer_id, {"peer_id": peer_id, "addrs": beat.addrs, "models": beat.models, "role": beat.role})
+            peers.setdefault(peer_id, {"peer_id": peer_id, "addrs": beat.addrs, "models": beat.models, "role": beat.role})
         for peer_id, rec in sorted(peers.items()):
             seen, beat = beats.get(peer_id, (None, None))
             rows.append({
@@ -629,14 +641,14 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(rows, indent=2))
             return 0
-        print(f"{'peer id':<54} {'status':<8} {'models':<14} {'last seen':<10} {'load':<10} address")
+        print(f"{'peer id':<54} {'role':<8} {'status':<8} {'models':<14} {'last seen':<10} {'load':<10} address")
         for row in rows:
             load = row["load"] or {}
             load_text = f"{load.get('running', 0)}/{load.get('capacity', '?')}" if load else "-"
             seen_text = f"{now - row['last_seen']:.1f}s ago" if row["last_seen"] else "never"
             status = "online" if row["online"] else "offline"
-            print(f"{row['peer_id']:<54} {status:<8} {','.join(row['models']) or '-':<14} {seen_text:<10} {load_text:<10} {(row['addrs'] or ['-'])[0]}")
-        if not args.bootstrap:
+            print(f"{row['peer_id']:<54} {row['role']:<8} {status:<8} {','.join(row['models']) or '-':<14} {seen_text:<10} {load_text:<10} {(row['addrs'] or ['-'])[0]}")
+        if args.registry and not args.bootstrap:
             print("(read from the registry only: join with --bootstrap to see who is online)")
         return 0
 

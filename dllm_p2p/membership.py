@@ -232,6 +232,13 @@ class Membership:
                     log.warning("bootstrap %s: %s (try %d of 5)", addr, exc, attempt + 1)
                     await trio.sleep(0.5 * 2**attempt)
 
+    async def meet(self, info: Any) -> None:
+        """A peer found on the LAN (mDNS): connect, so gossip reaches it, and merge its
+        chain (at most once per REFETCH_AFTER unless it announces a new head)."""
+        addrs = [f"{a}/p2p/{info.peer_id}" for a in info.addrs][:MAX_DIAL_ADDRS]
+        if addrs:
+            await self._fetch_from_peer(str(info.peer_id), addrs)
+
     async def leave(self) -> None:
         """Sign a ``deregister`` record and spread it; call before cancelling ``run``.
 

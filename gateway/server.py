@@ -21,6 +21,7 @@ from dllm_p2p.host import AddressError, check_psk, make_host, parse_multiaddr
 from dllm_p2p.identity import DataDirLock, DataDirLocked, load_or_create
 from dllm_p2p.lifeline import watch_parent
 from dllm_p2p.membership import Membership, MembershipConfig, deregistered
+from dllm_p2p.lan import LanDiscovery
 from dllm_p2p.reach import Reach
 from dllm_p2p.registry.ipfs import IpfsError
 from dllm_p2p.registry.chain import DEFAULT_POW_BITS
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-interval", type=float, default=PROBE_INTERVAL, metavar="S", help=f"seconds between probe audits of a quarantined worker; {PROBATION_PASSES} passes in a row free it (default {PROBE_INTERVAL:g})")
     p.add_argument("--allow-peer", action="append", default=None, metavar="PEER_ID", help="route only to these worker peer ids (repeatable)")
     p.add_argument("--psk", default=None, help="private network key (64 hex chars)")
+    p.add_argument("--no-mdns", action="store_true", help="do not look for peers on the LAN with mDNS (on by default)")
     p.add_argument("--no-relay", action="store_true", help="never relay for others (by default a gateway that peers can reach directly offers circuit-relay reservations)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -121,6 +123,8 @@ async def run_gateway(
             async with trio.open_nursery() as nursery:
                 await nursery.start(reach.run)
                 await nursery.start(membership.run, host)
+                if not args.no_mdns:
+                    nursery.start_soon(LanDiscovery(host, membership.meet, args.psk).run)
                 nursery.start_soon(auditor.run)
                 if stop is not None:
                     nursery.start_soon(until_signal, stop, membership.leave)

@@ -72,6 +72,9 @@ class FakeClient:
     async def connect(self, addr: str) -> None:
         return None
 
+    async def connect_any(self, addrs: list[str], timeout: float) -> str:
+        return addrs[0]
+
     async def generate(self, addr: str, request: Any) -> AsyncIterator[dict[str, Any]]:
         from dllm_p2p.client import WorkerError
 

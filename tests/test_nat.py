@@ -19,7 +19,7 @@ from .netbed import Netbed, require_netns
 pytestmark = pytest.mark.integration
 
 PY = [sys.executable, "-m"]
-FAST = ["--heartbeat-interval", "1", "--pow-bits", "8"]
+FAST = ["--heartbeat-interval", "1"]
 
 
 @pytest.fixture(autouse=True)
@@ -114,3 +114,72 @@ def test_a_worker_behind_a_home_router_serves_through_a_relay(nodes_on) -> None:
         # The record itself (signed, in the registry) carries the circuit address.
         records = lambda: {r["peer_id"]: r for r in httpx.get(f"{url}/api/registry", timeout=5).json()["nodes"]}  # noqa: E731
         wait_for(lambda: circuit(records()[peer]), 30, "the worker's record never carried its circuit address", nodes)
+
+
+def test_three_nodes_on_one_lan_find_each_other_without_bootstrap(nodes_on) -> None:  # type: ignore[no-untyped-def]
+    with Netbed("lan home; host a home; host b home; host c home; host d home") as bed:
+        nodes = nodes_on(bed)
+        _, a = nodes.worker("a")
+        _, b = nodes.worker("b")
+        started = time.monotonic()
+        url = nodes.gateway("c")  # neither --bootstrap nor --registry: it waits for peers
+        wait_for(lambda: all(node_view(url, p).get("online") and node_view(url, p).get("registered") for p in (a, b)), 30, "the gateway never saw both workers", nodes)
+        answer = httpx.post(f"{url}/api/generate", json={"prompt": "Hello", "max_new_tokens": 4}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["node"] in (a, b), answer.text
+        # `nodes` on a fourth host, with no address at all, lists the three of them.
+        listing = nodes.bed.run("d", [*PY, "dllm_p2p", "nodes", "--json", "--wait", "8"], env=child_env(), timeout=60)
+        rows = {r["peer_id"]: r for r in __import__("json").loads(listing.stdout)}
+        online = {p for p, r in rows.items() if r["online"]}
+        assert {a, b} <= online and sum(r["role"] == "gateway" for r in rows.values() if r["online"]) == 1, listing.stdout + listing.stderr
+        assert time.monotonic() - started < 60
+
+
+def chain_head(data_dir: Path) -> str | None:
+    from dllm_p2p.registry.store import load_chain
+
+    try:
+        return load_chain(data_dir / "blockchain.json", clamp=True).head
+    except Exception:
+        return None
+
+
+def test_a_partition_heals_into_one_registry_and_requests_go_to_the_reachable_side(nodes_on) -> None:  # type: ignore[no-untyped-def]
+    """Five hosts on two switches joined by a cable. The cable is pulled: the gateway's
+    side keeps answering, the other side's registry changes (a worker joins there); the
+    cable is put back and every node ends on one registry head holding every record."""
+    with Netbed("switch s1; switch s2; link trunk s1 s2; host relay s1; host gw s1; host w1 s1; host w2 s2; host w3 s2") as bed:
+        nodes = nodes_on(bed)
+        relay = nodes.relay("relay")
+        _, w1 = nodes.worker("w1", "--bootstrap", relay)
+        w2_child, w2 = nodes.worker("w2", "--bootstrap", relay)
+        url = nodes.gateway("gw", "--bootstrap", relay)
+        wait_for(lambda: all(node_view(url, p).get("registered") and node_view(url, p).get("online") for p in (w1, w2)), 60, "both workers online", nodes)
+
+        bed.cut("trunk")
+        wait_for(lambda: not node_view(url, w2).get("online"), 30, "the gateway never noticed w2 was gone", nodes)
+        for i in range(5):  # sent during the partition: answered by the side we can reach
+            answer = httpx.post(f"{url}/api/generate", json={"prompt": f"During {i}", "max_new_tokens": 3}, timeout=60)
+            assert answer.status_code == 200 and answer.json()["node"] == w1, answer.text
+        # Meanwhile the other side's registry moves on: a worker joins through w2.
+        w2_addr = next(line.split()[-1] for line in w2_child.stdout if line.startswith(f"listening on /ip4/{bed.addr('w2')}/"))
+        _, w3 = nodes.worker("w3", "--bootstrap", w2_addr)
+        wait_for(lambda: w3 in (chain_nodes(nodes.root / "w2")), 30, "w3 never registered on its side", nodes)
+        assert w3 not in chain_nodes(nodes.root / "gw")
+
+        bed.heal("trunk")
+        names = ["relay", "gw", "w1", "w2", "w3"]
+        started = time.monotonic()
+        wait_for(lambda: len({chain_head(nodes.root / n) for n in names}) == 1, 90, "the registries never converged", nodes)
+        healed_in = time.monotonic() - started
+        assert {w1, w2, w3} <= chain_nodes(nodes.root / "gw")
+        wait_for(lambda: node_view(url, w3).get("online") and node_view(url, w3).get("registered"), 30, "the gateway never saw w3", nodes)
+        print(f"registries converged {healed_in:.1f} s after the cable was put back")
+
+
+def chain_nodes(data_dir: Path) -> set[str]:
+    from dllm_p2p.registry.store import load_chain
+
+    try:
+        return set(load_chain(data_dir / "blockchain.json", clamp=True).nodes())
+    except Exception:
+        return set()
