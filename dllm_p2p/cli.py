@@ -47,6 +47,7 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--psk", default=None, help="private network key (64 hex chars); peers without it can't connect")
     p.add_argument("--no-relay", action="store_true", help="never relay for others (by default a node that peers can reach directly offers circuit-relay reservations)")
     p.add_argument("--no-mdns", action="store_true", help="do not look for peers on the LAN with mDNS (on by default)")
+    p.add_argument("--no-hole-punch", action="store_true", help="stay relayed: never upgrade a relayed connection to a direct one (DCUtR), which would show this node's public address to the other side")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -209,13 +210,13 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 async def until_signal(scope: trio.CancelScope, before: Callable[[], Awaitable[None]] | None = None) -> None:
-    """On the first SIGINT or SIGTERM run ``before`` (at most 3 s), then cancel ``scope``:
+    """On the first SIGINT or SIGTERM run ``before`` (at most 4 s), then cancel ``scope``:
     a clean, prompt shutdown that still says goodbye to the network."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             print(f"received {signal.Signals(signum).name}, shutting down", file=sys.stderr, flush=True)
             if before is not None:
-                with trio.move_on_after(3):
+                with trio.move_on_after(4):
                     await before()
             scope.cancel()
             return
@@ -276,7 +277,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     )
     worker = Worker(engine, identity, config)
     store = ChainStore(args.data_dir)
-    reach = Reach(worker.host, psk=args.psk, relays=relay_candidates(args.bootstrap, store), hop=False if args.no_relay else "auto")
+    reach = Reach(
+        worker.host, psk=args.psk, relays=relay_candidates(args.bootstrap, store), hop=False if args.no_relay else "auto",
+        hole_punch=not args.no_hole_punch,
+    )
     membership = Membership(
         identity,
         membership_config,
@@ -357,7 +361,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     identity = load_or_create(args.data_dir)
     print(f"peer id {identity.peer_id}", file=sys.stderr, flush=True)
-    host = make_host(identity, announce=args.announce, psk=args.psk)
+    host = make_host(identity, announce=args.announce, psk=args.psk, relay=True)
     reach = Reach(host, psk=args.psk, hop=True)
     store = ChainStore(args.data_dir)
     membership = Membership(identity, membership_config, store)

@@ -14,6 +14,7 @@ import multiaddr
 from libp2p import new_host
 from libp2p.abc import IHost
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
@@ -98,6 +99,7 @@ def make_host(
     *,
     announce: Sequence[str] = (),
     psk: str | None = None,
+    relay: bool = False,
 ) -> IHost:
     """A host that speaks Noise + yamux only.
 
@@ -116,7 +118,18 @@ def make_host(
         announce_addrs=announce_addrs,
         addrs_factory=None if announce_addrs else expand_unspecified,
         disable_identify_address_discovery=True,
+        connection_config=connection_limits(relay),
     )
+
+
+def connection_limits(relay: bool = False) -> ConnectionConfig:
+    """A bounded set of connections: py-libp2p's connection manager dials peers it knows
+    while under the low watermark and prunes the least useful above the high one. Its
+    defaults (50 kept, 100-300) would have every node of a small network dial every
+    other and hold hundreds; a relay holds one connection per node behind NAT it serves."""
+    if relay:
+        return ConnectionConfig(min_connections=8, low_watermark=8, high_watermark=400, max_connections=600)
+    return ConnectionConfig(min_connections=4, low_watermark=8, high_watermark=96, max_connections=192)
 
 
 def host_addrs(host: IHost) -> list[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -64,6 +65,9 @@ MAX_PEERS_TRACKED = 10_000
 #: fetch per peer at a time; gossip's own rate limit bounds how often a peer announces).
 MAX_FETCHES = 8
 REFETCH_AFTER = 30.0
+#: Registered nodes a node keeps connections to, at least (more come and go with
+#: requests, gossip and peers that dial us).
+MESH_TARGET = 8
 #: Addresses of one peer tried per fetch.
 MAX_DIAL_ADDRS = 4
 REGISTRY_PROTOCOL = "/dllm/registry/1.0.0"
@@ -148,6 +152,9 @@ class Membership:
         #: Held while the chain is merged and saved: two fetches must not both build on
         #: the same old chain, and saves (off the event loop) must land in order.
         self._chain_lock = trio.Lock()
+        #: While leaving: our deregistration head, the peers that fetched it, and an
+        #: event set at each fetch.
+        self._leaving: tuple[str, set[Any], trio.Event] | None = None
 
     @property
     def registers(self) -> bool:
@@ -248,10 +255,16 @@ class Membership:
         if self.registers and self.host is not None and self.pubsub is not None:
             try:
                 await self._append_own("deregister")
+                self._leaving = (self.chain.head, set(), trio.Event())
                 await self._announce()
-                # Peers fetch the new head from us on the announcement: stay up a moment
-                # so they can, or they would learn of our leaving only from the TTL.
-                await trio.sleep(1.0)
+                # Peers fetch the new head from us on the announcement: stay up until the
+                # peers we are connected to (up to 3) have, or 2.5 s; else they would
+                # learn of our leaving only when the record expires.
+                peers = len(self.host.get_network().connections)
+                with trio.move_on_after(2.5):
+                    while len(self._leaving[1]) < min(peers, 3):
+                        await self._leaving[2].wait()
+                        self._leaving = (self._leaving[0], self._leaving[1], trio.Event())
             except Exception as exc:
                 log.warning("deregister failed: %r", exc)
 
@@ -314,6 +327,9 @@ class Membership:
             data = await trio.to_thread.run_sync(chain.to_compact_json)
             await stream.write(wire.encode_frame({"type": "chain", "head": chain.head, "data": data}))
             await stream.close()
+            if self._leaving is not None and chain.head == self._leaving[0]:
+                self._leaving[1].add(stream.muxed_conn.peer_id)
+                self._leaving[2].set()
         except Exception as exc:
             log.debug("serving the chain failed: %r", exc)
             with trio.move_on_after(2):
@@ -575,19 +591,33 @@ class Membership:
             await trio.sleep(2)
 
     async def _mesh_loop(self) -> None:
-        """Stay connected to every registered node, so gossip reaches all of them."""
+        """Keep connections to at least MESH_TARGET registered nodes, chosen at random
+        among those we are not connected to: gossip spreads through them, so a network of
+        thousands needs no full mesh (libp2p's connection manager prunes above its high
+        watermark, see dllm_p2p.host)."""
         assert self.host is not None
+
+        async def dial(peer: ID, addrs: list[str]) -> None:
+            try:
+                await reach.connect(self.host, peer, addrs, timeout=5)
+            except Exception:
+                pass
+
         while True:
-            for peer_id, record in list(self.chain.nodes().items()):
-                if peer_id == self.peer_id:
-                    continue
-                info_id = ID.from_base58(peer_id)
-                if self.host.get_network().get_connections(info_id):
-                    continue
-                try:
-                    await reach.connect(self.host, info_id, record.get("addrs", []), timeout=5)
-                except Exception:
-                    continue
+            network = self.host.get_network()
+            connected = {peer for peer, conns in network.connections.items() if conns}
+            missing = MESH_TARGET - len(connected)
+            if missing > 0:
+                candidates = [
+                    (ID.from_base58(peer_id), record.get("addrs", []))
+                    for peer_id, record in self.chain.nodes().items()
+                    if peer_id != self.peer_id
+                ]
+                candidates = [(peer, addrs) for peer, addrs in candidates if peer not in connected]
+                random.shuffle(candidates)
+                async with trio.open_nursery() as nursery:
+                    for peer, addrs in candidates[:missing]:
+                        nursery.start_soon(dial, peer, addrs)
             await trio.sleep(max(1.0, self.config.heartbeat_interval))
 
     # --- liveness -----------------------------------------------------------------------

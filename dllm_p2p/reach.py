@@ -39,7 +39,9 @@ from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
+from libp2p.relay.circuit_v2 import dcutr as _dcutr
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
@@ -73,12 +75,15 @@ def is_circuit(addr: str) -> bool:
 
 
 def path_of(host: IHost, peer_id: ID) -> str | None:
-    """``direct`` or ``relayed``: how we are connected to ``peer_id`` now (None: not)."""
+    """``direct``, ``hole-punched`` or ``relayed``: how we are connected to ``peer_id``
+    now (None: not connected)."""
     conns = host.get_network().get_connections(peer_id)
     if not conns:
         return None
-    relayed = all(_is_relayed(c) for c in conns)
-    return "relayed" if relayed else "direct"
+    if all(_is_relayed(c) for c in conns):
+        return "relayed"
+    punched = getattr(getattr(host, "_dllm_reach", None), "punched", set())
+    return "hole-punched" if peer_id in punched else "direct"
 
 
 def _is_relayed(conn: Any) -> bool:
@@ -151,9 +156,49 @@ def _patch_libp2p() -> None:
             event.set()  # wake the reader: it finds the stream gone and sees EOF
 
     Yamux._finalize_stream_locked = _finalize_stream_locked
+    _dcutr._local_tcp_listen_addrs = _local_tcp_listen_addrs
     # Every circuit that ends normally is logged as an ERROR by the library.
     logging.getLogger("libp2p.relay.circuit_v2.protocol").setLevel(logging.CRITICAL)
     logging.getLogger("libp2p.relay.circuit_v2.transport").setLevel(logging.CRITICAL)
+
+
+class _HolePunch(DCUtRProtocol):
+    """DCUtR (direct connection upgrade through relay) that tells the other side where
+    our router maps us: the IP the dial-back saw us at, with our listen port (home
+    routers keep it). The library would read that from identify's observed addresses,
+    which dllm hosts turn off (a peer could otherwise make us advertise anything)."""
+
+    def __init__(self, host: IHost, reach: Reach) -> None:
+        super().__init__(host, dial_timeout=3)
+        self.reach = reach
+
+    async def _get_observed_addrs(self) -> list[bytes]:
+        if self.reach.observed_ip and self.reach.reachability == "private":
+            ports = sorted({port for family, _ip, port in _dcutr._local_tcp_listen_addrs(self.host) if family == 4})
+            return [multiaddr.Multiaddr(f"/ip4/{self.reach.observed_ip}/tcp/{port}").to_bytes() for port in ports]
+        return await super()._get_observed_addrs()
+
+    async def initiate_hole_punch(self, peer_id: ID) -> bool:
+        ok = await super().initiate_hole_punch(peer_id)
+        self.reach._punched(peer_id, ok)
+        return ok
+
+    async def _handle_dcutr_stream(self, stream: INetStream) -> None:
+        peer_id = stream.muxed_conn.peer_id
+        await super()._handle_dcutr_stream(stream)
+        self.reach._punched(peer_id, peer_id in self._direct_connections)
+
+
+def _local_tcp_listen_addrs(host: IHost) -> list[tuple[int, str, int]]:
+    """Where hole-punch dials leave from: our listening sockets (0.0.0.0 is fine, they
+    are SO_REUSEPORT), never loopback; upstream takes the first advertised address,
+    127.0.0.1 for dllm hosts, and every punch fails with EINVAL."""
+    found = []
+    for addr in host.get_transport_addrs():
+        parsed = _dcutr._tcp_ip_port(addr)
+        if parsed is not None and not parsed[1].startswith("127.") and parsed[1] != "::1":
+            found.append(parsed)
+    return found
 
 
 # --- dialing ----------------------------------------------------------------------------------
@@ -165,7 +210,8 @@ class Reach:
 
     ``relays`` gives candidate relay addresses (bootstrap peers, registered relays);
     ``hop`` offers reservations to others: True (a relay), False, or "auto" (when a
-    dial-back proves this node reachable).
+    dial-back proves this node reachable). ``hole_punch`` tries DCUtR on relayed
+    connections, which shows our public address to the other side.
     """
 
     def __init__(
@@ -175,6 +221,7 @@ class Reach:
         psk: str | None = None,
         relays: Callable[[], Sequence[str]] = tuple,
         hop: bool | str = False,
+        hole_punch: bool = True,
     ) -> None:
         _patch_libp2p()
         self.host = host
@@ -186,6 +233,8 @@ class Reach:
         self._protocol = _Hop(host, RELAY_LIMITS, allow_hop=hop is True)
         self._transport = CircuitV2Transport(host, self._protocol, RelayConfig(roles=RelayRole.STOP))
         self._circuits: dict[ID, str] = {}  # relay -> our circuit address through it
+        self._hole_punch = _HolePunch(host, self) if hole_punch and hop is not True else None
+        self.punched: set[ID] = set()  # peers we reached by hole punching
         self.changed = trio.Event()
         setattr(host, "_dllm_reach", self)
 
@@ -215,11 +264,25 @@ class Reach:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self.host.set_stream_handler(TProtocol(DIALBACK_PROTOCOL), self._serve_dialback)
         async with background_trio_service(self._protocol), trio.open_nursery() as nursery:
+            if self._hole_punch is not None:
+                nursery.start_soon(self._run_hole_punch)
             task_status.started()
             if self.hop_wanted is True:
                 self.reachability = "public"
                 await trio.sleep_forever()
             await self._find_out(nursery)
+
+    async def _run_hole_punch(self) -> None:
+        assert self._hole_punch is not None
+        async with background_trio_service(self._hole_punch):
+            await trio.sleep_forever()
+
+    def _punched(self, peer_id: ID, ok: bool) -> None:
+        if ok and peer_id not in self.punched:
+            self.punched.add(peer_id)
+            log.info("hole punched: %s is now reached directly", peer_id)
+        elif not ok:
+            log.debug("hole punching to %s failed", peer_id)
 
     async def _find_out(self, nursery: trio.Nursery) -> None:
         """Ask relays to dial us back until one answers; then relay for others (public) or
@@ -340,6 +403,9 @@ class Reach:
             return
         relay = info.peer_id
         self.host.get_peerstore().add_addrs(relay, info.addrs, 2**31 - 1)
+        network = self.host.get_network()
+        if hasattr(network, "protect"):  # the connection manager never prunes it
+            network.protect(relay, "dllm-reservation")
         failures = 0
         try:
             while failures < 5:
@@ -373,6 +439,8 @@ class Reach:
         finally:
             self._drop_circuit(relay)
             holding.discard(addr)  # another candidate may be tried
+            if hasattr(network, "unprotect"):
+                network.unprotect(relay, "dllm-reservation")
 
     def _drop_circuit(self, relay: ID) -> None:
         if self._circuits.pop(relay, None) is not None:
@@ -412,13 +480,23 @@ class Reach:
             if is_circuit(addr):
                 await self._dial_circuit(addr)
             else:
-                self._forget_failure(peer_id)
-                await self.host.connect(PeerInfo(peer_id, [multiaddr.Multiaddr(addr)]))
+                await self._dial_direct(peer_id, addr)
         except Exception as exc:
             errors.append(f"{addr[:80]}: {exc}"[:200])
             return
         won.append(addr)
         scope.cancel()
+
+    async def _dial_direct(self, peer_id: ID, addr: str) -> None:
+        """This address only (``host.connect`` would dial every address the peerstore
+        holds for the peer, dead ones first, and give up after the first few)."""
+        maddr = multiaddr.Multiaddr(addr)
+        if maddr.get_peer_id() is not None:
+            maddr = maddr.decapsulate(multiaddr.Multiaddr(f"/p2p/{maddr.get_peer_id()}"))
+        conn = await self.host.get_network().dial_addr(maddr, peer_id)
+        started = getattr(conn, "event_started", None)
+        if started is not None:
+            await started.wait()
 
     async def _dial_circuit(self, addr: str) -> None:
         maddr = multiaddr.Multiaddr(addr)

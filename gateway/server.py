@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-peer", action="append", default=None, metavar="PEER_ID", help="route only to these worker peer ids (repeatable)")
     p.add_argument("--psk", default=None, help="private network key (64 hex chars)")
     p.add_argument("--no-mdns", action="store_true", help="do not look for peers on the LAN with mDNS (on by default)")
+    p.add_argument("--no-hole-punch", action="store_true", help="stay relayed: never upgrade a relayed connection to a direct one (DCUtR)")
     p.add_argument("--no-relay", action="store_true", help="never relay for others (by default a gateway that peers can reach directly offers circuit-relay reservations)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -99,7 +100,10 @@ async def run_gateway(
         on_heartbeat=on_heartbeat, on_chain=on_chain, publisher=publisher, on_bad_heartbeat=table.bad_heartbeat,
     )
     host = make_host(identity, psk=args.psk)
-    reach = Reach(host, psk=args.psk, relays=relay_candidates(args.bootstrap, store), hop=False if args.no_relay else "auto")
+    reach = Reach(
+        host, psk=args.psk, relays=relay_candidates(args.bootstrap, store), hop=False if args.no_relay else "auto",
+        hole_punch=not args.no_hole_punch,
+    )
     client = Client(host, keep_alive=True)  # reuse streams to workers: no setup per request
     auditor = Auditor(table, client, rate=args.audit_rate, evidence_dir=Path(args.data_dir).expanduser() / "audits", probe_interval=args.probe_interval)
     gw = Gateway(
@@ -126,6 +130,7 @@ async def run_gateway(
                 if not args.no_mdns:
                     nursery.start_soon(LanDiscovery(host, membership.meet, args.psk).run)
                 nursery.start_soon(auditor.run)
+                nursery.start_soon(drop_silent, table, host)
                 if stop is not None:
                     nursery.start_soon(until_signal, stop, membership.leave)
                 binds = await nursery.start(serve, app, config)
@@ -135,6 +140,30 @@ async def run_gateway(
     finally:
         await publisher.aclose()
         lock.release()
+
+
+async def drop_silent(table: NodeTable, host: Any, every: float = 1.0) -> None:
+    """Close the connections of workers whose heartbeats stopped (a crash, a pulled
+    cable, a partition): TCP may think such a connection open for minutes, and a request
+    waiting on it would wait for the answer deadline. Closed, it fails at once and is
+    retried on a node that answers."""
+    from libp2p.peer.id import ID
+
+    while True:
+        await trio.sleep(every)
+        now = time.time()
+        network = host.get_network()
+        for node in list(table.nodes.values()):
+            if not node.last_seen or node.online(now, table.ttl):
+                continue
+            try:
+                peer = ID.from_base58(node.peer_id)
+                if network.get_connections(peer):
+                    log.info("closing the connection to %s: no heartbeat for %.0f s", node.peer_id, now - node.last_seen)
+                    with trio.move_on_after(2):
+                        await network.close_peer(peer)
+            except Exception as exc:
+                log.debug("closing %s: %r", node.peer_id, exc)
 
 
 def describe_registry(store: ChainStore, publisher: Publisher) -> dict[str, Any]:

@@ -288,3 +288,33 @@ async def test_a_record_full_of_dead_addresses_costs_one_dial_budget_then_fails_
         frames = [f async for f in relay(table, client, wire.Request(prompt="hi"))]  # type: ignore[arg-type]
     assert frames[-1].node == "alive"
     assert trio.current_time() - started <= DIAL_BUDGET + 0.5
+
+
+async def test_a_silent_workers_connection_is_closed_so_requests_on_it_fail_over(autojump_clock: Any) -> None:
+    """A pulled cable leaves TCP believing the connection open: once the worker's
+    heartbeats stop for a TTL the gateway closes it, so a request waiting on it fails
+    (and is retried elsewhere) at once, not at the answer deadline."""
+    from libp2p.peer.id import ID
+
+    from dllm_p2p.identity import generate
+    from gateway.server import drop_silent
+
+    silent, alive = generate().peer_id, generate().peer_id
+    table = table_with(silent.to_base58(), alive.to_base58())
+    table.nodes[silent.to_base58()].last_seen = time.time() - 60
+
+    class Network:
+        def __init__(self) -> None:
+            self.open = {silent, alive}
+
+        def get_connections(self, peer: ID) -> list[object]:
+            return [object()] if peer in self.open else []
+
+        async def close_peer(self, peer: ID) -> None:
+            self.open.discard(peer)
+
+    network = Network()
+    host = type("Host", (), {"get_network": lambda self: network})()
+    with trio.move_on_after(3):
+        await drop_silent(table, host)
+    assert network.open == {alive}

@@ -101,8 +101,10 @@ def test_a_worker_behind_a_home_router_serves_through_a_relay(nodes_on) -> None:
     with Netbed("switch inet; host relay inet; host gw inet; router home inet; host worker home") as bed:
         nodes = nodes_on(bed)
         relay = nodes.relay("relay")
-        worker, peer = nodes.worker("worker", "--bootstrap", relay)
-        url = nodes.gateway("gw", "--bootstrap", relay)
+        # Without --no-hole-punch the worker would soon dial the public gateway directly
+        # (DCUtR's connection reversal: the next test); here it stays relayed.
+        worker, peer = nodes.worker("worker", "--bootstrap", relay, "--no-hole-punch")
+        url = nodes.gateway("gw", "--bootstrap", relay, "--no-hole-punch")
         worker.wait_for_line(r"reachability: private", timeout=60, stream="err")
         worker.wait_for_line(r"reachable through relay", timeout=60, stream="err")
         circuit = lambda n: any("/p2p-circuit/p2p/" + peer in a for a in n.get("addrs", []))  # noqa: E731
@@ -183,3 +185,28 @@ def chain_nodes(data_dir: Path) -> set[str]:
         return set(load_chain(data_dir / "blockchain.json", clamp=True).nodes())
     except Exception:
         return set()
+
+
+def test_two_hosts_behind_their_own_routers_try_to_punch_a_hole(nodes_on) -> None:  # type: ignore[no-untyped-def]
+    """A gateway and a worker, each behind its own home router, meet through a public
+    relay. Requests are served through the relay; DCUtR then tries to punch a hole
+    through both routers (both keep ports, so it usually works). The test reports the
+    path; it must serve either way."""
+    with Netbed("switch inet; host relay inet; router r1 inet; host worker r1; router r2 inet; host gw r2") as bed:
+        nodes = nodes_on(bed)
+        relay = nodes.relay("relay")
+        worker, peer = nodes.worker("worker", "--bootstrap", relay)
+        url = nodes.gateway("gw", "--bootstrap", relay)
+        circuit = lambda n: any("/p2p-circuit/p2p/" + peer in a for a in n.get("addrs", []))  # noqa: E731
+        wait_for(lambda: (n := node_view(url, peer)).get("online") and n.get("registered") and circuit(n), 60, "the worker never became reachable", nodes)
+        answer = httpx.post(f"{url}/api/generate", json={"prompt": "Hello", "max_new_tokens": 4}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["node"] == peer, answer.text + nodes.output()
+        deadline = time.monotonic() + 30
+        while node_view(url, peer).get("path") != "hole-punched" and time.monotonic() < deadline:
+            time.sleep(0.5)
+        path = node_view(url, peer).get("path")
+        print(f"path to the worker after 30 s: {path}")
+        assert path in ("relayed", "hole-punched")
+        for i in range(3):  # served on whichever path it is now
+            answer = httpx.post(f"{url}/api/generate", json={"prompt": f"Again {i}", "max_new_tokens": 4}, timeout=60)
+            assert answer.status_code == 200 and answer.json()["node"] == peer, answer.text
