@@ -201,7 +201,7 @@ class Membership:
             # room for bursts; anything above it from one peer is spam.
             max_messages_per_topic_per_second=max(10.0, 4.0 / self.config.heartbeat_interval),
         )
-        self.pubsub = pubsub = Pubsub(host, router)
+        self.pubsub = pubsub = _Pubsub(host, router)
         pubsub.set_topic_validator(heartbeat.TOPIC, self._validate_heartbeat, False)
         pubsub.set_topic_validator(REGISTRY_TOPIC, self._validate_announcement, False)
         host.set_stream_handler(TProtocol(REGISTRY_PROTOCOL), self._serve_chain)
@@ -626,6 +626,29 @@ class Membership:
         beat = self.last_seen.get(peer_id)
         now = time.time() if now is None else now
         return beat is not None and now - beat.seen_at <= self.config.effective_ttl
+
+
+class _Pubsub(Pubsub):
+    """py-libp2p's Pubsub catches stream and varint errors of a peer's RPCs but not a
+    protobuf ``DecodeError``: one malformed RPC escaped the stream handler and stopped
+    the whole node (seen with 50 relays on one machine). Any error of one peer's stream
+    now ends that stream only, as upstream does for the errors it knows."""
+
+    async def stream_handler(self, stream: INetStream) -> None:
+        try:
+            await super().stream_handler(stream)
+        except Exception as exc:
+            peer_id = stream.muxed_conn.peer_id
+            log.debug("dropping the pubsub stream of %s: %r", peer_id, exc)
+            with trio.move_on_after(2):
+                try:
+                    await stream.reset()
+                except Exception:
+                    pass
+            try:
+                self._handle_dead_peer(peer_id)
+            except Exception:
+                pass
 
 
 def deregistered(chain: Chain) -> set[str]:

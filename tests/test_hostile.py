@@ -112,3 +112,36 @@ def test_random_json_documents_are_rejected_as_registries() -> None:
         doc = {"format": "dllm-registry/1", "blocks": [{"index": rng.randint(-1, 3), "prev": "0" * rng.choice([0, 64]), "record": {}}]}
         with pytest.raises(RegistryError):
             verify_chain(json.dumps(doc))
+
+
+async def test_a_malformed_pubsub_rpc_ends_that_stream_not_the_node(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A peer's pubsub RPC that is not protobuf raised DecodeError out of py-libp2p's
+    stream handler and stopped the whole node."""
+    import trio
+    from libp2p.custom_types import TProtocol
+    from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIPSUB_PROTOCOL_ID
+    from libp2p.utils.varint import encode_varint_prefixed
+
+    from dllm_p2p.host import host_addrs, make_host, parse_multiaddr, peer_info
+    from dllm_p2p.membership import REGISTRY_PROTOCOL, Membership, MembershipConfig
+    from dllm_p2p.registry.store import ChainStore
+
+    node = Membership(generate(), MembershipConfig(role="observer", pow_bits=0), ChainStore(tmp_path / "node"))
+    host, attacker = make_host(node.identity), make_host(generate())
+    listen = [parse_multiaddr("/ip4/127.0.0.1/tcp/0")]
+    async with host.run(listen), attacker.run(listen), trio.open_nursery() as nursery:
+        await nursery.start(node.run, host)
+        target = peer_info(host_addrs(host)[0])
+        with trio.fail_after(20):
+            await attacker.connect(target)
+            for garbage in (b"\xff\xff\xff\xff", b"\x0a\xff\x01", bytes(range(256))):
+                stream = await attacker.new_stream(target.peer_id, [TProtocol(str(GOSSIPSUB_PROTOCOL_ID))])
+                await stream.write(encode_varint_prefixed(garbage))
+                try:
+                    await stream.read(1)  # the node ends this stream
+                except Exception:
+                    pass
+            # ...and is still up: it serves its chain.
+            stream = await attacker.new_stream(target.peer_id, [TProtocol(REGISTRY_PROTOCOL)])
+            assert await wire.FrameReader(stream, 1 << 20).read_frame() is not None
+        nursery.cancel_scope.cancel()
