@@ -13,11 +13,18 @@ on Ctrl-C, SIGTERM or an error):
    with every node's record live;
 4. steady state: two observer processes (this file, run as ``observe``: a py-libp2p host
    with ``Membership(role="observer")``, no record, no heartbeats) join through two
-   different relays, wait until they hear every node's heartbeat, then for ``--window``
-   seconds count **(b)** the gossip they receive and send, while this process measures
-   **(d)** the CPU time and memory of every node;
+   different relays, wait until they have heard every node's heartbeat (bounded by
+   ``--timeout``), then for ``--window`` seconds count **(b)** the gossip they receive and
+   send and the heartbeats' delay, while this process measures **(d)** the CPU time and
+   memory of every node;
 5. **(c)** the registry's size (file bytes, wire bytes, blocks) and a scan of every node's
    log for warnings and errors.
+
+Nothing in 2-4 is fatal: a convergence that times out is reported as such (with a
+timeline every 10 s), a wait ends early when the nodes that joined agree and every node
+that did not has given up its bootstrap, and a node that exits is recorded (``deaths``)
+and left out from then on. Only a node that cannot start, or an observer that exits,
+stops the run.
 
 The summary is printed as JSON and written to ``test-artifacts/converge.json``.
 
@@ -40,7 +47,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +147,7 @@ class Network:
             node.peer_id = node.addr.rsplit("/p2p/", 1)[1]
         return batch
 
-    def start_observer(self, name: str, bootstrap: str, expected: int, timeout: float) -> Node:
+    def start_observer(self, name: str, bootstrap: str, timeout: float) -> Node:
         node = Node(name, "observer", self.root / name)
         self.observers.append(node)
         args = [
@@ -440,6 +447,9 @@ def observer_rates(node: Node, start: float, end: float) -> dict[str, Any]:
         return round((get(b) - get(a)) / dt, 2)
 
     hb, reg = "rx_pub.heartbeat", "rx_pub.registry"
+    window = [t for t in all_ticks if a["t"] < t["t"] <= b["t"]]
+    delays = sorted(d for t in window for d in t.get("delays", []))
+    online = [t.get("online", 0) for t in window]
     return {
         "seconds": round(dt, 2),
         "received": {
@@ -451,6 +461,7 @@ def observer_rates(node: Node, start: float, end: float) -> dict[str, Any]:
             "publish_bytes_per_s": rate("rx_pub_bytes"),
             "rpc_frames_per_s": rate("rx_rpc"),
             "rpc_bytes_per_s": rate("rx_bytes"),
+            "not_forwarded_rate_limit_per_s": {"heartbeat": rate("rate_limited.heartbeat"), "registry": rate("rate_limited.registry")},
             "control_per_s": {k: rate(f"rx_ctrl.{k}") for k in ("ihave", "ihave_ids", "iwant", "iwant_ids", "graft", "prune", "idontwant", "idontwant_ids")},
         },
         "sent": {
@@ -459,6 +470,9 @@ def observer_rates(node: Node, start: float, end: float) -> dict[str, Any]:
             "rpc_bytes_per_s": rate("tx_bytes"),
             "control_per_s": {k: rate(f"tx_ctrl.{k}") for k in ("ihave", "iwant", "graft", "prune", "idontwant")},
         },
+        "heartbeat_delay_s": None if not delays else {
+            "count": len(delays), "median": delays[len(delays) // 2], "p90": delays[int(0.9 * len(delays))], "max": delays[-1]},
+        "nodes_online_min_median": [min(online), sorted(online)[len(online) // 2]] if online else None,
         "heartbeat_senders_heard": b.get("heard"),
         "mesh_peers": b.get("mesh"),
         "connected_peers": b.get("connected"),
@@ -522,6 +536,7 @@ def log_summary(nodes: list[Node]) -> dict[str, Any]:
     return {
         "lines": sum(per_node.values()),
         "nodes_with_any": sum(1 for c in per_node.values() if c),
+        "gave_up_bootstrap": sorted(n.name for n in nodes if n.child is not None and gave_up_bootstrap(n)),
         "top": [{"message": s, "lines": c, "nodes": len(nodes_with[s])} for s, c in shapes.most_common(12)],
     }
 
@@ -608,10 +623,11 @@ def run(opts: argparse.Namespace, result: dict[str, Any]) -> None:
 
         # 4. steady state: observers join through two different relays and count.
         everyone = net.alive(everyone)
-        live_relays = [n for n in everyone if n.role == "relay"]
+        live_relays = [n for n in everyone if n.role == "relay" and n.name not in conv["not_joined"]] or [
+            n for n in everyone if n.role == "relay"]
         boots = [live_relays[0].addr, live_relays[len(live_relays) // 2].addr]
         _log("starting 2 observers")
-        observers = [net.start_observer(f"observer-{i + 1}", b, len(everyone), opts.start_timeout) for i, b in enumerate(boots)]
+        observers = [net.start_observer(f"observer-{i + 1}", b, opts.start_timeout) for i, b in enumerate(boots)]
         heard = wait_heard(net, observers, len(everyone), opts.timeout)
         _log(f"observers hear {heard['heard']} of {len(everyone)} nodes after {heard['seconds']:g} s; "
              f"settling {opts.settle:g} s, then counting for {opts.window:g} s")
@@ -726,7 +742,7 @@ def observe(argv: list[str]) -> int:
     topics = {heartbeat.TOPIC: "heartbeat", REGISTRY_TOPIC: "registry"}
     c: dict[str, Any] = {
         "rx_rpc": 0, "rx_bytes": 0, "rx_pub": Counter(), "rx_dup": Counter(), "rx_pub_bytes": 0, "rx_ctrl": Counter(),
-        "tx_rpc": 0, "tx_bytes": 0, "tx_pub": 0, "tx_ctrl": Counter(),
+        "tx_rpc": 0, "tx_bytes": 0, "tx_pub": 0, "tx_ctrl": Counter(), "rate_limited": Counter(),
     }
 
     # What is counted, all in this process only (class patches; the nodes run unmodified):
@@ -776,6 +792,19 @@ def observe(argv: list[str]) -> int:
 
     GossipSub.handle_rpc = counting_rpc  # type: ignore[method-assign]
 
+    # GossipSub's per-forwarder rate limit (Membership sets max_messages_per_topic_per_second):
+    # a message over it is still delivered here but not forwarded to our mesh.
+    original_spam = GossipSub._check_spam_protection
+
+    def counting_spam(self: GossipSub, peer_id: Any, msg: Any) -> bool:
+        ok = original_spam(self, peer_id, msg)
+        if not ok:
+            for topic in msg.topicIDs:
+                c["rate_limited"][topics.get(topic, topic)] += 1
+        return ok
+
+    GossipSub._check_spam_protection = counting_spam  # type: ignore[method-assign]
+
     original_write = Pubsub.write_msg
 
     async def counting_write(self: Pubsub, stream: Any, rpc: Any) -> bool:
@@ -789,12 +818,23 @@ def observe(argv: list[str]) -> int:
 
     Pubsub.write_msg = counting_write  # type: ignore[method-assign]
 
+    # Heartbeats as the application sees them (Membership.on_heartbeat, after GossipSub,
+    # validation and the subscription queue): who was ever heard, and each one's delay,
+    # arrival minus the sender's stamp (one machine, one clock).
+    heard_ever: set[str] = set()
+    delays: list[float] = []
+
+    def on_heartbeat(beat: Any) -> None:
+        heard_ever.add(beat.peer_id)
+        delays.append(round(time.time() - beat.ts, 3))
+
     identity = generate()
     scratch = tempfile.TemporaryDirectory(prefix="dllm-observer-")
     membership = Membership(
         identity,
         MembershipConfig(role="observer", bootstrap=args.bootstrap, heartbeat_interval=args.heartbeat_interval, pow_bits=args.pow_bits),
         ChainStore(scratch.name),
+        on_heartbeat=on_heartbeat,
     )
     host = make_host(identity)
 
@@ -811,11 +851,14 @@ def observe(argv: list[str]) -> int:
                         router = membership.pubsub.router if membership.pubsub else None
                         tick = {
                             "t": round(now, 3), **{k: (dict(v) if isinstance(v, Counter) else v) for k, v in c.items()},
-                            "heard": sum(1 for p in list(membership.last_seen) if membership.online(p, now)),
+                            "heard": len(heard_ever),
+                            "online": sum(1 for p in list(membership.last_seen) if membership.online(p, now)),
+                            "delays": delays[:],
                             "chain_nodes": len(membership.chain.nodes()),
                             "mesh": {topics.get(t, t): len(peers) for t, peers in getattr(router, "mesh", {}).items()},
                             "connected": len(host.get_connected_peers()),
                         }
+                        delays.clear()
                         print("tick " + json.dumps(tick, separators=(",", ":")), flush=True)
                         await trio.sleep(1.0)
                 nursery.cancel_scope.cancel()
