@@ -185,6 +185,8 @@ class LocalNetwork:
     port: int = 0
     worker_args: list[str] = field(default_factory=list)
     gateway_args: list[str] = field(default_factory=list)
+    #: Extra environment for the workers (e.g. ``DLLM_FAULT`` in tests).
+    worker_env: dict[str, str] = field(default_factory=dict)
     echo: bool = False
     children: list[Child] = field(default_factory=list)
     worker_addrs: list[str] = field(default_factory=list)
@@ -206,7 +208,8 @@ class LocalNetwork:
                     boot = ["--bootstrap", self.worker_addrs[0]] if self.worker_addrs else []
                     progress(f"starting worker {i + 1} of {self.workers} ({self.model})")
                     child = spawn_worker(
-                        dirs[i], *boot, *threads, *self.worker_args, model=self.model, name=f"worker-{i + 1}", echo=self.echo
+                        dirs[i], *boot, *threads, *self.worker_args, model=self.model, name=f"worker-{i + 1}", echo=self.echo,
+                        env=self.worker_env,
                     )
                     self.children.append(child)
                     started.append(child)

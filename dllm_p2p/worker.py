@@ -65,9 +65,11 @@ class Worker:
         self.services: list[Callable[[IHost], Awaitable[None]]] = []
         self._scoring = trio.Lock()
         #: ``DLLM_FAULT=wrong-answers``: a lying worker, for tests of the audits;
-        #: ``wrong-answers:N`` lies in its first N answers only, then reforms.
-        self.fault, _, lies = os.environ.get("DLLM_FAULT", "").partition(":")
-        self._lies_left = int(lies) if lies.isdigit() else None
+        #: ``wrong-answers:N`` lies in its first N answers only, then reforms;
+        #: ``slow-tokens:MS`` waits MS milliseconds after each token frame (a slow machine).
+        self.fault, _, arg = os.environ.get("DLLM_FAULT", "").partition(":")
+        self._lies_left = int(arg) if arg.isdigit() and self.fault == "wrong-answers" else None
+        self._token_delay = int(arg) / 1000 if arg.isdigit() and self.fault == "slow-tokens" else 0.0
         if self.fault:
             log.warning("DLLM_FAULT=%s: this worker misbehaves on purpose (tests only)", os.environ["DLLM_FAULT"])
 
@@ -293,6 +295,7 @@ class Worker:
                     async with self.engine.generate(params, stream=request.stream) as generation:
                         async for piece in generation:  # pieces that piled up come joined
                             await reply(wire.token_frame(piece))
+                            await trio.sleep(self._token_delay)
                             await generation.gather(TOKEN_FRAME_INTERVAL)
                         result = generation.result
                 except EngineBusy as exc:

@@ -36,7 +36,7 @@ def run_cli(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[s
     )
 
 
-def fast_network(data_dir: Path, workers: int, *worker_args: str) -> LocalNetwork:
+def fast_network(data_dir: Path, workers: int, *worker_args: str, worker_env: dict[str, str] | None = None) -> LocalNetwork:
     """A ``tiny`` network whose workers and gateway beat every second; use it with ``with``."""
     return LocalNetwork(
         data_dir=data_dir,
@@ -44,4 +44,5 @@ def fast_network(data_dir: Path, workers: int, *worker_args: str) -> LocalNetwor
         model="tiny",
         worker_args=["--heartbeat-interval", HEARTBEAT, *worker_args],
         gateway_args=["--heartbeat-interval", HEARTBEAT],
+        worker_env=worker_env or {},
     )

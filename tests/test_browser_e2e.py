@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,9 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNetwork]:
     skip_unless_browser()
-    with fast_network(tmp_path_factory.mktemp("browser-net"), 2) as network:
+    # Tokens 30 ms apart, as from a slow machine: the tiny model alone answers 60 tokens
+    # faster than the page can be watched, and the test is about streaming.
+    with fast_network(tmp_path_factory.mktemp("browser-net"), 2, worker_env={"DLLM_FAULT": "slow-tokens:30"}) as network:
         yield network
 
 
@@ -30,20 +31,22 @@ def test_page_streams_an_answer_logs_it_then_shows_a_readable_error(net: LocalNe
         page.get_by_test_id("nodes").locator('[data-online="true"]').nth(1).wait_for(timeout=20_000)
         page.get_by_test_id("prompt").fill("Once upon a time")
         page.get_by_test_id("max-new-tokens").fill("60")
+        # Every change to the output is recorded in the page, so none is missed between polls.
+        page.evaluate(
+            """() => {
+                const output = document.querySelector('[data-testid="output"]');
+                window.__lengths = [];
+                new MutationObserver(() => window.__lengths.push(output.textContent.length))
+                    .observe(output, {childList: true, characterData: true, subtree: true});
+            }"""
+        )
         page.get_by_test_id("send").click()
 
         # Streamed: the output grows over several steps before the answer is complete.
-        output = page.get_by_test_id("output")
-        lengths: list[int] = []
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            lengths.append(len(output.text_content() or ""))
-            if page.get_by_test_id("log-row").count() and "ok" in (page.get_by_test_id("log-status").first.text_content() or ""):
-                break
-            page.wait_for_timeout(20)
-        distinct = sorted(set(lengths))
-        assert len(distinct) >= 3, f"output did not grow step by step: {distinct[:10]}"
         row = page.get_by_test_id("log-row").first
+        page.get_by_test_id("log-status").filter(has_text="ok").first.wait_for(timeout=60_000)
+        distinct = sorted(set(page.evaluate("window.__lengths")) - {0})
+        assert len(distinct) >= 3, f"output did not grow step by step: {distinct[:10]}"
         assert "ok" in (row.text_content() or "")
         node_ids = {n["peer_id"] for n in get_json(f"{net.url}/api/nodes")["nodes"]}
         assert row.locator('td[data-label="Node"]').get_attribute("title") in node_ids
