@@ -635,7 +635,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
             rows.append({
                 "peer_id": peer_id,
                 "role": rec.get("role", "worker"),
-                "online": seen is not None and now - seen <= args.ttl,
+                "online": seen is not None and now - seen <= beat.ttl(args.ttl),
                 "models": beat.models if beat else rec.get("models", []),
                 "addrs": beat.addrs if beat else rec.get("addrs", []),
                 "last_seen": seen,

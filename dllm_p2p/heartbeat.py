@@ -24,8 +24,11 @@ MAX_BYTES = 8 * 1024
 MAX_SKEW_S = 600.0
 
 _FIELDS = {"peer_id": str, "public_key": bytes, "seq": int, "ts": float, "role": str, "models": list, "addrs": list, "load": dict}
-#: Optional: per model, its fingerprint and whether it is a chat model (``{"fingerprint": str, "chat": bool}``).
-_OPTIONAL = {"meta": dict}
+#: Optional: per model, its fingerprint and whether it is a chat model (``{"fingerprint": str, "chat": bool}``);
+#: ``every``, the sender's seconds between heartbeats, so that nodes beating at different
+#: rates judge each other alive by the sender's rate (``Heartbeat.ttl``).
+_OPTIONAL = {"meta": dict, "every": float}
+MAX_EVERY_S = 3600.0
 MAX_META_MODELS = 16
 MAX_FINGERPRINT_CHARS = 80
 MAX_MODELS = 16
@@ -50,8 +53,15 @@ class Heartbeat:
     addrs: list[str]
     load: dict[str, Any]
     meta: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The sender's seconds between heartbeats (0: not said, an older sender).
+    every: float = 0.0
     #: When it was sent, on the receiver's clock (set by ``Membership``; 0 until then).
     seen_at: float = 0.0
+
+    def ttl(self, default: float) -> float:
+        """Seconds this heartbeat keeps its sender online: the receiver's ``default``, or
+        three of the sender's intervals and a second when it beats more slowly."""
+        return max(default, 3 * self.every + 1.0)
 
 
 def _body(fields: dict[str, Any]) -> bytes:
@@ -67,6 +77,7 @@ def make(
     addrs: list[str],
     load: dict[str, Any],
     meta: dict[str, dict[str, Any]] | None = None,
+    every: float | None = None,
     now: float | None = None,
 ) -> bytes:
     fields: dict[str, Any] = {
@@ -81,6 +92,8 @@ def make(
     }
     if meta:
         fields["meta"] = meta
+    if every is not None:
+        fields["every"] = float(every)
     return msgpack.packb({**fields, "sig": identity.sign(_body(fields))}, use_bin_type=True)
 
 
@@ -126,8 +139,14 @@ def parse(data: bytes, *, sender: str | None = None, now: float | None = None) -
     if abs(now - message["ts"]) > MAX_SKEW_S:
         raise InvalidHeartbeat(f"timestamp {message['ts']:.0f} is more than {MAX_SKEW_S:g} s from now")
     meta = _parse_meta(message.get("meta", {}))
+    every = message.get("every", 0.0)
+    if isinstance(every, int) and not isinstance(every, bool):
+        every = float(every)
+    if not isinstance(every, float) or not 0 <= every <= MAX_EVERY_S:
+        raise InvalidHeartbeat(f"'every' must be a number of seconds from 0 to {MAX_EVERY_S:g}")
     return Heartbeat(
         meta=meta,
+        every=every,
         peer_id=owner,
         seq=message["seq"],
         ts=message["ts"],

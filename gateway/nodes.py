@@ -33,6 +33,8 @@ class NodeState:
     expires: float = 0.0
     #: Time of the last heartbeat (or successful request); 0 when never seen.
     last_seen: float = 0.0
+    #: Seconds between its heartbeats, as it says (0: not said); see ``online``.
+    every: float = 0.0
     first_seen: float = 0.0
     load: dict[str, Any] = field(default_factory=dict)
     #: Per model, as the node's heartbeats say: ``{"fingerprint": str | None, "chat": bool}``.
@@ -57,7 +59,9 @@ class NodeState:
     probation_passes: int = 0
 
     def online(self, now: float, ttl: float) -> bool:
-        return self.last_seen > 0 and now - self.last_seen <= ttl
+        """Heard from within ``ttl``, or within three of its own intervals when it beats
+        more slowly (Heartbeat.ttl)."""
+        return self.last_seen > 0 and now - self.last_seen <= max(ttl, 3 * self.every + 1.0)
 
     @property
     def success_rate(self) -> float | None:
@@ -161,10 +165,12 @@ class NodeTable:
         load: dict[str, Any],
         addrs: list[str] | None = None,
         meta: dict[str, dict[str, Any]] | None = None,
+        every: float = 0.0,
         now: float | None = None,
     ) -> None:
         node = self._get(peer_id)
         node.last_seen = max(node.last_seen, now if now is not None else time.time())
+        node.every = every
         node.models = list(models) or node.models
         node.load = dict(load)
         if meta is not None:

@@ -86,7 +86,7 @@ async def run_gateway(
             # When it was sent, on our clock (Membership._stamp): a node with a slow clock
             # is live, a late or replayed heartbeat counts from when it was sent.
             table.heartbeat(
-                beat.peer_id, models=beat.models, load=beat.load, addrs=beat.addrs, meta=beat.meta, now=beat.seen_at
+                beat.peer_id, models=beat.models, load=beat.load, addrs=beat.addrs, meta=beat.meta, every=beat.every, now=beat.seen_at
             )
 
     def on_chain(chain: Any) -> None:

@@ -10,6 +10,7 @@ import pytest
 import trio
 from libp2p.custom_types import TProtocol
 
+from dllm_p2p.heartbeat import Heartbeat
 from dllm_p2p.host import host_addrs, make_host, parse_multiaddr
 from dllm_p2p.identity import generate
 from dllm_p2p.membership import REGISTRY_PROTOCOL, Membership, MembershipConfig
@@ -77,7 +78,9 @@ async def test_a_full_chain_still_takes_our_own_renewal(tmp_path: Path, monkeypa
     store = ChainStore(tmp_path)
     store.save(full)
     me = Membership(generate(), MembershipConfig(role="worker", pow_bits=0), store, models=lambda: ["tiny"])
-    me.last_seen[friend.peer_id.to_base58()] = type("Beat", (), {"ts": time.time(), "seen_at": time.time()})()  # heard from lately
+    me.last_seen[friend.peer_id.to_base58()] = Heartbeat(  # heard from lately
+        friend.peer_id.to_base58(), seq=1, ts=time.time(), role="worker", models=["tiny"], addrs=[], load={}, seen_at=time.time()
+    )
     host = make_host(me.identity)
     async with host.run([parse_multiaddr("/ip4/127.0.0.1/tcp/0")]):
         me.host = host
