@@ -680,6 +680,21 @@ def verify_chain(data: bytes | str, *, now: float | None = None, clamp: bool = F
     return Chain._trusted(compacted_at, records, hashes, pow_bits)
 
 
+def record_chain(record: Any, compacted_at: Any, pow_bits: int, *, now: float | None = None) -> Chain:
+    """A chain of one ``record`` on a checkpoint stamped ``compacted_at``, checked as
+    ``verify_chain(..., clamp=True)`` checks a peer's chain (record, proof of work, the
+    stamp held to ``MAX_CLOCK_SKEW`` ahead of ``now``). How a node takes a record that a
+    peer gossiped without fetching its whole chain. Raises ``InvalidRecord``."""
+    t = time.time() if now is None else now
+    if not isinstance(compacted_at, int) or isinstance(compacted_at, bool) or compacted_at < 0:
+        raise InvalidRecord("the checkpoint stamp must be a whole number of seconds")
+    record = validate_record(record, now=t)
+    if not pow_ok(record["peer_id"], record.get("pow"), pow_bits):
+        raise InvalidRecord(_pow_reason(pow_bits))
+    at = min(compacted_at, int(t + MAX_CLOCK_SKEW))
+    return Chain._trusted(at, _settle([record], at), pow_bits=pow_bits)
+
+
 # --------------------------------------------------------------------------- merge, compaction
 
 
