@@ -59,9 +59,14 @@ class Heartbeat:
     seen_at: float = 0.0
 
     def ttl(self, default: float) -> float:
-        """Seconds this heartbeat keeps its sender online: the receiver's ``default``, or
-        three of the sender's intervals and a second when it beats more slowly."""
-        return max(default, 3 * self.every + 1.0)
+        return liveness_ttl(default, self.every)
+
+
+def liveness_ttl(default: float, every: float) -> float:
+    """Seconds a heartbeat keeps its sender online: the receiver's ``default``, or three
+    of the sender's intervals (``every``, 0 when not said) and a second when it beats
+    more slowly."""
+    return max(default, 3 * every + 1.0)
 
 
 def _body(fields: dict[str, Any]) -> bytes:

@@ -295,7 +295,8 @@ class Worker:
                     async with self.engine.generate(params, stream=request.stream) as generation:
                         async for piece in generation:  # pieces that piled up come joined
                             await reply(wire.token_frame(piece))
-                            await trio.sleep(self._token_delay)
+                            if self._token_delay:
+                                await trio.sleep(self._token_delay)
                             await generation.gather(TOKEN_FRAME_INTERVAL)
                         result = generation.result
                 except EngineBusy as exc:

@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dllm_p2p.heartbeat import liveness_ttl
+
 
 NEUTRAL_REPUTATION = 0.8
 #: Nodes the table remembers. Past it, nodes without a registry record are forgotten,
@@ -60,8 +62,8 @@ class NodeState:
 
     def online(self, now: float, ttl: float) -> bool:
         """Heard from within ``ttl``, or within three of its own intervals when it beats
-        more slowly (Heartbeat.ttl)."""
-        return self.last_seen > 0 and now - self.last_seen <= max(ttl, 3 * self.every + 1.0)
+        more slowly."""
+        return self.last_seen > 0 and now - self.last_seen <= liveness_ttl(ttl, self.every)
 
     @property
     def success_rate(self) -> float | None:
