@@ -14,6 +14,7 @@ import multiaddr
 from libp2p import new_host
 from libp2p.abc import IHost
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
@@ -110,7 +111,7 @@ def make_host(
     psk = check_psk(psk)
     noise = NoiseTransport(identity.key_pair, noise_privkey=create_x25519_key_pair().private_key)
     announce_addrs = [parse_multiaddr(a) for a in announce] or None
-    return new_host(
+    host = new_host(
         key_pair=identity.key_pair,
         sec_opt={NOISE_PROTOCOL_ID: noise},
         muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
@@ -120,13 +121,28 @@ def make_host(
         disable_identify_address_discovery=True,
         connection_config=connection_limits(relay),
     )
+    network = host.get_network()
+    network.auto_connector = NoAutoConnect(network, network.connection_config.auto_connect_interval)
+    return host
+
+
+class NoAutoConnect(AutoConnector):
+    """py-libp2p's auto-connector, which never dials.
+
+    Stock, it dials peers from the peerstore until the connection count reaches the
+    midpoint of the watermarks (52 for a worker, 204 for a relay): with 50 relays on one
+    machine every node held a connection to every other (2,500 sockets), each with its
+    keep-alive and RTT pings, and scanning the peerstore cost a relay 15% of its CPU.
+    Which peers to keep is chosen from the registry instead (``Membership._mesh_loop``)."""
+
+    async def maybe_connect(self) -> None:
+        return None
 
 
 def connection_limits(relay: bool = False) -> ConnectionConfig:
-    """A bounded set of connections: py-libp2p's connection manager dials peers it knows
-    while under the low watermark and prunes the least useful above the high one. Its
-    defaults (50 kept, 100-300) would have every node of a small network dial every
-    other and hold hundreds; a relay holds one connection per node behind NAT it serves."""
+    """A bounded set of connections: py-libp2p's connection manager prunes the least
+    useful above the high watermark (dialing is left to the registry, see NoAutoConnect).
+    A relay holds one connection per node behind NAT it serves."""
     if relay:
         return ConnectionConfig(min_connections=8, low_watermark=8, high_watermark=400, max_connections=600)
     return ConnectionConfig(min_connections=4, low_watermark=8, high_watermark=96, max_connections=192)

@@ -49,3 +49,17 @@ async def test_the_dial_back_says_reachable_only_for_an_address_that_answers_as_
         async with lying.run(LOOPBACK):
             with trio.fail_after(20):
                 assert await Reach(lying).dialback(host_addrs(server)[0]) is False
+
+
+async def test_a_host_does_not_dial_the_peers_it_merely_knows_of() -> None:
+    """py-libp2p's stock auto-connector dials peers from the peerstore up to the midpoint
+    of the watermarks: with 50 relays on one machine that was every node to every other.
+    Which peers to hold is the registry's choice (Membership._mesh_loop), not the
+    peerstore's."""
+    me, them = make_host(generate()), make_host(generate())
+    async with me.run(LOOPBACK), them.run(LOOPBACK):
+        me.get_peerstore().add_addrs(them.get_id(), them.get_addrs(), 3600)
+        network = me.get_network()
+        with trio.fail_after(10):
+            await network.auto_connector.maybe_connect()  # py-libp2p's own awaits the dials it starts
+        assert not network.connections.get(them.get_id())
