@@ -69,6 +69,10 @@ REFETCH_AFTER = 30.0
 #: Registered nodes a node keeps connections to, at least (more come and go with
 #: requests, gossip and peers that dial us).
 MESH_TARGET = 8
+#: Above this many connections, those dialed for a fetch are closed when idle (_hang_up_idle).
+MESH_MAX = 2 * MESH_TARGET
+#: How many of our past heads an announcement is checked against (see _consume_announcements).
+MAX_HELD_HEADS = 256
 #: Addresses of one peer tried per fetch.
 MAX_DIAL_ADDRS = 4
 #: A node announces its head (with its own record) at once when it changes its record,
@@ -84,6 +88,9 @@ ANNOUNCE_K = 2
 #: announcement and fetching the announcer's chain, if heads still differ then.
 FETCH_PAUSE = (1.0, 3.0)
 REGISTRY_PROTOCOL = "/dllm/registry/1.0.0"
+#: Streams that do not keep a connection open (see _hang_up_idle): gossip, identify and
+#: the chain exchange itself.
+IDLE_PROTOCOLS = frozenset({GOSSIPSUB_PROTOCOL_ID, REGISTRY_PROTOCOL, "/ipfs/id/1.0.0", "/ipfs/id/push/1.0.0"})
 #: Largest chain frame we accept over the registry protocol: any chain that verifies fits
 #: (a full chain of the largest records is under MAX_FILE_BYTES even with indentation,
 #: and it travels without), plus the frame's own fields.
@@ -167,6 +174,10 @@ class Membership:
         self._heard_same = 0
         #: peer id -> the head it announced last (bounded like ``last_seen``).
         self._announced: OrderedDict[str, str] = OrderedDict()
+        #: Peers we connected to only to fetch their chain (see _hang_up_idle).
+        self._dialed_to_fetch: OrderedDict[ID, None] = OrderedDict()
+        #: The heads we held lately: everything in one is in our chain (or expired).
+        self._held: OrderedDict[str, None] = OrderedDict()
         #: Held while the chain is merged and saved: two fetches must not both build on
         #: the same old chain, and saves (off the event loop) must land in order.
         self._chain_lock = trio.Lock()
@@ -344,6 +355,9 @@ class Membership:
         tell listeners. Call with ``_chain_lock`` held."""
         if chain.head == self.chain.head:
             return False
+        self._held[self.chain.head] = None
+        while len(self._held) > MAX_HELD_HEADS:
+            self._held.popitem(last=False)
         await trio.to_thread.run_sync(self.store.save, chain)
         self._heard_same = 0
         self._unpublished.set()
@@ -376,6 +390,10 @@ class Membership:
         assert self.host is not None
         info = peer_info(addr)
         with trio.fail_after(10):
+            if not self.host.get_network().connections.get(info.peer_id):
+                self._dialed_to_fetch[info.peer_id] = None
+                while len(self._dialed_to_fetch) > MAX_PEERS_TRACKED:
+                    self._dialed_to_fetch.popitem(last=False)
             await reach.connect(self.host, info.peer_id, [addr])
             stream = await self.host.new_stream(info.peer_id, [TProtocol(REGISTRY_PROTOCOL)])
             try:
@@ -539,8 +557,16 @@ class Membership:
                     self._announced.popitem(last=False)
                 if announcement.head == self.chain.head:
                     self._heard_same += 1
+                elif announcement.head in self._held:
+                    pass  # a head we held (a peer behind, or a late message): nothing new in it
                 else:
-                    nursery.start_soon(self._take_announcement, sender, announcement)
+                    nursery.start_soon(self._take_announcement_guarded, sender, announcement)
+
+    async def _take_announcement_guarded(self, sender: str, announcement: Announcement) -> None:
+        try:
+            await self._take_announcement(sender, announcement)
+        except Exception as exc:  # one announcement must never stop the node
+            log.warning("handling the announcement of %s failed: %r", sender, exc)
 
     async def _take_announcement(self, sender: str, announcement: Announcement) -> None:
         """A head we do not hold. Take the sender's own record that came with it (a
@@ -573,8 +599,30 @@ class Membership:
             await trio.sleep(random.uniform(*FETCH_PAUSE))
             if self._announced.get(sender) != announcement.head or self.chain.head == announcement.head:
                 return
+            # Any peer we are connected to that announced the same head will do: dialing
+            # whoever announced it made every node connect to every other.
+            nearby = self._connected_announcer(announcement.head)
+            if nearby is not None:
+                return await self._fetch_from_peer(*nearby, announcement.head)
         # (No record: a leaving node, which waits for peers to fetch its deregistration.)
         await self._fetch_from_peer(sender, announcement.addrs, announcement.head)
+
+    def _connected_announcer(self, head: str) -> tuple[str, list[str]] | None:
+        """A peer we are connected to whose latest announcement was ``head``, with an
+        address (the open connection is what gets used)."""
+        assert self.host is not None
+        network = self.host.get_network()
+        connected = {peer.to_base58(): peer for peer, conns in network.connections.items() if conns}
+        for peer_id, announced in reversed(self._announced.items()):
+            peer = connected.get(peer_id)
+            if announced == head and peer is not None:
+                try:
+                    addrs = network.peerstore.addrs(peer)
+                except Exception:  # PeerStoreError: no address recorded
+                    continue
+                if addrs:
+                    return peer_id, [f"{addrs[0]}/p2p/{peer_id}"]
+        return None
 
     async def _announce(self, *, with_record: bool = True) -> None:
         if self.pubsub is None or self.host is None:
@@ -697,7 +745,7 @@ class Membership:
             await trio.sleep(2)
 
     async def _mesh_loop(self) -> None:
-        """Keep connections to at least MESH_TARGET registered nodes, chosen at random
+        """Keep gossip flowing with at least MESH_TARGET registered nodes, chosen at random
         among those we are not connected to: gossip spreads through them, so a network of
         thousands needs no full mesh (libp2p's connection manager prunes above its high
         watermark, see dllm_p2p.host)."""
@@ -712,7 +760,13 @@ class Membership:
         while True:
             network = self.host.get_network()
             connected = {peer for peer, conns in network.connections.items() if conns}
-            missing = MESH_TARGET - len(connected)
+            if len(connected) > MESH_MAX:
+                await self._hang_up_idle(connected)
+            # Counted only where gossip flows: a connection whose pubsub stream failed to
+            # open (10 s timeouts under load) carries nothing, and a node connected only
+            # like that never heard from the network again.
+            assert self.pubsub is not None
+            missing = MESH_TARGET - len(connected & set(self.pubsub.peers))
             if missing > 0:
                 candidates = [
                     (ID.from_base58(peer_id), record.get("addrs", []))
@@ -725,6 +779,32 @@ class Membership:
                     for peer, addrs in candidates[:missing]:
                         nursery.start_soon(dial, peer, addrs)
             await trio.sleep(max(1.0, self.config.heartbeat_interval))
+
+    async def _hang_up_idle(self, connected: set[ID]) -> None:
+        """Close connections dialed for a chain fetch, beyond MESH_MAX, once they carry
+        only gossip and are not in our gossip mesh (nor a relay reservation). Keeping
+        them made 50 relays a full mesh (2,500 sockets)."""
+        assert self.host is not None and self.pubsub is not None
+        network = self.host.get_network()
+        for peer in [p for p in self._dialed_to_fetch if p not in connected]:
+            del self._dialed_to_fetch[peer]
+        meshed = set().union(*getattr(self.pubsub.router, "mesh", {}).values())
+        idle = [
+            peer for peer in self._dialed_to_fetch
+            if peer not in meshed and not network.is_protected(peer) and all(
+                stream.get_protocol() in IDLE_PROTOCOLS
+                for conn in network.connections.get(peer, ()) for stream in conn.get_streams()
+            )
+        ]
+        random.shuffle(idle)
+        for peer in idle[: len(connected) - MESH_MAX]:
+            with trio.move_on_after(2):
+                try:
+                    await self.host.disconnect(peer)
+                    connected.discard(peer)
+                    self._dialed_to_fetch.pop(peer, None)
+                except Exception as exc:
+                    log.debug("closing the idle connection to %s failed: %r", peer, exc)
 
     # --- liveness -----------------------------------------------------------------------
 
