@@ -56,8 +56,10 @@ def _add_relay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--announce", action="append", default=[], metavar="MULTIADDR", help="address to advertise instead of the listen addresses (repeatable)")
     p.add_argument("--data-dir", default="~/.dllm/relay", type=Path, help="node key and registry files (default ~/.dllm/relay)")
     p.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR", help="a node to join the network through (repeatable)")
-    p.add_argument("--heartbeat-interval", type=float, default=2.0, help="seconds between signed heartbeats (default 2)")
-    p.add_argument("--record-ttl", type=float, default=600.0, help="seconds a registry record lives unless renewed (default 600)")
+    # A relay has no load to report and lives long: it beats and renews less often than
+    # a worker, which keeps 50 relays' gossip within 2 cores (docs/BENCHMARKS.md).
+    p.add_argument("--heartbeat-interval", type=float, default=30.0, help="seconds between signed heartbeats (default 30; peers count it online for 3 of them)")
+    p.add_argument("--record-ttl", type=float, default=3600.0, help="seconds a registry record lives unless renewed (default 3600; renewed every 20-24 minutes)")
     p.add_argument("--pow-bits", type=int, default=DEFAULT_POW_BITS, help=f"proof of work of the network's registry records (default {DEFAULT_POW_BITS})")
     p.add_argument("--registry", default=None, metavar="SOURCE", help="seed the registry from a file, CID or /ipns/ name")
     p.add_argument("--ipfs-api", default=None, metavar="URL", help="Kubo RPC API to publish the registry (default http://127.0.0.1:5001 when it answers; else an embedded store)")
