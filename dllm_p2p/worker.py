@@ -66,7 +66,7 @@ class Worker:
         self._scoring = trio.Lock()
         #: ``DLLM_FAULT=wrong-answers``: a lying worker, for tests of the audits;
         #: ``wrong-answers:N`` lies in its first N answers only, then reforms;
-        #: ``slow-tokens:MS`` waits MS milliseconds after each token frame (a slow machine).
+        #: ``slow-tokens:MS`` makes each token MS milliseconds slower (a slow machine).
         self.fault, _, arg = os.environ.get("DLLM_FAULT", "").partition(":")
         self._lies_left = int(arg) if arg.isdigit() and self.fault == "wrong-answers" else None
         self._token_delay = int(arg) / 1000 if arg.isdigit() and self.fault == "slow-tokens" else 0.0
@@ -298,6 +298,8 @@ class Worker:
                             if self._token_delay:
                                 await trio.sleep(self._token_delay)
                             await generation.gather(TOKEN_FRAME_INTERVAL)
+                        if self._token_delay and not request.stream:  # one frame at the end: as slow
+                            await trio.sleep(self._token_delay * generation.result.completion_tokens)
                         result = generation.result
                 except EngineBusy as exc:
                     error = ("busy", str(exc) or "node is at capacity, try another node")

@@ -5,6 +5,7 @@ gateway processes run on them."""
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,8 +34,8 @@ class Nodes:
     def __init__(self, bed: Netbed, root: Path) -> None:
         self.bed, self.root, self.children = bed, root, []
 
-    def spawn(self, host: str, *argv: str, name: str) -> Child:
-        child = Child(self.bed.prefix(host) + [*PY, *argv], name=name, env=child_env())
+    def spawn(self, host: str, *argv: str, name: str, env: dict[str, str] | None = None) -> Child:
+        child = Child(self.bed.prefix(host) + [*PY, *argv], name=name, env={**child_env(), **(env or {})})
         self.children.append(child)
         return child
 
@@ -42,10 +43,10 @@ class Nodes:
         child = self.spawn(host, "dllm_p2p", "relay", "--listen", f"/ip4/{self.bed.addr(host)}/tcp/4001", "--data-dir", str(self.root / host), *FAST, *extra, name=host)
         return child.wait_for_line(rf"^listening on (/ip4/{self.bed.addr(host)}/tcp/4001/p2p/\w+)", timeout=60).group(1)
 
-    def worker(self, host: str, *extra: str) -> tuple[Child, str]:
+    def worker(self, host: str, *extra: str, env: dict[str, str] | None = None) -> tuple[Child, str]:
         child = self.spawn(
             host, "dllm_p2p", "worker", "--model", "tiny", "--listen", "/ip4/0.0.0.0/tcp/4001", "--data-dir", str(self.root / host),
-            "--threads", "1", *FAST, *extra, name=host,
+            "--threads", "1", *FAST, *extra, name=host, env=env,
         )
         addr = child.wait_for_line(rf"^listening on (/ip4/{self.bed.addr(host)}/tcp/4001/p2p/\w+)", timeout=120).group(1)
         return child, addr.rsplit("/", 1)[1]
@@ -176,6 +177,36 @@ def test_a_partition_heals_into_one_registry_and_requests_go_to_the_reachable_si
         assert {w1, w2, w3} <= chain_nodes(nodes.root / "gw")
         wait_for(lambda: node_view(url, w3).get("online") and node_view(url, w3).get("registered"), 30, "the gateway never saw w3", nodes)
         print(f"registries converged {healed_in:.1f} s after the cable was put back")
+
+
+def test_a_request_in_flight_fails_over_when_its_link_is_cut(nodes_on) -> None:  # type: ignore[no-untyped-def]
+    """A request is being answered by a slow worker on the far side of a cable when the
+    cable is pulled: the gateway gives up on it once its heartbeats stop and the same
+    request is answered by the worker on its own side."""
+    with Netbed("switch s1; switch s2; link trunk s1 s2; host relay s1; host gw s1; host near s1; host far s2") as bed:
+        nodes = nodes_on(bed)
+        relay = nodes.relay("relay")
+        # 64 tokens at 1 s each: still being answered when the cable is pulled.
+        _, far = nodes.worker("far", "--bootstrap", relay, env={"DLLM_FAULT": "slow-tokens:1000"})
+        url = nodes.gateway("gw", "--bootstrap", relay)
+        wait_for(lambda: node_view(url, far).get("registered") and node_view(url, far).get("online"), 60, "the far worker online", nodes)
+
+        answers: list[httpx.Response] = []
+        body = {"prompt": "In flight", "max_new_tokens": 64, "min_new_tokens": 64}
+        # Sent while the far worker is the only one: the first attempt is the far one's.
+        sender = threading.Thread(target=lambda: answers.append(httpx.post(f"{url}/api/generate", json=body, timeout=180)))
+        sender.start()
+        try:
+            _, near = nodes.worker("near", "--bootstrap", relay)
+            wait_for(lambda: node_view(url, near).get("registered") and node_view(url, near).get("online"), 60, "the near worker online", nodes)
+            assert sender.is_alive(), "the far worker answered before the cable was pulled"
+            bed.cut("trunk")
+        finally:
+            sender.join(timeout=180)
+        assert answers, "the request never came back"
+        answer = answers[0]
+        assert answer.status_code == 200, answer.text + nodes.output()
+        assert answer.json()["node"] == near and answer.json()["attempts"] == 2, answer.text
 
 
 def chain_nodes(data_dir: Path) -> set[str]:
