@@ -128,6 +128,8 @@ class Network:
             "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir", str(data_dir),
             "--heartbeat-interval", f"{o.heartbeat_interval:g}", "--no-mdns", "--pow-bits", str(o.pow_bits),
         ]
+        if o.record_ttl is not None:
+            args += ["--record-ttl", f"{o.record_ttl:g}"]
         if bootstrap:
             args += ["--bootstrap", bootstrap]
         return args
@@ -891,6 +893,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8, help="relays started at once (default 8)")
     p.add_argument("--pow-bits", type=int, default=12, help="proof of work of every node's record (default 12)")
     p.add_argument("--heartbeat-interval", type=float, default=2.0, help="every node's --heartbeat-interval (default 2)")
+    p.add_argument("--record-ttl", type=float, default=None, help="every node's --record-ttl (default: the nodes' own, 600 s; a node renews every third of it)")
     p.add_argument("--window", type=float, default=30.0, help="seconds of steady state counted (default 30)")
     p.add_argument("--settle", type=float, default=10.0, help="seconds between the observers hearing every node and the window (default 10)")
     p.add_argument("--timeout", type=float, default=600.0, help="bound on each convergence wait (default 600 s)")
