@@ -23,7 +23,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from . import answers, reach, wire
-from .host import make_host, parse_multiaddr, peer_info
+from .host import end_quietly, make_host, parse_multiaddr, peer_info, reset_quietly
 from .identity import Identity, generate
 
 #: Idle kept-alive streams are reused for this long: well inside the worker's own idle
@@ -180,7 +180,7 @@ class Client:
                 if finished:
                     await _close_quietly(stream)
                 else:
-                    await _reset_quietly(stream)
+                    await reset_quietly(stream)
 
     def _take_idle(self, peer_id: ID) -> _Idle | None:
         """The most recently used idle stream to ``peer_id``, if it is fresh enough."""
@@ -214,10 +214,10 @@ class Client:
             await idle.stream.write(payload)
             return await _read_response(idle.reader, "")
         except Exception:
-            await _reset_quietly(idle.stream)
+            await reset_quietly(idle.stream)
             return None
         except BaseException:  # cancelled: the stream is in an unknown state
-            await _reset_quietly(idle.stream)
+            await reset_quietly(idle.stream)
             raise
 
     async def _open(
@@ -253,7 +253,7 @@ class Client:
                 if line != expected.encode() + b"\n":
                     raise ProtocolError(f"{addr} answered {line!r} to the {protocol} proposal")
         except BaseException:
-            await _reset_quietly(stream)
+            await reset_quietly(stream)
             raise
         stream.set_protocol(TProtocol(protocol))
         return stream, reader
@@ -275,7 +275,7 @@ class Client:
         try:
             frame = await reader.read_frame()
         except Exception as exc:
-            await _reset_quietly(stream)
+            await reset_quietly(stream)
             raise ProtocolError(f"bad scores from {addr}: {exc}") from exc
         await _close_quietly(stream)
         if frame is None:
@@ -318,20 +318,9 @@ async def _read_response(reader: wire.FrameReader, addr: str) -> dict[str, Any]:
 
 
 async def _close_quietly(stream: Any) -> None:
-    await _end_quietly(stream.close)
+    await end_quietly(stream.close)
 
 
-async def _reset_quietly(stream: Any) -> None:
-    await _end_quietly(stream.reset)
-
-
-async def _end_quietly(end: Any) -> None:
-    """Close or reset a stream within 2 s, even when cancelled; its errors are moot."""
-    with trio.CancelScope(shield=True), trio.move_on_after(2):
-        try:
-            await end()
-        except Exception:
-            pass
 
 
 @asynccontextmanager

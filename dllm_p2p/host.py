@@ -7,10 +7,12 @@ Noise alone so that no peer can talk to it unencrypted or unauthenticated.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import ifaddr
 import multiaddr
+import trio
 from libp2p import new_host
 from libp2p.abc import IHost
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
@@ -155,3 +157,16 @@ def host_addrs(host: IHost) -> list[str]:
 
 def peer_id_of(host: IHost) -> ID:
     return host.get_id()
+
+
+async def end_quietly(end: Callable[[], Awaitable[object]]) -> None:
+    """Close or reset a stream within 2 s, even when cancelled; its errors are moot."""
+    with trio.CancelScope(shield=True), trio.move_on_after(2):
+        try:
+            await end()
+        except Exception:
+            pass
+
+
+async def reset_quietly(stream: Any) -> None:
+    await end_quietly(stream.reset)

@@ -34,7 +34,7 @@ from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
 from . import heartbeat, reach, wire
-from .host import host_addrs, peer_info
+from .host import host_addrs, peer_info, reset_quietly
 from .identity import Identity
 from .fsutil import write_json_atomic
 from .registry.chain import (
@@ -378,11 +378,7 @@ class Membership:
                 self._leaving[2].set()
         except Exception as exc:
             log.debug("serving the chain failed: %r", exc)
-            with trio.move_on_after(2):
-                try:
-                    await stream.reset()
-                except Exception:
-                    pass
+            await reset_quietly(stream)
 
     async def _fetch_chain(self, addr: str) -> Chain | None:
         """Fetch, verify and merge the chain of the peer at ``addr``; return theirs
@@ -826,11 +822,7 @@ class _Pubsub(Pubsub):
         except Exception as exc:
             peer_id = stream.muxed_conn.peer_id
             log.debug("dropping the pubsub stream of %s: %r", peer_id, exc)
-            with trio.move_on_after(2):
-                try:
-                    await stream.reset()
-                except Exception:
-                    pass
+            await reset_quietly(stream)
             try:
                 self._handle_dead_peer(peer_id)
             except Exception:

@@ -53,7 +53,7 @@ from libp2p.security.pnet.protector import new_protected_conn
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
 
-from .host import AddressError, host_addrs, peer_info
+from .host import AddressError, host_addrs, peer_info, reset_quietly
 
 log = logging.getLogger(__name__)
 
@@ -352,11 +352,7 @@ class Reach:
                 await stream.close()
         except Exception as exc:
             log.debug("dial-back request failed: %r", exc)
-            with trio.move_on_after(2):
-                try:
-                    await stream.reset()
-                except Exception:
-                    pass
+            await reset_quietly(stream)
 
     async def _probe(self, peer: ID, text: str, observed: str | None) -> str:
         try:

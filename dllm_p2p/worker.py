@@ -23,7 +23,7 @@ from . import __version__, answers, wire
 from .engine import Engine, EngineBusy, EngineError, GenerationParams
 from .engine.scoring import score_tokens
 from .fsutil import write_json_atomic
-from .host import host_addrs, make_host, parse_multiaddr
+from .host import host_addrs, make_host, parse_multiaddr, reset_quietly
 from .identity import Identity
 
 log = logging.getLogger("dllm_p2p.worker")
@@ -146,7 +146,7 @@ class Worker:
             await stream.close()
         except Exception as exc:  # never let a peer's stream kill the host
             log.debug("info stream failed: %r", exc)
-            await _reset_quietly(stream)
+            await reset_quietly(stream)
 
     # --- /dllm/score/1.0.0 --------------------------------------------------------------
 
@@ -159,7 +159,7 @@ class Worker:
                 await stream.close()
         except Exception as exc:  # never let a peer's stream kill the host
             log.debug("score stream failed: %r", exc)
-            await _reset_quietly(stream)
+            await reset_quietly(stream)
 
     async def _score(self, stream: INetStream) -> dict[str, Any]:
         try:
@@ -205,7 +205,7 @@ class Worker:
         except Exception as exc:
             self.failed += 1
             log.warning("generate stream failed: %r", exc)
-            await _reset_quietly(stream)
+            await reset_quietly(stream)
 
     async def _serve_request(
         self, stream: INetStream, reader: wire.FrameReader, first: bool, waiting: tuple[dict[str, Any], bytes] | None
@@ -242,7 +242,7 @@ class Worker:
                 except Exception:
                     if first:
                         raise
-                    await _reset_quietly(stream)  # a kept stream the dialer dropped: no failure
+                    await reset_quietly(stream)  # a kept stream the dialer dropped: no failure
                     return False, None
                 if message is None:
                     await stream.close()  # the dialer closed without asking (again)
@@ -315,7 +315,7 @@ class Worker:
             return await fail(*error)
         if result is None:  # the peer went away; the generation was cancelled
             log.info("peer left mid-generation; generation cancelled")
-            await _reset_quietly(stream)
+            await reset_quietly(stream)
             return False, None
         self.served += 1
         usage = {"prompt_tokens": claimed_prompt_tokens or result.prompt_tokens, "completion_tokens": result.completion_tokens}
@@ -397,9 +397,3 @@ class _PeerWatch:
             await trio.sleep_forever()
 
 
-async def _reset_quietly(stream: INetStream) -> None:
-    with trio.move_on_after(2):
-        try:
-            await stream.reset()
-        except Exception:
-            pass
