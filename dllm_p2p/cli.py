@@ -27,45 +27,39 @@ from .registry.chain import DEFAULT_POW_BITS
 SUBCOMMANDS = {"worker", "relay", "query", "info", "model", "registry", "nodes", "deregister", "up", "answer"}
 
 
-def _add_worker_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="gpt2", help="model spec: gpt2, tiny, random:gpt2, a hub name or a local directory (default: gpt2)")
+def _add_node_args(p: argparse.ArgumentParser, *, data_dir: str, heartbeat: float, record_ttl: float) -> None:
+    """What every node of the network takes: where it listens, how it joins, its registry."""
     p.add_argument("--listen", action="append", metavar="MULTIADDR", help="listen address (repeatable; default /ip4/0.0.0.0/tcp/4001)")
     p.add_argument("--announce", action="append", default=[], metavar="MULTIADDR", help="address to advertise instead of the listen addresses (repeatable)")
-    p.add_argument("--data-dir", default="~/.dllm", type=Path, help="node key, node.json and registry files (default ~/.dllm)")
+    p.add_argument("--data-dir", default=data_dir, type=Path, help=f"node key, node.json and registry files (default {data_dir})")
+    p.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR", help="a node to join the network through (repeatable)")
+    p.add_argument("--heartbeat-interval", type=float, default=heartbeat, help=f"seconds between signed heartbeats (default {heartbeat:g}; peers count a node online for 3 of them)")
+    p.add_argument("--record-ttl", type=float, default=record_ttl, help=f"seconds a registry record lives unless renewed (default {record_ttl:g}; renewed every 27-33%% of it)")
+    p.add_argument("--pow-bits", type=int, default=DEFAULT_POW_BITS, help=f"proof of work each registry record carries, the same on every node of a network (default {DEFAULT_POW_BITS}: about a second, once per identity)")
+    p.add_argument("--registry", default=None, metavar="SOURCE", help="seed the registry from a file, CID or /ipns/ name")
+    p.add_argument("--ipfs-api", default=None, metavar="URL", help="Kubo RPC API to publish the registry (default http://127.0.0.1:5001 when it answers; else an embedded store)")
+    p.add_argument("--psk", default=None, help="private network key (64 hex chars); peers without it can't connect")
+    p.add_argument("--no-mdns", action="store_true", help="do not look for peers on the LAN with mDNS (on by default)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _add_worker_args(p: argparse.ArgumentParser) -> None:
+    _add_node_args(p, data_dir="~/.dllm", heartbeat=2.0, record_ttl=600.0)
+    p.add_argument("--model", default="gpt2", help="model spec: gpt2, tiny, random:gpt2, a hub name or a local directory (default: gpt2)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="cap on tokens generated per request (default 256)")
     p.add_argument("--max-concurrency", type=int, default=8, help="requests generated together in one batch (default 8)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: all cores; give each of several workers on one machine its share)")
     p.add_argument("--max-queue", type=int, default=32, help="requests waiting for a batch slot before 'busy' (default 32)")
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds one generation may take (default 300)")
-    p.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR", help="a node to join the network through (repeatable)")
-    p.add_argument("--heartbeat-interval", type=float, default=2.0, help="seconds between signed heartbeats (default 2)")
-    p.add_argument("--record-ttl", type=float, default=600.0, help="seconds a registry record lives unless renewed (default 600)")
-    p.add_argument("--pow-bits", type=int, default=DEFAULT_POW_BITS, help=f"proof of work each registry record carries, the same on every node of a network (default {DEFAULT_POW_BITS}: about a second, once per identity)")
-    p.add_argument("--registry", default=None, metavar="SOURCE", help="seed the registry from a file, CID or /ipns/ name")
-    p.add_argument("--ipfs-api", default=None, metavar="URL", help="Kubo RPC API to publish the registry (default http://127.0.0.1:5001 when it answers; else an embedded store)")
     p.add_argument("--read-timeout", type=float, default=10.0, help="seconds a dialer has to send its request (default 10)")
-    p.add_argument("--psk", default=None, help="private network key (64 hex chars); peers without it can't connect")
     p.add_argument("--no-relay", action="store_true", help="never relay for others (by default a node that peers can reach directly offers circuit-relay reservations)")
-    p.add_argument("--no-mdns", action="store_true", help="do not look for peers on the LAN with mDNS (on by default)")
     p.add_argument("--no-hole-punch", action="store_true", help="stay relayed: never upgrade a relayed connection to a direct one (DCUtR), which would show this node's public address to the other side")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
 def _add_relay_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--listen", action="append", metavar="MULTIADDR", help="listen address (repeatable; default /ip4/0.0.0.0/tcp/4001)")
-    p.add_argument("--announce", action="append", default=[], metavar="MULTIADDR", help="address to advertise instead of the listen addresses (repeatable)")
-    p.add_argument("--data-dir", default="~/.dllm/relay", type=Path, help="node key and registry files (default ~/.dllm/relay)")
-    p.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR", help="a node to join the network through (repeatable)")
     # A relay has no load to report and lives long: it beats and renews less often than
     # a worker, which keeps 50 relays' gossip within 2 cores (docs/BENCHMARKS.md).
-    p.add_argument("--heartbeat-interval", type=float, default=30.0, help="seconds between signed heartbeats (default 30; peers count it online for 3 of them)")
-    p.add_argument("--record-ttl", type=float, default=3600.0, help="seconds a registry record lives unless renewed (default 3600; renewed every 20-24 minutes)")
-    p.add_argument("--pow-bits", type=int, default=DEFAULT_POW_BITS, help=f"proof of work of the network's registry records (default {DEFAULT_POW_BITS})")
-    p.add_argument("--registry", default=None, metavar="SOURCE", help="seed the registry from a file, CID or /ipns/ name")
-    p.add_argument("--ipfs-api", default=None, metavar="URL", help="Kubo RPC API to publish the registry (default http://127.0.0.1:5001 when it answers; else an embedded store)")
-    p.add_argument("--psk", default=None, help="private network key (64 hex chars); peers without it can't connect")
-    p.add_argument("--no-mdns", action="store_true", help="do not look for peers on the LAN with mDNS (on by default)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_node_args(p, data_dir="~/.dllm/relay", heartbeat=30.0, record_ttl=3600.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
