@@ -119,6 +119,30 @@ def test_a_worker_behind_a_home_router_serves_through_a_relay(nodes_on) -> None:
         wait_for(lambda: circuit(records()[peer]), 30, "the worker's record never carried its circuit address", nodes)
 
 
+def test_a_worker_reserves_again_when_its_relay_comes_back(nodes_on) -> None:  # type: ignore[no-untyped-def]
+    """The only relay of a worker behind a home router restarts (same key, same
+    address): the worker notices the reservation is gone, makes a new one, and the
+    gateway reaches it again."""
+    with Netbed("switch inet; host relay inet; host gw inet; router home inet; host worker home") as bed:
+        nodes = nodes_on(bed)
+        relay = nodes.relay("relay")
+        relay_child = nodes.children[-1]
+        worker, peer = nodes.worker("worker", "--bootstrap", relay, "--no-hole-punch")
+        url = nodes.gateway("gw", "--bootstrap", relay, "--no-hole-punch")
+        worker.wait_for_line(r"reachable through relay", timeout=60, stream="err")
+        served = lambda: httpx.post(f"{url}/api/generate", json={"prompt": "Hello", "max_new_tokens": 3}, timeout=60)  # noqa: E731
+        wait_for(lambda: node_view(url, peer).get("online") and served().status_code == 200, 60, "the worker never served through the relay", nodes)
+
+        relay_child.stop(timeout=10)
+        worker.wait_for_line(r"lost the reservation", timeout=60, stream="err")
+        assert nodes.relay("relay") == relay  # same key, same address
+        reserved = lambda: sum("reachable through relay" in line for line in list(worker.stderr)) >= 2  # noqa: E731
+        wait_for(reserved, 90, "the worker never reserved again on the restarted relay", nodes)
+        # Served through the relay, or over a connection the worker itself dialed out to
+        # the gateway meanwhile (its router lets that through): either is reachable.
+        wait_for(lambda: served().status_code == 200, 60, "the gateway never reached the worker again", nodes)
+
+
 def test_three_nodes_on_one_lan_find_each_other_without_bootstrap(nodes_on) -> None:  # type: ignore[no-untyped-def]
     with Netbed("lan home; host a home; host b home; host c home; host d home") as bed:
         nodes = nodes_on(bed)
