@@ -599,6 +599,9 @@ def cmd_nodes(args: argparse.Namespace) -> int:
             finally:
                 await publisher.aclose()
         beats: dict[str, Any] = {}
+        #: Peers we held a connection to at the end: alive now, even if their heartbeat
+        #: did not come within --wait (a relay beats every 30 s).
+        connected: set[str] = set()
         if args.bootstrap or lan:
             identity = generate()
             membership = Membership(
@@ -620,6 +623,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 
                         await nursery.start(LanDiscovery(host, membership.meet, args.psk).run)
                     await trio.sleep(args.wait)
+                    connected = {peer.to_base58() for peer, conns in host.get_network().connections.items() if conns}
                     nursery.cancel_scope.cancel()
         now = time.time()
         rows = []
@@ -631,7 +635,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
             rows.append({
                 "peer_id": peer_id,
                 "role": rec.get("role", "worker"),
-                "online": seen is not None and now - seen <= beat.ttl(args.ttl),
+                "online": (seen is not None and now - seen <= beat.ttl(args.ttl)) or peer_id in connected,
                 "models": beat.models if beat else rec.get("models", []),
                 "addrs": beat.addrs if beat else rec.get("addrs", []),
                 "last_seen": seen,

@@ -174,3 +174,26 @@ def test_no_live_node_gives_a_503_naming_the_model(net: LocalNetwork) -> None:
         wait_for(lambda: not registered(), 40, "every worker to be deregistered at the gateway")
     except AssertionError:
         raise AssertionError(f"still registered: {registered()}\n" + "\n".join(c.output(30) for c in net.children)) from None
+
+
+def test_nodes_lists_a_relay_it_is_connected_to_as_online_before_its_slow_heartbeat(tmp_path: Path) -> None:
+    """A relay beats every 30 s by default: `nodes --wait 2` rarely hears it, but the
+    connection it holds to the relay proves the relay alive."""
+    import sys
+
+    from .procs import Child, offline_env
+
+    relay = Child([sys.executable, "-m", "dllm_p2p", "relay", "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir", str(tmp_path / "relay"), "--no-mdns"], name="relay", env=offline_env())
+    try:
+        addr = relay.wait_for_line(r"^listening on (/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+)", timeout=60).group(1)
+        peer = addr.rsplit("/", 1)[1]
+        relay.wait_for_line(r"registry published", timeout=60, stream="err")
+        # Not a wait for an event: the scenario is a relay whose last heartbeat is older
+        # than GossipSub's replay window (3 s), as it is 27 s of every 30.
+        time.sleep(5)
+        listing = run_cli("nodes", "--bootstrap", addr, "--json", "--wait", "2", timeout=60)
+        assert listing.returncode == 0, listing.stderr
+        rows = {row["peer_id"]: row for row in json.loads(listing.stdout)}
+        assert rows[peer]["role"] == "relay" and rows[peer]["online"] is True, listing.stdout + listing.stderr
+    finally:
+        relay.stop()
