@@ -573,7 +573,7 @@ def _when(ts: float) -> str:
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
-    from .host import make_host, parse_multiaddr
+    from .host import connected_peers, make_host, parse_multiaddr
     from .identity import generate
     from .membership import Membership, MembershipConfig
     from .registry.chain import RegistryError
@@ -623,7 +623,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 
                         await nursery.start(LanDiscovery(host, membership.meet, args.psk).run)
                     await trio.sleep(args.wait)
-                    connected = {peer.to_base58() for peer, conns in host.get_network().connections.items() if conns}
+                    connected = {peer.to_base58() for peer in connected_peers(host)}
                     nursery.cancel_scope.cancel()
         now = time.time()
         rows = []

@@ -321,8 +321,6 @@ async def _close_quietly(stream: Any) -> None:
     await end_quietly(stream.close)
 
 
-
-
 @asynccontextmanager
 async def open_client(
     identity: Identity | None = None,

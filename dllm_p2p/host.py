@@ -159,6 +159,11 @@ def peer_id_of(host: IHost) -> ID:
     return host.get_id()
 
 
+def connected_peers(host: IHost) -> set[ID]:
+    """The peers ``host`` holds at least one open connection to."""
+    return {peer for peer, conns in host.get_network().connections.items() if conns}
+
+
 async def end_quietly(end: Callable[[], Awaitable[object]]) -> None:
     """Close or reset a stream within 2 s, even when cancelled; its errors are moot."""
     with trio.CancelScope(shield=True), trio.move_on_after(2):

@@ -34,7 +34,7 @@ from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
 from . import heartbeat, reach, wire
-from .host import host_addrs, peer_info, reset_quietly
+from .host import connected_peers, host_addrs, peer_info, reset_quietly
 from .identity import Identity
 from .fsutil import write_json_atomic
 from .registry.chain import (
@@ -355,9 +355,7 @@ class Membership:
         tell listeners. Call with ``_chain_lock`` held."""
         if chain.head == self.chain.head:
             return False
-        self._held[self.chain.head] = None
-        while len(self._held) > MAX_HELD_HEADS:
-            self._held.popitem(last=False)
+        _remember(self._held, self.chain.head, None, MAX_HELD_HEADS)
         await trio.to_thread.run_sync(self.store.save, chain)
         self._heard_same = 0
         self._unpublished.set()
@@ -387,9 +385,7 @@ class Membership:
         info = peer_info(addr)
         with trio.fail_after(10):
             if not self.host.get_network().connections.get(info.peer_id):
-                self._dialed_to_fetch[info.peer_id] = None
-                while len(self._dialed_to_fetch) > MAX_PEERS_TRACKED:
-                    self._dialed_to_fetch.popitem(last=False)
+                _remember(self._dialed_to_fetch, info.peer_id, None, MAX_PEERS_TRACKED)
             await reach.connect(self.host, info.peer_id, [addr])
             stream = await self.host.new_stream(info.peer_id, [TProtocol(REGISTRY_PROTOCOL)])
             try:
@@ -474,10 +470,7 @@ class Membership:
         self._fetching.add(peer_id)
         try:
             while True:
-                self._fetched_at[peer_id] = (trio.current_time(), head)
-                self._fetched_at.move_to_end(peer_id)
-                while len(self._fetched_at) > MAX_PEERS_TRACKED:
-                    self._fetched_at.popitem(last=False)
+                _remember(self._fetched_at, peer_id, (trio.current_time(), head), MAX_PEERS_TRACKED)
                 for addr in addrs[:MAX_DIAL_ADDRS]:
                     try:
                         await self._fetch_chain(addr)
@@ -547,10 +540,7 @@ class Membership:
                 sender = ID(message.from_id).to_base58()
                 if sender == self.peer_id:
                     continue
-                self._announced[sender] = announcement.head
-                self._announced.move_to_end(sender)
-                while len(self._announced) > MAX_PEERS_TRACKED:
-                    self._announced.popitem(last=False)
+                _remember(self._announced, sender, announcement.head, MAX_PEERS_TRACKED)
                 if announcement.head == self.chain.head:
                     self._heard_same += 1
                 elif announcement.head in self._held:
@@ -608,7 +598,7 @@ class Membership:
         address (the open connection is what gets used)."""
         assert self.host is not None
         network = self.host.get_network()
-        connected = {peer.to_base58(): peer for peer, conns in network.connections.items() if conns}
+        connected = {peer.to_base58(): peer for peer in connected_peers(self.host)}
         for peer_id, announced in reversed(self._announced.items()):
             peer = connected.get(peer_id)
             if announced == head and peer is not None:
@@ -754,8 +744,7 @@ class Membership:
                 pass
 
         while True:
-            network = self.host.get_network()
-            connected = {peer for peer, conns in network.connections.items() if conns}
+            connected = connected_peers(self.host)
             if len(connected) > MESH_MAX:
                 await self._hang_up_idle(connected)
             # Counted only where gossip flows: a connection whose pubsub stream failed to
@@ -827,6 +816,14 @@ class _Pubsub(Pubsub):
                 self._handle_dead_peer(peer_id)
             except Exception:
                 pass
+
+
+def _remember(memory: OrderedDict[Any, Any], key: Any, value: Any, limit: int) -> None:
+    """Set ``key`` as the newest entry of ``memory``, forgetting the oldest past ``limit``."""
+    memory[key] = value
+    memory.move_to_end(key)
+    while len(memory) > limit:
+        memory.popitem(last=False)
 
 
 def deregistered(chain: Chain) -> set[str]:

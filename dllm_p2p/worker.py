@@ -395,5 +395,3 @@ class _PeerWatch:
             scope.cancel()
         else:
             await trio.sleep_forever()
-
-

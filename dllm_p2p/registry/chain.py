@@ -663,9 +663,7 @@ def verify_chain(data: bytes | str, *, now: float | None = None, clamp: bool = F
         block = blocks[index]
         try:
             _check_link(block, index, hashes[-1], "record")
-            record = validate_record(block["record"], now=t)
-            if not pow_ok(record["peer_id"], record.get("pow"), pow_bits):
-                raise InvalidRecord(_pow_reason(pow_bits))
+            record = _check_record(block["record"], pow_bits, t)
             seen = last_seq.get(record["peer_id"])
             if seen is not None and record["seq"] <= seen[1]:
                 raise InvalidRecord(_seq_reason(record["seq"], *seen))
@@ -680,6 +678,15 @@ def verify_chain(data: bytes | str, *, now: float | None = None, clamp: bool = F
     return Chain._trusted(compacted_at, records, hashes, pow_bits)
 
 
+def _check_record(record: Any, pow_bits: int, now: float) -> Record:
+    """What every record of a peer's chain must pass: its own checks and the network's
+    proof of work. Raises ``InvalidRecord``."""
+    record = validate_record(record, now=now)
+    if not pow_ok(record["peer_id"], record.get("pow"), pow_bits):
+        raise InvalidRecord(_pow_reason(pow_bits))
+    return record
+
+
 def record_chain(record: Any, compacted_at: Any, pow_bits: int, *, now: float | None = None) -> Chain:
     """A chain of one ``record`` on a checkpoint stamped ``compacted_at``, checked as
     ``verify_chain(..., clamp=True)`` checks a peer's chain (record, proof of work, the
@@ -688,9 +695,7 @@ def record_chain(record: Any, compacted_at: Any, pow_bits: int, *, now: float | 
     t = time.time() if now is None else now
     if not isinstance(compacted_at, int) or isinstance(compacted_at, bool) or compacted_at < 0:
         raise InvalidRecord("the checkpoint stamp must be a whole number of seconds")
-    record = validate_record(record, now=t)
-    if not pow_ok(record["peer_id"], record.get("pow"), pow_bits):
-        raise InvalidRecord(_pow_reason(pow_bits))
+    record = _check_record(record, pow_bits, t)
     at = min(compacted_at, int(t + MAX_CLOCK_SKEW))
     return Chain._trusted(at, _settle([record], at), pow_bits=pow_bits)
 
