@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     rs = rsub.add_parser("show", help="print a chain's blocks and live nodes")
     rs.add_argument("source", help="file, CID or /ipns/ name")
     rs.add_argument("--ipfs-api", default=None, metavar="URL")
+    rs.add_argument(
+        "--bootstrap", action="append", default=[], metavar="MULTIADDR",
+        help="with no daemon: fetch a CID, or resolve a name, from the network this node belongs to (bitswap, DHT)",
+    )
+    rs.add_argument("--psk", default=None)
     rs.add_argument("--json", action="store_true")
     rp = rsub.add_parser("publish", help="add a node's blockchain.json to IPFS and write current_cid.txt")
     rp.add_argument("--data-dir", type=Path, default=Path("~/.dllm"))
@@ -187,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 async def open_registry(store: Any, data_dir: Path, ipfs_api: str | None, source: str | None) -> Any:
     """Open the IPFS publisher (saying which mode) and merge the chain named by ``source``."""
     from .registry.chain import RegistryError
-    from .registry.ipfs import IpfsError
+    from .registry.ipfs import ContentNotFound, IpfsError, IpfsUnavailable, is_cid
     from .registry.publish import Publisher, load_source
 
     publisher = await Publisher.open(data_dir, ipfs_api)
@@ -195,6 +200,12 @@ async def open_registry(store: Any, data_dir: Path, ipfs_api: str | None, source
     if source:
         try:
             store.merge(await load_source(source, publisher))
+        except (ContentNotFound, IpfsUnavailable) as exc:
+            if publisher.kubo is not None or not (source.startswith(("/ipfs/", "/ipns/")) or is_cid(source.split("/")[0])):
+                print(f"warning: could not load the registry from {source}: {exc}", file=sys.stderr, flush=True)
+            else:
+                publisher.pending = source
+                print(f"{source} is not stored here: fetching it from peers (bitswap, DHT) once connected", file=sys.stderr, flush=True)
         except (RegistryError, IpfsError, OSError) as exc:
             print(f"warning: could not load the registry from {source}: {exc}", file=sys.stderr, flush=True)
     return publisher
@@ -513,6 +524,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_registry(args: argparse.Namespace) -> int:
+    from .host import AddressError
     from .registry.chain import RegistryError
     from .registry.ipfs import IpfsError
     from .registry.publish import Publisher, load_source
@@ -527,8 +539,11 @@ def cmd_registry(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory(prefix="dllm-show-") as scratch:  # the fetched blocks
             publisher = await Publisher.open(Path(scratch), args.ipfs_api)
             try:
-                chain = await load_source(args.source, publisher)
-            except (RegistryError, IpfsError, OSError) as exc:
+                if args.bootstrap and publisher.kubo is None:
+                    chain = await _load_through_peers(args.source, publisher, args.bootstrap, args.psk)
+                else:
+                    chain = await load_source(args.source, publisher)
+            except (RegistryError, IpfsError, OSError, AddressError) as exc:
                 return _fail(f"{args.source}: {exc}", 1)
             finally:
                 await publisher.aclose()
@@ -566,6 +581,40 @@ def cmd_registry(args: argparse.Namespace) -> int:
         return 0
 
     return trio.run(show if args.registry_command == "show" else publish)
+
+
+async def _load_through_peers(source: str, publisher: Any, bootstrap: list[str], psk: str | None) -> Any:
+    """Load ``source`` (a CID or /ipns/ name) with a short-lived peer of our own that
+    joins through ``bootstrap``: bitswap from the peers it reaches, the DHT for the rest."""
+    from .host import make_host, parse_multiaddr, peer_info
+    from .identity import generate
+    from .registry.exchange import IpfsPeer
+    from .registry.publish import load_source
+
+    host = make_host(generate(), psk=psk)
+    chain, failure = None, None
+    async with host.run([parse_multiaddr("/ip4/0.0.0.0/tcp/0")]), trio.open_nursery() as nursery:
+        peer = IpfsPeer(host, publisher.store, server=False)
+        await nursery.start(peer.run)
+        reached = 0
+        for addr in bootstrap:
+            try:
+                with trio.fail_after(10):
+                    await host.connect(peer_info(addr))
+                reached += 1
+            except Exception as exc:
+                print(f"warning: bootstrap {addr}: {exc!r}", file=sys.stderr)
+        if not reached:
+            raise OSError("no bootstrap node answered")
+        publisher.network = peer
+        try:
+            chain = await load_source(source, publisher)
+        except Exception as exc:  # raised outside the nursery, not wrapped in a group
+            failure = exc
+        nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    return chain
 
 
 def _when(ts: float) -> str:

@@ -52,6 +52,7 @@ from .registry.chain import (
     record_chain,
     solve_pow,
 )
+from .registry import exchange
 from .registry.publish import Publisher
 from .registry.store import ChainStore
 
@@ -90,7 +91,9 @@ FETCH_PAUSE = (1.0, 3.0)
 REGISTRY_PROTOCOL = "/dllm/registry/1.0.0"
 #: Streams that do not keep a connection open (see _hang_up_idle): gossip, identify and
 #: the chain exchange itself.
-IDLE_PROTOCOLS = frozenset({GOSSIPSUB_PROTOCOL_ID, REGISTRY_PROTOCOL, "/ipfs/id/1.0.0", "/ipfs/id/push/1.0.0"})
+IDLE_PROTOCOLS = frozenset(
+    {GOSSIPSUB_PROTOCOL_ID, REGISTRY_PROTOCOL, "/ipfs/id/1.0.0", "/ipfs/id/push/1.0.0", *exchange.IDLE_PROTOCOLS}
+)
 #: Largest chain frame we accept over the registry protocol: any chain that verifies fits
 #: (a full chain of the largest records is under MAX_FILE_BYTES even with indentation,
 #: and it travels without), plus the frame's own fields.
@@ -155,6 +158,8 @@ class Membership:
         self.on_chain = on_chain
         self.on_bad_heartbeat = on_bad_heartbeat
         self.publisher = publisher
+        #: Bitswap and the DHT, while ``run`` runs with a publisher (registry/exchange.py).
+        self.ipfs: exchange.IpfsPeer | None = None
         self._unpublished = trio.Event()
         self.peer_id = identity.peer_id.to_base58()
         self.host: IHost | None = None
@@ -252,10 +257,40 @@ class Membership:
                 nursery.start_soon(self._mesh_loop)
                 nursery.start_soon(self._announce_loop)
                 if self.publisher is not None:
+                    await nursery.start(self._run_ipfs, self.publisher)
                     self._unpublished.set()
                     nursery.start_soon(self._publish_loop)
                 task_status.started()
                 await trio.sleep_forever()
+
+    async def _run_ipfs(self, publisher: Publisher, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve our publications over bitswap and the DHT; with no Kubo daemon, sign our
+        own IPNS name. Then load a registry that was named only by CID or name at start
+        (``publisher.pending``), now that there are peers to fetch it from."""
+        assert self.host is not None
+        self.ipfs = exchange.IpfsPeer(
+            self.host, publisher.store, self.identity if publisher.kubo is None else None,
+            on_dialed=lambda peers: [_remember(self._dialed_to_fetch, p, None, MAX_PEERS_TRACKED) for p in peers],
+        )
+        publisher.network = self.ipfs
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.ipfs.run)
+            task_status.started()
+            if publisher.pending is not None:
+                await self._load_pending(publisher)
+
+    async def _load_pending(self, publisher: Publisher) -> None:
+        source, publisher.pending = publisher.pending, None
+        for attempt in range(4):
+            try:
+                chain = await publisher.load(source)
+            except Exception as exc:
+                log.warning("registry %s: %s (try %d of 4)", source, exc, attempt + 1)
+                await trio.sleep(5 * 2**attempt)
+                continue
+            if await self._take_chain(chain, f"the registry {source}"):
+                log.info("registry %s loaded from peers: %d blocks", source, len(chain.blocks))
+            return
 
     async def _join(self) -> None:
         """Dial each bootstrap peer (a few tries each) and merge its chain."""
@@ -404,12 +439,16 @@ class Membership:
         except InvalidChain as exc:
             log.warning("ignoring an invalid chain from %s: %s", info.peer_id, exc)
             return None
+        return theirs if await self._take_chain(theirs, f"the chain of {info.peer_id}") else None
+
+    async def _take_chain(self, theirs: Chain, what: str) -> bool:
+        """Merge a verified chain into ours; False when it belongs to another network."""
         if theirs.pow_bits != self.config.pow_bits:
             log.warning(
-                "ignoring the chain of %s: it asks for %d bits of proof of work, this network %d (another network?)",
-                info.peer_id, theirs.pow_bits, self.config.pow_bits,
+                "ignoring %s: it asks for %d bits of proof of work, this network %d (another network?)",
+                what, theirs.pow_bits, self.config.pow_bits,
             )
-            return None
+            return False
         async with self._chain_lock:
             merged = await trio.to_thread.run_sync(merge_fitting, self.chain, theirs, self.peer_id, self._rank)
             await self._accept(merged)
@@ -418,7 +457,7 @@ class Membership:
             # theirs held everything ours did, they announce the head we now share:
             # every fetcher announcing it too made each change cost N messages.)
             self._changed.set()
-        return theirs
+        return True
 
     async def push_to(self, addr: str, timeout: float = 15.0) -> bool:
         """Announce our head until the peer at ``addr`` holds everything we hold."""
@@ -666,6 +705,8 @@ class Membership:
             try:
                 cid = await self.publisher.publish(self.chain)
                 log.info("registry published: %s (%s)", cid, self.publisher.mode)
+                if self.ipfs is not None:
+                    self.ipfs.published(self.publisher.recent)
                 now = trio.current_time()
                 due = (cid != named and now - named_at >= 60) or now - named_at >= 3600
                 if self.publisher.kubo is not None and due:

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO, NamedTuple, Union
+from typing import BinaryIO, NamedTuple, Protocol, Union
 from urllib.parse import quote_plus
 
 import httpx
@@ -45,6 +45,7 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "MAX_LINKS",
     "REGISTRY_FILENAME",
+    "BlockNetwork",
     "BlockSink",
     "BlockSource",
     "ContentCorrupt",
@@ -836,11 +837,24 @@ def _multipart_parts(path: Path, hidden: bool, max_bytes: int) -> list:
 # --- one entry point for registry sources -----------------------------------------------
 
 
+class BlockNetwork(Protocol):
+    """Peers that can bring blocks and names without a daemon (a running node's bitswap
+    and DHT: :class:`dllm_p2p.registry.exchange.IpfsPeer`)."""
+
+    async def fetch(self, cid: str) -> None:
+        """Bring every block under ``cid`` into the node's embedded store."""
+
+    async def resolve(self, name: str) -> str:
+        """``/ipns/<name>`` -> ``/ipfs/<cid>``."""
+        raise NotImplementedError
+
+
 async def resolve_source(
     source: str,
     *,
     kubo: KuboClient | None = None,
     store: EmbeddedStore | None = None,
+    network: BlockNetwork | None = None,
     filename: str = REGISTRY_FILENAME,
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> bytes:
@@ -848,28 +862,36 @@ async def resolve_source(
 
     ``source`` is a local file, a local folder (``filename`` inside it), ``/ipfs/<cid>``,
     a bare ``<cid>`` (both meaning the registry folder; ``filename`` is appended when no
-    path follows the CID), ``/ipfs/<cid>/<file>``, or ``/ipns/<name>`` (needs ``kubo``).
+    path follows the CID), ``/ipfs/<cid>/<file>``, or ``/ipns/<name>`` (resolved by
+    ``kubo``, else through ``network``).
 
     CIDs are read from the embedded ``store`` when it has them, which costs no network
-    and is verified block by block; otherwise from ``kubo``. Both give the same bytes,
-    since the CID pins them down.
+    and is verified block by block; otherwise from ``kubo``, else fetched from peers by
+    ``network`` into ``store``. All give the same bytes, since the CID pins them down.
     """
     if source.startswith("/ipns/"):
-        if kubo is None:
-            raise IpfsUnavailable(f"resolving {source} needs a Kubo daemon")
-        source = await kubo.name_resolve(source)
+        if kubo is not None:
+            source = await kubo.name_resolve(source)
+        elif network is not None:
+            source = await network.resolve(source)
+        else:
+            raise IpfsUnavailable(f"resolving {source} needs a Kubo daemon or a running node's DHT")
     if source.startswith("/ipfs/") or is_cid(source.split("/", 1)[0]):
         cid, names = parse_ipfs_path(source)
         ref = "/ipfs/" + "/".join([cid, *(names or [filename])])
-        if store is not None and store.has(cid):
+        read = partial(store.get_file, ref, max_bytes=max_bytes) if store is not None else None
+        if read is not None and store is not None and store.has(cid):
             try:
-                return await trio.to_thread.run_sync(partial(store.get_file, ref, max_bytes=max_bytes))
+                return await trio.to_thread.run_sync(read)
             except ContentNotFound:
-                if kubo is None:
+                if kubo is None and network is None:
                     raise
-        if kubo is None:
-            raise ContentNotFound(f"{cid} is not in the embedded store and no Kubo daemon was given")
-        return await kubo.cat(ref, max_bytes=max_bytes)
+        if kubo is not None:
+            return await kubo.cat(ref, max_bytes=max_bytes)
+        if network is None or read is None:
+            raise ContentNotFound(f"{cid} is not in the embedded store, and there is no Kubo daemon or peer to ask")
+        await network.fetch(cid)
+        return await trio.to_thread.run_sync(read)
     path = Path(source).expanduser()
     if path.is_dir():
         path = path / filename

@@ -15,7 +15,7 @@ import trio
 
 from ..fsutil import write_atomic
 from .chain import Chain, verify_chain
-from .ipfs import DEFAULT_API_URL, EmbeddedStore, IpfsError, KuboClient, resolve_source
+from .ipfs import DEFAULT_API_URL, BlockNetwork, EmbeddedStore, IpfsError, KuboClient, resolve_source
 from .store import FILENAME
 
 log = logging.getLogger("dllm_p2p.registry.publish")
@@ -36,10 +36,24 @@ class Publisher:
         self.ipns_key = ipns_key
         self.store = EmbeddedStore(self.data_dir / "ipfs")
         self.cid: str | None = None
-        self.ipns_name: str | None = None
+        self._kubo_name: str | None = None
         #: The latest publications' CIDs, newest last.
         self.recent: list[str] = []
         self._key_ready = False
+        #: A running node's bitswap and DHT (set by the membership once its host is up):
+        #: how CIDs and names are fetched and resolved without a daemon.
+        self.network: BlockNetwork | None = None
+        #: A CID or name given at start that only peers can supply: loaded once connected.
+        self.pending: str | None = None
+
+    @property
+    def ipns_name(self) -> str | None:
+        """Our IPNS name once a record for it is out: Kubo's key's, else our own (signed by
+        the node's key and put in the DHT, dllm_p2p.registry.exchange)."""
+        if self.kubo is not None:
+            return self._kubo_name
+        named = getattr(self.network, "named", None)
+        return getattr(self.network, "name", None) if named else None
 
     @property
     def mode(self) -> str:
@@ -61,7 +75,14 @@ class Publisher:
     def describe(self) -> str:
         if self.kubo is not None:
             return f"IPFS: Kubo at {self.kubo.api_url} (pinned, IPNS key {self.ipns_key!r})"
-        return "IPFS: no daemon, embedded content-addressed store (same CIDs as Kubo; replication is peer to peer)"
+        return (
+            "IPFS: no daemon; embedded store (same CIDs as Kubo), blocks served over bitswap, "
+            "provider records and IPNS on the network's DHT"
+        )
+
+    async def load(self, source: str) -> Chain:
+        """The verified chain ``source`` names (see :func:`load_source`)."""
+        return await load_source(source, self)
 
     async def publish(self, chain: Chain) -> str:
         """Add the chain's folder; write and return its CID. File and block writes (with
@@ -94,8 +115,8 @@ class Publisher:
             if self.ipns_key not in {k.name for k in await self.kubo.key_list()}:
                 await self.kubo.key_gen(self.ipns_key)
             self._key_ready = True
-        self.ipns_name = await self.kubo.name_publish(self.cid, key=self.ipns_key)
-        return self.ipns_name
+        self._kubo_name = await self.kubo.name_publish(self.cid, key=self.ipns_key)
+        return self._kubo_name
 
     async def aclose(self) -> None:
         if self.kubo is not None:
@@ -104,10 +125,12 @@ class Publisher:
 
 async def load_source(source: str, publisher: Publisher | None = None) -> Chain:
     """The verified chain that ``source`` names: a file or folder, a CID or ``/ipfs/``
-    path, or an ``/ipns/`` name (needs Kubo). Raises ``InvalidChain`` or ``IpfsError``."""
+    path, or an ``/ipns/`` name (through Kubo, else the running node's DHT). Raises
+    ``InvalidChain`` or ``IpfsError``."""
     data = await resolve_source(
         source,
         kubo=publisher.kubo if publisher else None,
         store=publisher.store if publisher else None,
+        network=publisher.network if publisher else None,
     )
     return verify_chain(data)
