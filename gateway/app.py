@@ -1,7 +1,8 @@
 """The gateway's HTTP API (FastAPI on hypercorn's trio worker, one loop with libp2p).
 
 Routes: ``/api/generate`` (JSON or server-sent events), OpenAI-compatible ``/v1/...``,
-``/api/nodes``, ``/api/registry``, ``/healthz``, ``/metrics`` and the page at ``/``.
+``/api/nodes``, ``/api/registry``, ``/ipfs/{cid}`` (trustless gateway, gateway/trustless.py),
+``/healthz``, ``/metrics`` and the page at ``/``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from libp2p.peer.id import ID
 from dllm_p2p import __version__, reach, wire
 from dllm_p2p.client import Client
 
+from dllm_p2p.registry.ipfs import EmbeddedStore
+
+from . import trustless
 from .audit import Auditor
 from .limits import RateLimiter
 from .nodes import NodeTable
@@ -160,8 +164,11 @@ class Gateway:
         rate_limit: float = 0.0,
         rate_burst: int = 20,
         auditor: Auditor | None = None,
+        blocks: EmbeddedStore | None = None,
     ) -> None:
         self.table = table
+        #: The node's embedded IPFS store, served at /ipfs/ (gateway/trustless.py).
+        self.blocks = blocks
         self.auditor = auditor
         self.client = client
         self.registry_info = registry_info or (lambda: {"head": None, "cid": None, "blocks": []})
@@ -560,6 +567,8 @@ def create_app(gw: Gateway) -> FastAPI:
     async def metrics() -> Response:
         gw.metrics.live_nodes.set(len(gw.table.online()))
         return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    trustless.add_routes(app, lambda: gw.blocks)
 
     # --- the page -----------------------------------------------------------------------
 

@@ -116,6 +116,7 @@ async def run_gateway(
         rate_limit=args.rate_limit,
         rate_burst=args.rate_burst,
         auditor=auditor,
+        blocks=publisher.store,
     )
     app = create_app(gw)
     config = Config()
