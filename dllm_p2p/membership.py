@@ -270,7 +270,7 @@ class Membership:
         assert self.host is not None
         self.ipfs = exchange.IpfsPeer(
             self.host, publisher.store, self.identity if publisher.kubo is None else None,
-            on_dialed=lambda peers: [_remember(self._dialed_to_fetch, p, None, MAX_PEERS_TRACKED) for p in peers],
+            on_dialed=self._dialed,
         )
         publisher.network = self.ipfs
         async with trio.open_nursery() as nursery:
@@ -278,6 +278,11 @@ class Membership:
             task_status.started()
             if publisher.pending is not None:
                 await self._load_pending(publisher)
+
+    def _dialed(self, peers: Any) -> None:
+        """Connections opened for us (DHT lookups): closed when idle, like fetches'."""
+        for peer in peers:
+            _remember(self._dialed_to_fetch, peer, None, MAX_PEERS_TRACKED)
 
     async def _load_pending(self, publisher: Publisher) -> None:
         source, publisher.pending = publisher.pending, None

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import trio
+from libp2p.kad_dht import value_store as _value_store
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.id import ID
 from libp2p.tools.anyio_service import background_trio_service
@@ -64,6 +65,10 @@ PROVIDE_EVERY = 60.0
 IPNS_LIFETIME = 24 * 3600.0
 IPNS_TTL = 60.0
 IPNS_REPUBLISH = 4 * 3600.0
+#: Values (IPNS records, at most 10 KiB each) a node keeps for others: py-libp2p's 50,000
+#: would let fresh keys fill 500 MB. Set on the module, whose eviction reads it.
+MAX_DHT_VALUES = 4096
+_value_store.MAX_VALUE_STORE_SIZE = MAX_DHT_VALUES
 
 
 class IpfsPeer:
@@ -85,7 +90,11 @@ class IpfsPeer:
         self.identity = identity
         self.on_dialed = on_dialed
         self.bitswap = Bitswap(host, store)
-        self.dht = _Dht(self, host, DHTMode.SERVER if server else DHTMode.CLIENT, enable_random_walk=False)
+        # strict_validation: only keys with a validator (/ipns/, /pk/) are stored for peers;
+        # py-libp2p otherwise keeps any un-namespaced value up to 1 MiB, 50,000 of them.
+        self.dht = _Dht(
+            self, host, DHTMode.SERVER if server else DHTMode.CLIENT, enable_random_walk=False, strict_validation=True,
+        )
         self.name = ipns.ipns_name(host.get_id()) if identity is not None else None
         #: The CIDs we hold and announce, newest last; set by ``published``.
         self.providing: list[str] = []
@@ -196,7 +205,7 @@ class IpfsPeer:
             infos = await self.dht.find_providers(cid, count=ASK_AT_MOST)
             reached: list[ID] = []
             for info in infos:
-                if info.peer_id == self.host.get_id():
+                if info.peer_id == self.host.get_id() or info.peer_id in reached:
                     continue
                 try:
                     with trio.fail_after(10):
