@@ -35,7 +35,6 @@ NODE_GHOST = "12D3KooWGhostttttttttttttttttttttttttttttttttttttt"
 NODE_OFF = "12D3KooWOffffffffffffffffffffffffffffffffffffffff"
 HOSTILE_MODEL = '<img src=x onerror="window.pwned=1">'
 REGISTRY = {"head": "9f" * 32, "cid": "QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG", "blocks": 7, "mode": "embedded"}
-REGISTRY_CID = "QmRegistryRegistryRegistryRegistryRegistryRegist"
 CHAT_MODEL = "smol-chat"
 MODEL_META = {
     CHAT_MODEL: {"fingerprint": "sha256:" + "ab" * 32, "chat": True},
@@ -122,7 +121,7 @@ def blockchain(gateway_url: str) -> dict[str, Any]:
 class FakeGateway:
     """The real gateway app on 127.0.0.1, in its own thread with its own trio loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, folder: Path) -> None:
         from gateway.app import Gateway, create_app
         from gateway.nodes import NodeTable
 
@@ -131,14 +130,10 @@ class FakeGateway:
         self.gw = Gateway(self.table, self.client, registry_info=lambda: dict(REGISTRY))  # type: ignore[arg-type]
         self.app = create_app(self.gw)
         self.url = ""
-
-        @self.app.get("/ipfs/{cid}/blockchain.json")  # this server doubles as an IPFS gateway
-        async def ipfs(cid: str) -> Any:
-            from fastapi.responses import JSONResponse
-
-            if cid != REGISTRY_CID:
-                return JSONResponse({"error": "not found"}, status_code=404)
-            return JSONResponse(blockchain(self.url))
+        self.folder = folder
+        #: The CID of a folder holding ``blockchain(self.url)``, which this server also
+        #: serves as a trustless IPFS gateway (``/ipfs/``, CARs), set once it listens.
+        self.registry_cid = ""
 
         self._token: trio.lowlevel.TrioToken | None = None
         self._stop: trio.Event | None = None
@@ -165,7 +160,18 @@ class FakeGateway:
         if not self._ready.wait(15):
             raise RuntimeError("the fake gateway did not start")
         self.call(self._populate)
+        self._publish()
         return self
+
+    def _publish(self) -> None:
+        from dllm_p2p.registry.ipfs import EmbeddedStore
+
+        publish = self.folder / "publish"
+        publish.mkdir(parents=True, exist_ok=True)
+        (publish / "blockchain.json").write_text(json.dumps(blockchain(self.url)))
+        store = EmbeddedStore(self.folder / "ipfs")
+        self.registry_cid = store.add_directory(publish)
+        self.gw.blocks = store
 
     def __exit__(self, *exc: object) -> None:
         assert self._stop is not None
@@ -193,8 +199,8 @@ class FakeGateway:
 
 
 @pytest.fixture(scope="module")
-def fake() -> Iterator[FakeGateway]:
-    with FakeGateway() as server:
+def fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeGateway]:
+    with FakeGateway(tmp_path_factory.mktemp("fake-gateway")) as server:
         yield server
 
 
@@ -402,15 +408,21 @@ def test_page_opened_from_disk_asks_for_the_gateway(fake: FakeGateway, page: Any
 
 
 def test_page_finds_a_gateway_through_the_registry(fake: FakeGateway, page: Any) -> None:
-    page.goto(f"{INDEX.as_uri()}?registry={REGISTRY_CID}&ipfs={fake.url}")
+    page.goto(f"{INDEX.as_uri()}?registry={fake.registry_cid}&ipfs={fake.url}")
     page.wait_for_function("u => document.querySelector('[data-testid=gateway-url]').value === u", arg=fake.url)
     status = page.get_by_test_id("discover-status").inner_text()
-    assert "Found 1 live gateway in 6 blocks" in status, status
+    assert "Found 1 live gateway in 6 registry blocks (verified by hash: Qm" in status, status
     page.wait_for_function("() => document.querySelectorAll('[data-testid=node-row]').length === 4")
 
     page.get_by_test_id("registry-ref").fill("/ipns/k51nothing")
     page.get_by_test_id("discover-button").click()
     page.wait_for_function("() => document.querySelector('[data-testid=discover-status]').textContent.includes('(404)')")
+    assert "/ipns/k51nothing/blockchain.json" in page.get_by_test_id("discover-status").inner_text()
+
+    # A plain URL is fetched by path and said to be unverified.
+    page.get_by_test_id("registry-ref").fill(f"{fake.url}/ipfs/{fake.registry_cid}/blockchain.json")
+    page.get_by_test_id("discover-button").click()
+    page.get_by_test_id("discover-status").filter(has_text="not verified: a URL is trusted as served").wait_for()
 
 
 def test_phone_layout_has_no_sideways_scroll(fake: FakeGateway, browser: Any) -> None:

@@ -278,14 +278,15 @@
     restartPolling();
   }
 
-  /** Where to read blockchain.json for a CID, /ipfs/ path, /ipns/ name or plain URL. */
-  function registryUrl(ref, ipfsGateway) {
+  /** Where to read blockchain.json: {url, cid, names}; cid and names (the path below the
+   *  CID) only for an /ipfs/ reference, the one kind that can be checked by hash. */
+  function registryTarget(ref, ipfsGateway) {
     let value = String(ref || "").trim();
     if (!value) throw new ApiError("enter a registry CID or /ipns/ name");
     if (/^https?:\/\//i.test(value)) {
       const url = normalizeHttpUrl(value);
       if (!url) throw new ApiError("the registry URL is not a valid http(s) URL");
-      return /\.json$/i.test(url) ? url : `${url}/blockchain.json`;
+      return { url: /\.json$/i.test(url) ? url : `${url}/blockchain.json`, cid: null, names: [] };
     }
     value = value.replace(/^(ipfs|ipns):\/\//i, "/$1/");
     if (!value.startsWith("/")) value = `/ipfs/${value}`;
@@ -299,7 +300,227 @@
     }
     const base = normalizeHttpUrl(ipfsGateway || DEFAULT_IPFS_GATEWAY);
     if (!base) throw new ApiError("the IPFS gateway URL is not a valid http(s) URL");
-    return `${base}/${parts[0].toLowerCase()}/${parts.slice(1).join("/")}/blockchain.json`;
+    const kind = parts[0].toLowerCase();
+    const url = `${base}/${kind}/${parts.slice(1).join("/")}/blockchain.json`;
+    if (kind !== "ipfs") return { url, cid: null, names: [] };
+    if (!/^(Qm[1-9A-HJ-NP-Za-km-z]{44}|b[a-z2-7]{58})$/.test(parts[1])) {
+      throw new ApiError(`"${parts[1]}" is not a CID this page can check (Qm… or bafy…)`);
+    }
+    return { url, cid: parts[1], names: [...parts.slice(2), "blockchain.json"] };
+  }
+
+  /** The URL of blockchain.json for a CID, /ipfs/ path, /ipns/ name or plain URL. */
+  const registryUrl = (ref, ipfsGateway) => registryTarget(ref, ipfsGateway).url;
+
+  // --- the registry by hash: a CARv1 of dag-pb / UnixFS blocks, each checked -------------
+
+  const MAX_CAR_BYTES = 32 * 1024 * 1024;
+  const MAX_CAR_BLOCKS = 10000;
+  const MAX_FILE_BYTES = 16 * 1024 * 1024;
+  const DAG_PB = 0x70;
+  const RAW = 0x55;
+  const B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz";
+  const B32 = "abcdefghijklmnopqrstuvwxyz234567";
+  const utf8 = new TextDecoder();
+
+  /** Base58btc, the text of a CIDv0. */
+  function b58(bytes) {
+    let n = 0n;
+    for (const b of bytes) n = n * 256n + BigInt(b);
+    let out = "";
+    for (; n > 0n; n /= 58n) out = B58[Number(n % 58n)] + out;
+    for (let i = 0; i < bytes.length && !bytes[i]; i++) out = `1${out}`;
+    return out;
+  }
+
+  /** Lowercase RFC 4648 base32 without padding, the text of a CIDv1 after its "b". */
+  function b32(bytes) {
+    let out = "", bits = 0, value = 0;
+    for (const b of bytes) {
+      value = ((value << 8) | b) & 0xffff;
+      for (bits += 8; bits >= 5; bits -= 5) out += B32[(value >>> (bits - 5)) & 31];
+    }
+    return bits ? out + B32[(value << (5 - bits)) & 31] : out;
+  }
+
+  /** The unsigned LEB128 varint at buf[pos]: [value, position after it]. */
+  function uvarint(buf, pos) {
+    let value = 0;
+    for (let shift = 0; shift < 63; shift += 7) {
+      if (pos >= buf.length) throw new ApiError("truncated varint");
+      const byte = buf[pos++];
+      value += (byte & 0x7f) * 2 ** shift;
+      if (!(byte & 0x80)) return [value, pos];
+    }
+    throw new ApiError("varint longer than 9 bytes");
+  }
+
+  /** The binary CID at buf[pos]: {cid (text), codec, digest, end}; sha2-256 only. */
+  function readCid(buf, pos) {
+    const start = pos;
+    let version = 0, codec = DAG_PB, hash, size;
+    if (buf[pos] !== 0x12 || buf[pos + 1] !== 0x20) {  // not CIDv0 (a bare sha2-256 multihash)
+      [version, pos] = uvarint(buf, pos);
+      [codec, pos] = uvarint(buf, pos);
+      if (version !== 1 || (codec !== DAG_PB && codec !== RAW)) {
+        throw new ApiError(`unsupported CID (version ${version}, codec 0x${codec.toString(16)}): only dag-pb and raw`);
+      }
+    }
+    [hash, pos] = uvarint(buf, pos);
+    [size, pos] = uvarint(buf, pos);
+    if (hash !== 0x12 || size !== 32) throw new ApiError(`a CID uses hash 0x${hash.toString(16)}: only sha2-256 is accepted`);
+    if (pos + 32 > buf.length) throw new ApiError("truncated CID");
+    const raw = buf.subarray(start, pos + 32);
+    return { cid: version ? `b${b32(raw)}` : b58(raw), codec, digest: buf.subarray(pos, pos + 32), end: pos + 32 };
+  }
+
+  /** A protobuf message as [field number, number | bytes] pairs (wire types 0 and 2). */
+  function pbFields(buf, cid) {
+    const out = [];
+    let pos = 0, key, value, size;
+    while (pos < buf.length) {
+      [key, pos] = uvarint(buf, pos);
+      if (key % 8 === 0) {
+        [value, pos] = uvarint(buf, pos);
+      } else if (key % 8 === 2 && ([size, pos] = uvarint(buf, pos)) && pos + size <= buf.length) {
+        value = buf.subarray(pos, (pos += size));
+      } else {
+        throw new ApiError(`block ${shortHash(cid)} is not valid dag-pb`);
+      }
+      out.push([Math.floor(key / 8), value]);
+    }
+    return out;
+  }
+
+  /** Every block of a CARv1, checked against its CID: Map of CID text -> {codec, data}. */
+  async function readCar(buf) {
+    if (buf.length > MAX_CAR_BYTES) throw new ApiError(`the CAR is above ${MAX_CAR_BYTES >> 20} MiB`);
+    const [size, start] = uvarint(buf, 0);
+    const header = buf.subarray(start, start + size);
+    // DAG-CBOR {roots, version: 1}: the roots are not needed, the walk starts at the CID asked for.
+    if (!size || start + size > buf.length || !new TextDecoder("latin1").decode(header).includes("gversion\x01")) {
+      throw new ApiError("the answer is not a CARv1");
+    }
+    const blocks = new Map();
+    for (let pos = start + size, end; pos < buf.length; pos = end) {
+      [end, pos] = uvarint(buf, pos);
+      end += pos;
+      if (end > buf.length || end === pos) throw new ApiError(`the CAR is cut short at byte ${pos}`);
+      if (blocks.size >= MAX_CAR_BLOCKS) throw new ApiError(`the CAR holds more than ${MAX_CAR_BLOCKS} blocks`);
+      const section = buf.subarray(pos, end);
+      const { cid, codec, digest, end: at } = readCid(section, 0);
+      const data = section.subarray(at);
+      const hash = new Uint8Array(await crypto.subtle.digest("SHA-256", data));
+      if (hash.some((b, i) => b !== digest[i])) throw new ApiError(`block ${shortHash(cid)} does not match its hash`);
+      blocks.set(cid, { codec, data });
+    }
+    return blocks;
+  }
+
+  /** A verified block as UnixFS: {type (0 raw, 1 folder, 2 file), data, filesize, links, sizes}. */
+  function unixfsNode(blocks, cid) {
+    const block = blocks.get(cid);
+    if (!block) throw new ApiError(`block ${shortHash(cid)} is missing from the CAR`);
+    if (block.codec === RAW) return { type: 0, data: block.data, filesize: block.data.length, links: [], sizes: [] };
+    const node = { type: -1, data: new Uint8Array(0), filesize: null, links: [], sizes: [] };
+    let unixfs = null;
+    for (const [field, value] of pbFields(block.data, cid)) {
+      if (field === 1 && value instanceof Uint8Array) unixfs = value;
+      if (field !== 2 || !(value instanceof Uint8Array)) continue;
+      const link = { cid: null, name: "" };
+      for (const [f, v] of pbFields(value, cid)) {
+        if (f === 1 && v instanceof Uint8Array) {
+          const target = readCid(v, 0);
+          if (target.end === v.length) link.cid = target.cid;
+        } else if (f === 2 && v instanceof Uint8Array) link.name = utf8.decode(v);
+      }
+      if (!link.cid) throw new ApiError(`block ${shortHash(cid)} has a link without a valid CID`);
+      node.links.push(link);
+    }
+    if (!unixfs) throw new ApiError(`block ${shortHash(cid)} carries no UnixFS data`);
+    for (const [field, value] of pbFields(unixfs, cid)) {
+      if (field === 1 && typeof value === "number") node.type = value;
+      else if (field === 2 && value instanceof Uint8Array) node.data = value;
+      else if (field === 3 && typeof value === "number") node.filesize = value;
+      else if (field === 4 && typeof value === "number") node.sizes.push(value);
+    }
+    return node;
+  }
+
+  /** The file at cid/names in a CAR, from blocks checked by hash only: {bytes, blocks used}. */
+  async function carFile(car, cid, names) {
+    const blocks = await readCar(car);
+    let node = unixfsNode(blocks, cid);
+    for (const name of names) {
+      if (node.type !== 1) throw new ApiError(`${shortHash(cid)} is not a folder, so it has no ${name}`);
+      const link = node.links.find((l) => l.name === name);
+      if (!link) throw new ApiError(`no ${name} under ${shortHash(cid)}`);
+      node = unixfsNode(blocks, (cid = link.cid));
+    }
+    const size = node.filesize ?? node.data.length;
+    if (size > MAX_FILE_BYTES) throw new ApiError(`the file is above ${MAX_FILE_BYTES >> 20} MiB`);
+    const out = new Uint8Array(size);
+    let at = 0, used = 0;
+    const stack = [[cid, node, size]];
+    while (stack.length) {  // depth first: a node's own data, then its children in link order
+      const [id, n, want] = stack.pop();
+      const total = n.sizes.reduce((a, b) => a + b, n.data.length);
+      if (n.type !== 0 && n.type !== 2) throw new ApiError(`block ${shortHash(id)} is not part of a file`);
+      if (n.sizes.length !== n.links.length || total !== want || (n.filesize !== null && n.filesize !== want)) {
+        throw new ApiError(`block ${shortHash(id)} declares sizes that do not add up`);
+      }
+      if (++used > MAX_CAR_BLOCKS) throw new ApiError(`the file spans more than ${MAX_CAR_BLOCKS} blocks`);
+      out.set(n.data, at);
+      at += n.data.length;
+      for (let i = n.links.length - 1; i >= 0; i--) stack.push([n.links[i].cid, unixfsNode(blocks, n.links[i].cid), n.sizes[i]]);
+    }
+    return { bytes: out, blocks: names.length + used };
+  }
+
+  /** The body of a response, refusing more than max bytes. */
+  async function readBounded(res, max, what) {
+    if (Number(res.headers.get("content-length")) > max) throw new ApiError(`${what} is above ${max >> 20} MiB`);
+    const reader = res.body.getReader();
+    const chunks = [];
+    for (let total = 0; ;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      if ((total += value.length) > max) {
+        reader.cancel().catch(() => {});
+        throw new ApiError(`${what} is above ${max >> 20} MiB`);
+      }
+      chunks.push(value);
+    }
+    return new Uint8Array(await new Blob(chunks).arrayBuffer());
+  }
+
+  /** GET a URL for discovery; an ApiError naming it when it fails. */
+  async function fetchRegistry(url, accept) {
+    let res;
+    try {
+      res = await fetch(url, { signal: AbortSignal.timeout(DISCOVER_TIMEOUT_MS), headers: { Accept: accept } });
+    } catch (err) {
+      throw new ApiError(`cannot load ${url} (${err && err.message ? err.message : err})`);
+    }
+    if (!res.ok) throw new ApiError(`cannot load ${url}`, { status: res.status });
+    return res;
+  }
+
+  /** blockchain.json and how far to trust it: by hash from a CAR for a CID, as served otherwise. */
+  async function loadRegistry(target) {
+    if (!target.cid) {
+      const res = await fetchRegistry(target.url, "application/json");
+      const what = /\/ipns\//.test(target.url) ? "an IPNS name" : "a URL";
+      return { text: utf8.decode(await readBounded(res, MAX_FILE_BYTES, "the registry")), how: `not verified: ${what} is trusted as served` };
+    }
+    const res = await fetchRegistry(`${target.url}?format=car`, "application/vnd.ipld.car");
+    const type = res.headers.get("content-type") || "";
+    if (!/^application\/vnd\.ipld\.car/i.test(type)) {
+      throw new ApiError(`the IPFS gateway answered ${type.split(";")[0] || "without a type"}, not a CAR: it is not a trustless gateway`);
+    }
+    const car = await readBounded(res, MAX_CAR_BYTES, "the CAR");
+    const { bytes, blocks } = await carFile(car, target.cid, target.names);
+    return { text: utf8.decode(bytes), how: `verified by hash: ${shortHash(target.cid)}, ${blocks} IPFS blocks` };
   }
 
   /** The records of a blockchain.json, in chain order; tolerant of the exact layout. */
@@ -346,24 +567,20 @@
     storage.set(STORE.ipfs, ipfs);
     ui.discoverStatus.textContent = "Loading the registry…";
     ui.discoverStatus.classList.remove("bad");
+    delete ui.discoverStatus.dataset.verified;
     try {
-      const url = registryUrl(ref, ipfs);
-      let res;
-      try {
-        res = await fetch(url, { signal: AbortSignal.timeout(DISCOVER_TIMEOUT_MS), headers: { Accept: "application/json" } });
-      } catch (err) {
-        throw new ApiError(`cannot load ${url} (${err && err.message ? err.message : err})`);
-      }
-      if (!res.ok) throw new ApiError(`cannot load ${url}`, { status: res.status });
-      const doc = parseJson(await res.text());
-      if (doc === null) throw new ApiError(`${url} is not JSON`);
+      const target = registryTarget(ref, ipfs);
+      const { text, how } = await loadRegistry(target);
+      const doc = parseJson(text);
+      if (doc === null) throw new ApiError(`the registry at ${target.url} is not JSON`);
       const { blocks, urls } = liveGateways(doc);
       if (!urls.length) {
-        throw new ApiError(`the registry (${blocks} blocks) lists no live gateway with a public URL`);
+        throw new ApiError(`the registry (${blocks} blocks; ${how}) lists no live gateway with a public URL`);
       }
       const pick = urls[Math.floor(Math.random() * urls.length)];
       setGateway(pick);
-      ui.discoverStatus.textContent = `Found ${urls.length} live gateway${urls.length === 1 ? "" : "s"} in ${blocks} blocks; using ${pick}.`;
+      ui.discoverStatus.textContent = `Found ${urls.length} live gateway${urls.length === 1 ? "" : "s"} in ${blocks} registry blocks (${how}); using ${pick}.`;
+      ui.discoverStatus.dataset.verified = String(Boolean(target.cid));
     } catch (err) {
       ui.discoverStatus.textContent = err instanceof ApiError ? err.display : String(err);
       ui.discoverStatus.classList.add("bad");
@@ -1029,6 +1246,6 @@
   }
 
   // Exposed for tests and the console; the page itself does not depend on it.
-  window.dllm = { liveGateways, registryUrl, normalizeHttpUrl, parseEvent, sseEvents, refresh, copyText, state };
+  window.dllm = { liveGateways, registryUrl, carFile, normalizeHttpUrl, parseEvent, sseEvents, refresh, copyText, state };
   start();
 })();
