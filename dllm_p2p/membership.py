@@ -270,7 +270,7 @@ class Membership:
         assert self.host is not None
         self.ipfs = exchange.IpfsPeer(
             self.host, publisher.store, self.identity if publisher.kubo is None else None,
-            on_dialed=self._dialed,
+            on_dialed=self._dialed, crowd=lambda: len(self.chain.nodes()),
         )
         publisher.network = self.ipfs
         async with trio.open_nursery() as nursery:

@@ -196,3 +196,33 @@ async def test_a_name_published_in_the_dht_resolves_from_another_node(tmp_path: 
             await peers[2].resolve("/ipns/" + ipns.ipns_name(generate().peer_id))
         assert isinstance(me, Identity)
         nursery.cancel_scope.cancel()
+
+
+async def test_only_a_few_of_many_nodes_announce_each_cid(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Every node converges on the same CID; each announcing it made 50 relays converge
+    in over 300 s instead of 163 s. With 400 live nodes about 4 in 400 announce."""
+    import random
+
+    from dllm_p2p.registry import exchange
+
+    calls: list[str] = []
+
+    async def provide(key: str) -> bool:
+        calls.append(key)
+        return True
+
+    random.seed(17)
+    crowd = {"n": 400}
+    peer = exchange.IpfsPeer(make_host(generate()), EmbeddedStore(tmp_path), crowd=lambda: crowd["n"])
+    monkeypatch.setattr(peer.dht, "provide", provide)
+    cids = [publication(tmp_path, f"p{i}", str(i).encode())[1] for i in range(200)]
+    for cid in cids:
+        await peer._provide(cid)
+        await peer._provide(cid)  # the same CID again: already decided
+    assert 0 < len(calls) <= 6  # 2 expected
+    crowd["n"] = 2  # a small network: every node announces every CID
+    calls.clear()
+    for cid in cids[:20]:
+        peer._considered = None
+        await peer._provide(cid)
+    assert len(calls) == 20 and peer.provided == cids[19] and cids[19] in peer.pinned

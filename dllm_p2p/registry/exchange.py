@@ -5,14 +5,15 @@ Every node (worker, relay, gateway) runs one :class:`IpfsPeer` beside its host:
 
 * **Blocks**: :class:`~dllm_p2p.registry.bitswap.Bitswap` serves the blocks of the node's
   recent registry publications from its embedded store, and fetches a DAG by CID.
-* **Providers**: after a publication has stood for a moment the node announces a
-  provider record for its CID on the DHT (py-libp2p's ``kad_dht``, protocol
-  ``/ipfs/kad/1.0.0``, server mode), and looks providers up there when no connected
-  peer has a CID it needs. So a peer that knows only a CID and one node of the network
-  can find who holds it.
+* **Providers**: after a publication has stood for a moment, a few of the nodes that
+  hold it announce a provider record for its CID on the DHT (py-libp2p's ``kad_dht``,
+  protocol ``/ipfs/kad/1.0.0``, server mode); a node looks providers up there when no
+  connected peer has a CID it needs. So a peer that knows only a CID and one node of the
+  network can find who holds it.
 * **Names**: the node signs an IPNS record (:mod:`dllm_p2p.registry.ipns`) pointing its
-  name, ``/ipns/k51...`` of its own peer id, at its newest publication, stores it in the
-  DHT, republishes it on a schedule, and resolves other names through the DHT.
+  name, ``/ipns/k51...`` of its own peer id, at a recent publication (kept in its store
+  while named), stores it in the DHT, republishes it on a schedule, and resolves other
+  names through the DHT.
 
 This DHT is the network's own: its nodes are dllm nodes. Records use the key formats of
 py-libp2p's DHT (``/ipns/<base58 peer id>``), not the public Amino DHT's binary keys.
@@ -27,6 +28,7 @@ full mesh.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -60,10 +62,14 @@ LOOKUP_TIMEOUT = 30.0
 SETTLE = 10.0
 #: At most one announcement of a new CID per this many seconds.
 PROVIDE_EVERY = 60.0
-#: IPNS: records live a day, ask resolvers to cache a minute, and are signed again
-#: every 4 hours even when the CID has not changed.
+#: Providers a CID should have: each node announces with this over the live nodes.
+PROVIDERS_WANTED = 4
+#: IPNS: records live a day and ask resolvers to cache a minute; a node points its name
+#: at a new CID at most every 10 minutes (the CID it names stays in its store), and signs
+#: it again every 4 hours when nothing changed.
 IPNS_LIFETIME = 24 * 3600.0
 IPNS_TTL = 60.0
+IPNS_EVERY = 600.0
 IPNS_REPUBLISH = 4 * 3600.0
 #: Values (IPNS records, at most 10 KiB each) a node keeps for others: py-libp2p's 50,000
 #: would let fresh keys fill 500 MB. Set on the module, whose eviction reads it.
@@ -81,14 +87,17 @@ class IpfsPeer:
         identity: Identity | None = None,
         *,
         on_dialed: Callable[[Iterable[ID]], None] | None = None,
+        crowd: Callable[[], int] = lambda: 1,
         server: bool = True,
     ) -> None:
         """``server=False`` for a short-lived peer (``registry show --bootstrap``): it
-        queries the DHT but does not answer for it, nor sit in others' routing tables."""
+        queries the DHT but does not answer for it, nor sit in others' routing tables.
+        ``crowd()`` is how many live nodes the registry lists (see ``_provide``)."""
         self.host = host
         self.store = store
         self.identity = identity
         self.on_dialed = on_dialed
+        self.crowd = crowd
         self.bitswap = Bitswap(host, store)
         # strict_validation: only keys with a validator (/ipns/, /pk/) are stored for peers;
         # py-libp2p otherwise keeps any un-namespaced value up to 1 MiB, 50,000 of them.
@@ -99,6 +108,7 @@ class IpfsPeer:
         #: The CIDs we hold and announce, newest last; set by ``published``.
         self.providing: list[str] = []
         self.provided: str | None = None
+        self._considered: str | None = None
         self.named: tuple[str, float] | None = None  # (cid, when signed)
         self._changed = trio.Event()
         self._ready = trio.Event()
@@ -127,9 +137,15 @@ class IpfsPeer:
         self.providing = list(recent)
         self._changed.set()
 
+    @property
+    def pinned(self) -> tuple[str, ...]:
+        """CIDs the store must keep although newer ones came: the one we announced as a
+        provider and the one our name points to (the publisher's garbage collection)."""
+        return tuple(c for c in (self.provided, self.named[0] if self.named else None) if c)
+
     async def _announce_loop(self) -> None:
         while True:
-            with trio.move_on_after(IPNS_REPUBLISH / 4):
+            with trio.move_on_after(IPNS_EVERY):
                 await self._changed.wait()
             # Wait for the publication to settle: another change restarts the wait.
             while True:
@@ -150,23 +166,34 @@ class IpfsPeer:
             await trio.sleep(PROVIDE_EVERY)
 
     async def _provide(self, cid: str) -> None:
-        # Only the recent publications are re-announced by the DHT's own republisher.
-        self.dht.provider_store.providing_keys.intersection_update(
-            {_key(c) for c in self.providing}
-        )
-        if cid == self.provided:
+        """Announce ``cid`` as a provider, if this node is one of the few that should.
+
+        Every node of a network converges on the same CID, and a lookup needs only a few
+        providers: each node announces with probability PROVIDERS_WANTED / live nodes, so
+        a change costs the network about PROVIDERS_WANTED announcements, not one per node
+        (on 50 relays, one per node slowed convergence from 163 s to over 300 s)."""
+        if cid == self._considered:
+            return
+        self._considered = cid
+        if random.random() >= PROVIDERS_WANTED / max(1, self.crowd()):
             return
         with self._noting_dials(), trio.move_on_after(LOOKUP_TIMEOUT):
             ok = await self.dht.provide(cid)
             self.provided = cid
+            # Only what we announced is re-announced by the DHT's own republisher.
+            self.dht.provider_store.providing_keys.intersection_update({_key(cid)})
             log.info("provider record for %s %s", cid, "announced" if ok else "kept locally (no DHT peer took it)")
 
     async def _name(self, cid: str) -> None:
+        """Point our name at ``cid``: at once the first time, then at most every
+        IPNS_EVERY for a new CID, and every IPNS_REPUBLISH regardless."""
         if self.identity is None:
             return
         now = time.time()
-        if self.named is not None and self.named[0] == cid and now - self.named[1] < IPNS_REPUBLISH:
-            return
+        if self.named is not None:
+            named, at = self.named
+            if now - at < (IPNS_EVERY if named != cid else IPNS_REPUBLISH):
+                return
         record = ipns.make_record(
             self.identity, f"/ipfs/{cid}", sequence=time.time_ns() // 1_000_000, lifetime=IPNS_LIFETIME, ttl=IPNS_TTL,
         )

@@ -100,11 +100,13 @@ class Publisher:
 
     def _add_embedded(self, folder: Path, chain: Chain) -> str:
         """Always add to the embedded store (it lets us serve and check the CID locally),
-        then drop the blocks of all but the last ``KEEP_PUBLICATIONS`` publications."""
+        then drop the blocks of all but the last ``KEEP_PUBLICATIONS`` publications and
+        those the DHT points to (``network.pinned``)."""
         write_atomic(folder / FILENAME, chain.to_json().encode())
         cid = self.store.add_directory(folder)
         self.recent = [c for c in self.recent if c != cid][-(KEEP_PUBLICATIONS - 1):] + [cid]
-        self.store.collect_garbage(self.recent)
+        # Also keep what the DHT was told we hold: our provider record's and our name's CID.
+        self.store.collect_garbage([*self.recent, *getattr(self.network, "pinned", ())])
         return cid
 
     async def publish_name(self) -> str | None:
