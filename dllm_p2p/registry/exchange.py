@@ -60,6 +60,7 @@ LOOKUP_TIMEOUT = 30.0
 #: A publication is announced once it has stood this long (a busy node publishes every
 #: few seconds while records arrive; announcing each would flood the DHT).
 SETTLE = 10.0
+SETTLE_MAX = 60.0
 #: At most one announcement of a new CID per this many seconds.
 PROVIDE_EVERY = 60.0
 #: Providers a CID should have: each node announces with this over the live nodes.
@@ -147,10 +148,12 @@ class IpfsPeer:
         while True:
             with trio.move_on_after(IPNS_EVERY):
                 await self._changed.wait()
-            # Wait for the publication to settle: another change restarts the wait.
+            # Wait for the publication to settle: another change restarts the wait, up to
+            # SETTLE_MAX (a large network's CID may change every few seconds for ever).
+            started = trio.current_time()
             while True:
                 self._changed = trio.Event()
-                with trio.move_on_after(SETTLE):
+                with trio.move_on_after(min(SETTLE, max(0.0, started + SETTLE_MAX - trio.current_time()))):
                     await self._changed.wait()
                     continue
                 break
