@@ -181,6 +181,8 @@ class Membership:
         self._announced: OrderedDict[str, str] = OrderedDict()
         #: Peers we connected to only to fetch their chain (see _hang_up_idle).
         self._dialed_to_fetch: OrderedDict[ID, None] = OrderedDict()
+        #: Sources of chains of another network (other proof of work) we warned about.
+        self._other_networks: OrderedDict[str, None] = OrderedDict()
         #: The heads we held lately: everything in one is in our chain (or expired).
         self._held: OrderedDict[str, None] = OrderedDict()
         #: Held while the chain is merged and saved: two fetches must not both build on
@@ -449,8 +451,12 @@ class Membership:
     async def _take_chain(self, theirs: Chain, what: str) -> bool:
         """Merge a verified chain into ours; False when it belongs to another network."""
         if theirs.pow_bits != self.config.pow_bits:
-            log.warning(
-                "ignoring %s: it asks for %d bits of proof of work, this network %d (another network?)",
+            # Once per source at WARNING: a peer of another network is asked again at
+            # every heartbeat it sends.
+            level = logging.DEBUG if what in self._other_networks else logging.WARNING
+            _remember(self._other_networks, what, None, MAX_PEERS_TRACKED)
+            log.log(
+                level, "ignoring %s: it asks for %d bits of proof of work, this network %d (another network?)",
                 what, theirs.pow_bits, self.config.pow_bits,
             )
             return False

@@ -147,6 +147,9 @@ def test_a_peer_that_knows_only_a_cid_or_name_and_one_node_finds_it_through_the_
             gateway.wait_for_line(rf"registry /ipns/{name} loaded from peers", timeout=90, stream="err")
         finally:
             gateway.stop()
+        # The worker was asked to take the relay's chain (of another network) repeatedly
+        # and said why it would not, once.
+        assert sum("another network" in line for line in worker.stderr) == 1, worker.output()
     finally:
         if worker is not None:
             worker.stop()
