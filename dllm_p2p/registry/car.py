@@ -45,6 +45,8 @@ from dllm_p2p.registry.ipfs import (
     EmbeddedStore,
     _b58decode,
     _b58encode,
+    _base_decode,
+    _base_encode,
     _decode_node,
     _varint,
     is_cid,
@@ -123,7 +125,6 @@ def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
 
 _B32_RE = re.compile(r"[a-z2-7]+")
 _B36_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
-_B36_INDEX = {c: i for i, c in enumerate(_B36_ALPHABET)}
 
 
 def _b32encode(raw: bytes) -> str:
@@ -142,23 +143,14 @@ def _b32decode(text: str) -> bytes:
 
 def _b36encode(raw: bytes) -> str:
     """Multibase ``base36`` (lowercase, without its ``k``): leading zero bytes become "0"."""
-    number = int.from_bytes(raw, "big")
-    digits = []
-    while number:
-        number, rem = divmod(number, 36)
-        digits.append(_B36_ALPHABET[rem])
-    zeros = len(raw) - len(raw.lstrip(b"\0"))
-    return "0" * zeros + "".join(reversed(digits))
+    return _base_encode(raw, _B36_ALPHABET)
 
 
 def _b36decode(text: str) -> bytes:
-    number = 0
-    for char in text:
-        if char not in _B36_INDEX:
-            raise ValueError("not lowercase base36")
-        number = number * 36 + _B36_INDEX[char]
-    zeros = len(text) - len(text.lstrip("0"))
-    return b"\0" * zeros + number.to_bytes((number.bit_length() + 7) // 8, "big")
+    try:
+        return _base_decode(text, _B36_ALPHABET)
+    except ValueError:
+        raise ValueError("not lowercase base36") from None
 
 
 # --- CIDs -------------------------------------------------------------------------------

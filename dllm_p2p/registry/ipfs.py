@@ -29,7 +29,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import BinaryIO, NamedTuple, Protocol, Union
 from urllib.parse import quote_plus
@@ -129,28 +129,45 @@ class ContentCorrupt(ContentError):
 # --- CIDv0 ------------------------------------------------------------------------------
 
 _B58_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
-_B58_INDEX = {c: i for i, c in enumerate(_B58_ALPHABET)}
 _CIDV0_RE = re.compile(r"Qm[1-9A-HJ-NP-Za-km-z]{44}")
 _SHA2_256_PREFIX = b"\x12\x20"  # multihash: code 0x12 (sha2-256), length 32
 
 
-def _b58encode(raw: bytes) -> str:
+@cache
+def _digit_values(alphabet: str) -> dict[str, int]:
+    return {c: i for i, c in enumerate(alphabet)}
+
+
+def _base_encode(raw: bytes, alphabet: str) -> str:
+    """Big-endian base-``len(alphabet)`` digits, each leading zero byte as the zero digit
+    (base58btc, multibase base36)."""
     number = int.from_bytes(raw, "big")
     digits = []
     while number:
-        number, rem = divmod(number, 58)
-        digits.append(_B58_ALPHABET[rem])
+        number, rem = divmod(number, len(alphabet))
+        digits.append(alphabet[rem])
     zeros = len(raw) - len(raw.lstrip(b"\0"))
-    return "1" * zeros + "".join(reversed(digits))
+    return alphabet[0] * zeros + "".join(reversed(digits))
+
+
+def _base_decode(text: str, alphabet: str) -> bytes:
+    """The inverse of :func:`_base_encode`; ValueError for a character not in ``alphabet``."""
+    values = _digit_values(alphabet)
+    number = 0
+    for char in text:
+        if char not in values:
+            raise ValueError(f"not base{len(alphabet)}")
+        number = number * len(alphabet) + values[char]
+    zeros = len(text) - len(text.lstrip(alphabet[0]))
+    return b"\0" * zeros + number.to_bytes((number.bit_length() + 7) // 8, "big")
+
+
+def _b58encode(raw: bytes) -> str:
+    return _base_encode(raw, _B58_ALPHABET)
 
 
 def _b58decode(text: str) -> bytes:
-    number = 0
-    for char in text:
-        number = number * 58 + _B58_INDEX[char]
-    zeros = len(text) - len(text.lstrip("1"))
-    body = number.to_bytes((number.bit_length() + 7) // 8, "big")
-    return b"\0" * zeros + body
+    return _base_decode(text, _B58_ALPHABET)
 
 
 def _cid_of_block(block: bytes) -> str:

@@ -154,7 +154,7 @@ def peer_id_of_name(name: str | ID) -> ID:
     elif text.startswith(("1", "Q")):
         try:
             mh = _b58decode(text)
-        except KeyError:
+        except ValueError:
             raise IpnsInvalid(f"{shown!r} is not an IPNS name: not base58") from None
     else:
         raise IpnsInvalid(
