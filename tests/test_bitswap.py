@@ -6,6 +6,7 @@ real workers is in tests/test_ipfs_network.py."""
 from __future__ import annotations
 
 import hashlib
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,27 @@ def publication(tmp_path: Path, name: str, data: bytes) -> tuple[EmbeddedStore, 
 
 async def connect(a, b) -> None:  # type: ignore[no-untyped-def]
     await a.connect(peer_info(f"{host_addrs(b)[0]}/p2p/{b.get_id()}"))
+
+
+@asynccontextmanager
+async def line_of_three(tmp_path: Path, store_a: EmbeddedStore, identity_a=None, on_dialed=None):  # type: ignore[no-untyped-def]
+    """Three running IpfsPeers A, B, C on 127.0.0.1, A and C connected to B only; A holds
+    ``store_a`` (and signs names with ``identity_a``), B and C empty stores."""
+    from dllm_p2p.registry.exchange import IpfsPeer
+
+    a, b, c = make_host(identity_a or generate()), make_host(generate()), make_host(generate())
+    async with a.run(LOOPBACK), b.run(LOOPBACK), c.run(LOOPBACK), trio.open_nursery() as nursery:
+        peers = [
+            IpfsPeer(a, store_a, identity_a),
+            IpfsPeer(b, EmbeddedStore(tmp_path / "b")),
+            IpfsPeer(c, EmbeddedStore(tmp_path / "c"), on_dialed=on_dialed),
+        ]
+        for peer in peers:
+            await nursery.start(peer.run)
+        await connect(a, b)
+        await connect(c, b)
+        yield peers
+        nursery.cancel_scope.cancel()
 
 
 def test_binary_cids_of_both_versions_name_the_same_block() -> None:
@@ -145,22 +167,11 @@ async def test_answers_come_on_a_stream_the_server_opens_and_bad_input_is_surviv
 async def test_a_peer_that_knows_only_a_cid_and_one_node_finds_the_provider_in_the_dht(tmp_path: Path) -> None:
     """A provides the CID; B, the only node C knows, does not hold it but keeps A's
     provider record; C finds A through B's DHT, connects to it and fetches the DAG."""
-    from dllm_p2p.registry.exchange import IpfsPeer
-
     data = b'{"format": "dllm-registry/1", "blocks": []}\n'
     store_a, cid = publication(tmp_path, "a", data)
-    a, b, c = make_host(generate()), make_host(generate()), make_host(generate())
-    async with a.run(LOOPBACK), b.run(LOOPBACK), c.run(LOOPBACK), trio.open_nursery() as nursery:
-        dialed: list[object] = []
-        peers = [
-            IpfsPeer(a, store_a),
-            IpfsPeer(b, EmbeddedStore(tmp_path / "b")),
-            IpfsPeer(c, EmbeddedStore(tmp_path / "c"), on_dialed=dialed.extend),
-        ]
-        for peer in peers:
-            await nursery.start(peer.run)
-        await connect(a, b)
-        await connect(c, b)
+    dialed: list[object] = []
+    async with line_of_three(tmp_path, store_a, on_dialed=dialed.extend) as peers:
+        a = peers[0].host
         with trio.fail_after(30):
             await peers[0].add_connected()
             await peers[0]._provide(cid)
@@ -168,23 +179,15 @@ async def test_a_peer_that_knows_only_a_cid_and_one_node_finds_the_provider_in_t
         assert peers[2].store.get_file(f"{cid}/blockchain.json") == data
         assert a.get_id() in dialed  # handed to the node so that it can hang up when idle
         assert peers[1].bitswap.stats.dont_have_sent >= 1  # B was asked first and said no
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_name_published_in_the_dht_resolves_from_another_node(tmp_path: Path) -> None:
     from dllm_p2p.identity import Identity
     from dllm_p2p.registry import ipns
-    from dllm_p2p.registry.exchange import IpfsPeer
 
     store_a, cid = publication(tmp_path, "a", b"{}")
     me = generate()
-    a, b, c = make_host(me), make_host(generate()), make_host(generate())
-    async with a.run(LOOPBACK), b.run(LOOPBACK), c.run(LOOPBACK), trio.open_nursery() as nursery:
-        peers = [IpfsPeer(a, store_a, me), IpfsPeer(b, EmbeddedStore(tmp_path / "b")), IpfsPeer(c, EmbeddedStore(tmp_path / "c"))]
-        for peer in peers:
-            await nursery.start(peer.run)
-        await connect(a, b)
-        await connect(c, b)
+    async with line_of_three(tmp_path, store_a, me) as peers:
         with trio.fail_after(30):
             await peers[0].add_connected()
             await peers[0]._name(cid)
@@ -195,7 +198,6 @@ async def test_a_name_published_in_the_dht_resolves_from_another_node(tmp_path: 
         with trio.fail_after(60), pytest.raises(Exception, match="no IPNS record"):
             await peers[2].resolve("/ipns/" + ipns.ipns_name(generate().peer_id))
         assert isinstance(me, Identity)
-        nursery.cancel_scope.cancel()
 
 
 async def test_only_a_few_of_many_nodes_announce_each_cid(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
