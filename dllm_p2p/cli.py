@@ -50,6 +50,8 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrency", type=int, default=8, help="requests generated together in one batch (default 8)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: all cores; give each of several workers on one machine its share)")
     p.add_argument("--max-queue", type=int, default=32, help="requests waiting for a batch slot before 'busy' (default 32)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16"], help="weights of Llama-family models (lean decoder): float16 halves the bytes read per token with the same answers to within rounding; auto = float16 where PyTorch has FBGEMM (x86), else float32; other models run in float32 (default auto)")
+    p.add_argument("--kv-cache-mb", type=float, default=1024, help="KV-cache budget: requests past it wait for a batch slot, a request that alone exceeds it is refused (default 1024)")
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds one generation may take (default 300)")
     p.add_argument("--read-timeout", type=float, default=10.0, help="seconds a dialer has to send its request (default 10)")
     p.add_argument("--no-relay", action="store_true", help="never relay for others (by default a node that peers can reach directly offers circuit-relay reservations)")
@@ -248,6 +250,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return _fail("--max-concurrency must be at least 1 and --max-queue at least 0")
     if args.max_new_tokens < 1 or not args.request_timeout > 0:
         return _fail("--max-new-tokens must be at least 1 and --request-timeout positive")
+    if not args.kv_cache_mb > 0:
+        return _fail("--kv-cache-mb must be positive")
     try:
         membership_config = MembershipConfig(
             role="worker", bootstrap=args.bootstrap, heartbeat_interval=args.heartbeat_interval, record_ttl=args.record_ttl,
@@ -272,7 +276,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except ModelLoadError as exc:
         return _fail(str(exc))
     print(f"[model] fingerprint {fingerprint(loaded, args.data_dir)}", file=sys.stderr, flush=True)
-    engine = Engine(loaded, max_batch_size=args.max_concurrency, max_queue=args.max_queue)
+    try:
+        engine = Engine(
+            loaded, max_batch_size=args.max_concurrency, max_queue=args.max_queue, dtype=args.dtype, kv_cache_mb=args.kv_cache_mb
+        )
+    except ValueError as exc:
+        return _fail(str(exc))
+    print(f"[model] engine: {engine.backend}, {engine.dtype} weights, KV cache budget {args.kv_cache_mb:g} MB", file=sys.stderr, flush=True)
     config = WorkerConfig(
         listen=args.listen or ["/ip4/0.0.0.0/tcp/4001"],
         announce=args.announce,

@@ -20,7 +20,7 @@ from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 
 from . import __version__, answers, wire
-from .engine import Engine, EngineBusy, EngineError, GenerationParams
+from .engine import Engine, EngineBusy, EngineError, GenerationParams, RequestTooLarge
 from .engine.scoring import score_tokens
 from .fsutil import write_json_atomic
 from .host import host_addrs, make_host, parse_multiaddr, reset_quietly
@@ -188,7 +188,7 @@ class Worker:
                     score_tokens, self.engine.loaded, prompt_ids, list(scoring.tokens), request.temperature
                 )
             except ValueError as exc:
-                return wire.error_frame("too_large" if "too long" in str(exc) else "bad_request", str(exc))
+                return wire.error_frame("too_large" if isinstance(exc, RequestTooLarge) else "bad_request", str(exc))
 
     # --- /dllm/generate/1.0.0 -----------------------------------------------------------
 
@@ -304,7 +304,7 @@ class Worker:
                 except EngineBusy as exc:
                     error = ("busy", str(exc) or "node is at capacity, try another node")
                 except ValueError as exc:  # the prompt does not fit the context, or bad params
-                    error = ("too_large" if "too long" in str(exc) else "bad_request", str(exc))
+                    error = ("too_large" if isinstance(exc, RequestTooLarge) else "bad_request", str(exc))
                 except EngineError as exc:  # this generation failed; the node carries on
                     log.warning("generation failed: %s", exc)
                     error = ("internal", f"generation failed: {exc}")

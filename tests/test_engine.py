@@ -1,7 +1,8 @@
 """The model engine: built-in models, loading errors, and the batching scheduler.
 
-Everything runs on the built-in ``tiny`` model (a few ms per decode step) except one test
-that builds ``random:gpt2`` to check its shape.
+The scheduler's tests run twice: on the built-in ``tiny`` model (GPT-2, through
+transformers' forward) and on ``tiny-llama`` (the lean decoder); a few ms per decode step.
+One test builds ``random:gpt2`` to check its shape.
 """
 
 from __future__ import annotations
@@ -41,14 +42,16 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def loaded() -> LoadedModel:
-    return load_model("tiny")
+@pytest.fixture(scope="module", params=["tiny", "tiny-llama"])
+def loaded(request: pytest.FixtureRequest) -> LoadedModel:
+    """Every engine test runs on both backends: transformers' forward (GPT-2) and the lean decoder (Llama)."""
+    return load_model(request.param)
 
 
 @pytest.fixture
 def engine(loaded: LoadedModel) -> Iterator[Engine]:
-    with Engine(loaded, max_batch_size=4, max_queue=8) as engine:
+    # float32 weights: the greedy tests compare token for token with transformers' generate.
+    with Engine(loaded, max_batch_size=4, max_queue=8, dtype="float32") as engine:
         yield engine
 
 
@@ -88,7 +91,8 @@ def test_tiny_build_is_quick_and_deterministic() -> None:
     assert model.config.n_layer == 2 and model.config.n_positions == 512
 
 
-def test_init_tiny_round_trips_through_from_pretrained(tmp_path, loaded: LoadedModel) -> None:  # type: ignore[no-untyped-def]
+def test_init_tiny_round_trips_through_from_pretrained(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    loaded = load_model("tiny")
     path = init_tiny(tmp_path / "tiny-copy")
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -279,6 +283,39 @@ async def test_invalid_params_and_too_long_prompts_raise_value_error(engine: Eng
         async with engine.generate(GenerationParams("the river " * 300, max_new_tokens=12)):
             pass  # pragma: no cover
     assert engine.stats()["in_flight"] == 0
+
+
+async def test_kv_cache_budget_queues_past_it_and_refuses_what_alone_exceeds_it(loaded: LoadedModel) -> None:
+    prompt = PROMPTS[1]
+    span = len(loaded.encode(prompt)) + 60  # prompt + max_new_tokens: the cache one request may fill
+    with Engine(loaded, max_batch_size=4, max_queue=4, dtype="float32") as probe:
+        per_token = probe._runner.kv_bytes_per_token
+    budget_mb = 1.5 * span * per_token / 2**20  # room for one such request, not two
+    with Engine(loaded, max_batch_size=4, max_queue=4, dtype="float32", kv_cache_mb=budget_mb) as engine:
+        params = GenerationParams(prompt, max_new_tokens=60, min_new_tokens=60, temperature=0)
+        results: list[GenerationResult] = []
+        peak = 0
+
+        async def one() -> None:
+            results.append((await run(engine, params))[1])
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one)
+            nursery.start_soon(one)
+            await wait_until(lambda: engine.stats()["in_flight"] == 2)
+            while engine.stats()["in_flight"]:
+                peak = max(peak, engine.stats()["running"])
+                assert engine.stats()["kv_cache_mb"] <= engine.stats()["kv_cache_budget_mb"]
+                await trio.sleep(0.002)
+        assert peak == 1  # the second waited for the first instead of growing the cache past the budget
+        first, second = sorted(results, key=lambda r: r.queue_ms)
+        assert second.queue_ms >= first.total_ms - first.queue_ms - 50
+        assert first.token_ids == second.token_ids and len(first.token_ids) == 60
+
+        with pytest.raises(ValueError, match=r"need [\d.]+ MB of KV cache, and its budget is [\d.]+ MB \(--kv-cache-mb\)"):
+            async with engine.generate(GenerationParams(prompt, max_new_tokens=200)):
+                pass  # pragma: no cover
+        assert engine.stats()["in_flight"] == 0
 
 
 async def test_engine_busy_when_batch_and_queue_are_full(loaded: LoadedModel) -> None:

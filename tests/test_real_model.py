@@ -64,3 +64,44 @@ def test_the_fingerprint_is_computed_once_then_read_from_the_data_dir(
     monkeypatch.setattr(smollm2, "source", smollm2.source + "\nchanged")
     monkeypatch.setattr(fingerprints, "compute", lambda loaded: "sha256:" + "0" * 64)
     assert fingerprints.fingerprint(smollm2, tmp_path) == "sha256:" + "0" * 64
+
+
+def test_smollm2_runs_on_the_lean_decoder_with_float16_weights(engine: Engine) -> None:
+    assert (engine.backend, engine.dtype) == ("lean", "float16")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_the_lean_decoder_keeps_smollm2s_answers(smollm2: LoadedModel, dtype: str) -> None:
+    """The documented quality check: teacher-forced on a fixed text against transformers' float32."""
+    from dllm_p2p.engine.quality import compare
+
+    report = compare(smollm2, dtype)
+    assert report["tokens"] > 600
+    limit = 1.0 if dtype == "float32" else 0.99
+    assert report["top1_agreement"] >= limit, report
+    assert abs(report["perplexity"] / report["reference_perplexity"] - 1) < (1e-4 if dtype == "float32" else 0.01), report
+
+
+async def test_greedy_float32_answers_are_token_for_token_those_of_transformers(smollm2: LoadedModel) -> None:
+    from dllm_p2p.engine import reference_token_ids
+
+    prompts = ["The river ran slowly past the old mill, and", "def fibonacci(n):", "Three facts about the Moon:"]
+    with Engine(smollm2, max_batch_size=3, max_queue=3, dtype="float32") as engine:
+        assert engine.backend == "lean"
+        results = {}
+
+        async def one(prompt: str) -> None:
+            params = GenerationParams(prompt, temperature=0, max_new_tokens=64, min_new_tokens=64)
+            async with engine.generate(params, stream=False) as generation:
+                async for _ in generation:
+                    pass
+            results[prompt] = generation.result
+
+        import trio
+
+        async with trio.open_nursery() as nursery:
+            for prompt in prompts:
+                nursery.start_soon(one, prompt)
+    for prompt in prompts:
+        params = GenerationParams(prompt, temperature=0, max_new_tokens=64, min_new_tokens=64)
+        assert results[prompt].token_ids == reference_token_ids(smollm2, params), prompt

@@ -7,7 +7,7 @@ for the design and ``loading.py`` for the model specs.
 """
 
 from .engine import Engine
-from .errors import EngineBusy, EngineClosed, EngineError, GenerationFailed, ModelLoadError
+from .errors import EngineBusy, EngineClosed, EngineError, GenerationFailed, ModelLoadError, RequestTooLarge
 from .generation import Generation
 from .loading import LoadedModel, load_model
 from .params import GenerationParams, GenerationResult
@@ -25,6 +25,7 @@ __all__ = [
     "GenerationResult",
     "LoadedModel",
     "ModelLoadError",
+    "RequestTooLarge",
     "generate_reference",
     "init_tiny",
     "load_model",

@@ -33,11 +33,53 @@ class UnsupportedModel(EngineError):
     """The model's cache cannot be batched by this engine (sliding windows, recurrent state...)."""
 
 
+def make_runner(model: Any, dtype: str = "auto") -> ModelRunner | LeanRunner:
+    """The fastest way this engine has to run ``model``.
+
+    Llama-family models get the lean decoder (``lean.py``), with float16 weights unless
+    ``dtype`` says float32 (or FBGEMM is missing); every other model runs through
+    transformers' own forward in float32.
+    """
+    from .lean import LeanModel
+    from .quant import WEIGHT_DTYPES, float16_available
+
+    if dtype not in ("auto", *WEIGHT_DTYPES):
+        raise ValueError(f"unknown dtype {dtype!r}; choose from auto, {', '.join(WEIGHT_DTYPES)}")
+    reason = LeanModel.supports(model)
+    if reason is None:
+        if dtype == "auto":
+            dtype = "float16" if float16_available() else "float32"
+        return LeanRunner(LeanModel(model, dtype))
+    if dtype == "float16":
+        raise ValueError(f"--dtype float16 needs the lean decoder, and this model cannot use it: {reason}")
+    return ModelRunner(model)
+
+
+class LeanRunner:
+    """The engine's view of ``lean.LeanModel``."""
+
+    kind = "lean"
+
+    def __init__(self, lean: Any) -> None:
+        self.lean = lean
+        self.dtype = lean.dtype
+        self.kv_bytes_per_token = lean.kv_bytes_per_token()
+
+    def prefill(self, prompts: list[list[int]], pad_id: int) -> tuple[Any, torch.Tensor]:
+        from .lean import LeanBatch
+
+        return LeanBatch.prefill(self.lean, prompts, pad_id)
+
+
 class ModelRunner:
     """Calls one causal LM the way the batch needs, across transformers' API spellings."""
 
+    kind = "transformers"
+    dtype = "float32"
+
     def __init__(self, model: Any) -> None:
         self.model = model
+        self.kv_bytes_per_token = _kv_bytes_per_token(model.config)
         names = set(inspect.signature(model.forward).parameters)
         # transformers 5.x renamed ``past_key_values`` to ``cache`` (old name deprecated).
         self._cache_kw = "cache" if "cache" in names else "past_key_values"
@@ -54,6 +96,9 @@ class ModelRunner:
             input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs
         )
         return out.logits[:, -1, :].float()
+
+    def prefill(self, prompts: list[list[int]], pad_id: int) -> tuple[KVBatch, torch.Tensor]:
+        return KVBatch.prefill(self, prompts, pad_id)
 
     def new_cache(self) -> DynamicCache:
         try:
@@ -134,6 +179,17 @@ class KVBatch:
         for layer in _layers(self.cache):
             layer.keys = layer.keys.index_select(0, index)[:, :, start:, :]
             layer.values = layer.values.index_select(0, index)[:, :, start:, :]
+
+
+def _kv_bytes_per_token(config: Any) -> int:
+    """Float32 cache bytes per token per row: keys and values of every layer."""
+    get = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(get, "num_hidden_layers", None) or getattr(get, "n_layer", 1)
+    heads = getattr(get, "num_attention_heads", None) or getattr(get, "n_head", 1)
+    kv_heads = getattr(get, "num_key_value_heads", None) or heads
+    hidden = getattr(get, "hidden_size", None) or getattr(get, "n_embd", 1)
+    head_dim = getattr(get, "head_dim", None) or hidden // heads
+    return int(layers * 2 * kv_heads * head_dim * 4)
 
 
 def _left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:

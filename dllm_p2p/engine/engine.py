@@ -30,9 +30,10 @@ from typing import Any
 
 import torch
 
-from .batch import KVBatch, ModelRunner
+from .batch import KVBatch, make_runner
+from .lean import LeanBatch
 from .detok import IncrementalDecoder
-from .errors import EngineBusy, EngineClosed, GenerationFailed
+from .errors import EngineBusy, EngineClosed, GenerationFailed, RequestTooLarge
 from .generation import Event, Generation, Request, elapsed_ms
 from .loading import LoadedModel
 from .params import FinishReason, GenerationParams, GenerationResult
@@ -48,6 +49,8 @@ PREFILL_TOKEN_BUDGET = 4096
 IDLE_POLL_SECONDS = 0.5
 #: Window for the ``tokens_per_second`` figure in ``stats()``.
 RATE_WINDOW_SECONDS = 10.0
+#: Default KV-cache budget per engine (``--kv-cache-mb``).
+DEFAULT_KV_CACHE_MB = 1024
 
 
 class Engine:
@@ -58,15 +61,29 @@ class Engine:
     another node instead of waiting here.
     """
 
-    def __init__(self, loaded: LoadedModel, max_batch_size: int = 8, max_queue: int = 64) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        max_batch_size: int = 8,
+        max_queue: int = 64,
+        *,
+        dtype: str = "auto",
+        kv_cache_mb: float = DEFAULT_KV_CACHE_MB,
+    ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if max_queue < 0:
             raise ValueError("max_queue must be >= 0")
+        if not kv_cache_mb > 0:
+            raise ValueError("kv_cache_mb must be > 0")
         self.loaded = loaded
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
-        self._runner = ModelRunner(loaded.model)
+        self._runner = make_runner(loaded.model, dtype)
+        #: What runs the model: "lean" (lean.py) or "transformers", and the weights' dtype.
+        self.backend = self._runner.kind
+        self.dtype = self._runner.dtype
+        self.kv_cache_bytes = int(kv_cache_mb * 2**20)
         self._stop_ids = loaded.stop_token_ids or frozenset(
             [loaded.eos_token_id] if loaded.eos_token_id is not None else []
         )
@@ -82,9 +99,10 @@ class Engine:
         self._running = 0  # rows in the batch, as last published by the scheduler
         self._counts = {"completed": 0, "failed": 0, "cancelled": 0, "rejected": 0, "generated_tokens": 0}
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) per decode step
+        self._kv_in_use = 0  # projected cache bytes of the running batch (see ``_kv_need``)
 
         # Owned by the scheduler thread alone.
-        self._batch: KVBatch | None = None
+        self._batch: KVBatch | LeanBatch | None = None
         self._rows: list[Request] = []
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -153,6 +171,10 @@ class Engine:
                 "max_queue": self.max_queue,
                 "in_flight": self._in_flight,
                 "tokens_per_second": round(recent_tokens / RATE_WINDOW_SECONDS, 2),
+                "kv_cache_mb": round(self._kv_in_use / 2**20, 1),
+                "kv_cache_budget_mb": round(self.kv_cache_bytes / 2**20, 1),
+                "backend": self.backend,
+                "weights": self.dtype,
                 "state": self._state,
                 **self._counts,
             }
@@ -184,11 +206,22 @@ class Engine:
                 ids = self.loaded.encode(params.prompt)
         limit = self.max_context - params.max_new_tokens
         if len(ids) > limit:
-            raise ValueError(
+            raise RequestTooLarge(
                 f"prompt too long: {len(ids)} tokens, limit {max(limit, 0)} "
                 f"(context {self.max_context} tokens minus max_new_tokens {params.max_new_tokens})"
             )
+        need = self._kv_need(1, len(ids) + params.max_new_tokens)
+        if need > self.kv_cache_bytes:
+            raise RequestTooLarge(
+                f"request too large for this node: {len(ids)} prompt tokens + max_new_tokens "
+                f"{params.max_new_tokens} need {need / 2**20:.1f} MB of KV cache, and its budget is "
+                f"{self.kv_cache_bytes / 2**20:.1f} MB (--kv-cache-mb)"
+            )
         return ids
+
+    def _kv_need(self, rows: int, longest: int) -> int:
+        """Cache bytes of ``rows`` rows padded to ``longest`` tokens (the batch is right-aligned)."""
+        return rows * longest * self._runner.kv_bytes_per_token
 
     def _new_request(
         self, params: GenerationParams, prompt_ids: list[int], deliver: Callable[[Event], bool], stream: bool = True
@@ -255,13 +288,21 @@ class Engine:
                 return None
             admitted: list[Request] = []
             longest = 0
+            span = max((_span(r) for r in self._rows), default=0)
             while self._queue and len(self._rows) + len(admitted) < self.max_batch_size:
                 request = self._queue[0]
                 longest = max(longest, len(request.prompt_ids))
                 if admitted and longest * (len(admitted) + 1) > PREFILL_TOKEN_BUDGET:
                     break
+                # Past the KV budget a request waits for rows to finish (nothing alone exceeds it).
+                if (self._rows or admitted) and self._kv_need(
+                    len(self._rows) + len(admitted) + 1, max(span, _span(request))
+                ) > self.kv_cache_bytes:
+                    break
+                span = max(span, _span(request))
                 admitted.append(self._queue.popleft())
             self._running = len(self._rows) + len(admitted)
+            self._kv_in_use = self._kv_need(self._running, span)
             return admitted
 
     def _prefill(self, requests: list[Request]) -> None:
@@ -269,7 +310,7 @@ class Engine:
         for request in requests:
             request.started = started
         try:
-            batch, logits = KVBatch.prefill(self._runner, [r.prompt_ids for r in requests], self._pad_id)
+            batch, logits = self._runner.prefill([r.prompt_ids for r in requests], self._pad_id)
         except Exception as exc:
             if len(requests) > 1:  # find the culprit: the others deserve to run
                 for request in requests:
@@ -401,6 +442,7 @@ class Engine:
             self._rows = [self._rows[i] for i in keep]
         with self._lock:
             self._running = len(self._rows)
+            self._kv_in_use = self._kv_need(len(self._rows), max((_span(r) for r in self._rows), default=0))
 
     def _count(self, **increments: int) -> None:
         with self._lock:
@@ -417,6 +459,11 @@ class Engine:
                 request.done = True
                 request.emit(EngineClosed("engine closed before the generation finished"))
         self._set_rows([])
+
+
+def _span(request: Request) -> int:
+    """The most cache columns ``request`` can occupy: its prompt plus every token it may generate."""
+    return len(request.prompt_ids) + request.params.max_new_tokens
 
 
 class _LockedTokenizer:

@@ -27,3 +27,7 @@ class GenerationFailed(EngineError):
 
 class ModelLoadError(EngineError):
     """A model spec could not be turned into a loaded model; the message says what to do."""
+
+
+class RequestTooLarge(ValueError):
+    """The prompt plus ``max_new_tokens`` exceeds the context, or alone the node's KV-cache budget."""

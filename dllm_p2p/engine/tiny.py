@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -159,6 +160,38 @@ def tiny_model() -> GPT2LMHeadModel:
         tie_word_embeddings=False,
     )
     return random_gpt2(config, TINY_SEED)
+
+
+def tiny_decoder(model_type: str = "llama", **overrides: object) -> Any:
+    """A 2-layer Llama-family model (``llama``, ``mistral`` or ``qwen2``) over the tiny
+    tokenizer, seeded random weights: the lean decoder's test model (``--model tiny-llama``).
+
+    Grouped-query attention (4 query heads on 2 key/value heads) and untied output
+    embeddings, like the real models it stands for; N(0, 0.02) matrices, zero biases.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    options: dict[str, object] = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+    )
+    options.update(overrides)
+    config = AutoConfig.for_model(model_type, **options)
+    with torch.random.fork_rng():  # the constructor's own initialisation, overwritten below
+        model = AutoModelForCausalLM.from_config(config)
+    generator = torch.Generator().manual_seed(TINY_SEED)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim >= 2:
+                param.normal_(0.0, 0.02, generator=generator)
+            elif "norm" in name:
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=generator)  # biases (qwen2's q, k, v)
+    model.generation_config.pad_token_id = config.eos_token_id
+    return model.eval()
 
 
 def random_gpt2_small() -> GPT2LMHeadModel:

@@ -1,0 +1,41 @@
+"""The quality check for the lean decoder's weight formats (docs/BENCHMARKS.md, "Quality").
+
+Teacher-forced on a fixed English text (the tiny tokenizer's corpus, 688 tokens with
+SmolLM2's tokenizer): transformers' float32 forward gives the reference logits; the lean
+decoder with the weights in ``dtype`` gives its own. Reported: the share of positions
+whose most likely next token is the same (top-1 agreement), and both perplexities.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .lean import Cache, LeanModel
+from .loading import LoadedModel
+from .tiny import CORPUS
+
+
+def compare(loaded: LoadedModel, dtype: str, text: str = CORPUS) -> dict[str, Any]:
+    ids = torch.tensor([loaded.encode(text)])
+    lean = LeanModel(loaded.model, dtype)
+    with torch.inference_mode():
+        reference = loaded.model(input_ids=ids).logits[0].float()
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        cache = Cache(lean, 1, ids.shape[1])
+        mine = lean.forward(ids, torch.arange(ids.shape[1])[None], cache, 0, mask, every_column=True)[0]
+    return {
+        "dtype": dtype,
+        "tokens": int(ids.shape[1]),
+        "top1_agreement": float((mine.argmax(-1) == reference.argmax(-1)).float().mean()),
+        "perplexity": _perplexity(mine, ids[0]),
+        "reference_perplexity": _perplexity(reference, ids[0]),
+        "max_logit_difference": float((mine - reference).abs().max()),
+    }
+
+
+def _perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    logprobs = torch.log_softmax(logits[:-1], dim=-1).gather(1, ids[1:, None])[:, 0]
+    return math.exp(-float(logprobs.mean()))
