@@ -150,13 +150,15 @@ class LeanModel:
         group = heads // kv_heads
         if steps == 1:
             # Decode: the query heads of a group take the place of the query length.
-            attn_mask = mask[:, None, None, :end]
+            allowed = mask[:, None, None, :end]
         else:
             causal = torch.ones(steps, steps, dtype=torch.bool).tril_()
             allowed = mask[:, None, start:end] & causal  # [rows, T, T] over the new columns
             allowed |= torch.eye(steps, dtype=torch.bool)  # padding rows attend to themselves: no NaN
             full = torch.cat([mask[:, None, :start].expand(rows, steps, start), allowed], dim=2)
-            attn_mask = full[:, None, :, :].repeat(1, 1, group, 1)  # [rows, 1, group*T, end]
+            allowed = full[:, None, :, :].repeat(1, 1, group, 1)  # [rows, 1, group*T, end]
+        # An additive mask: CPU attention takes it about twice as fast as a boolean one for one row.
+        attn_mask = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
         for index, layer in enumerate(self.layers):
             h = F.rms_norm(x, (self.hidden,), layer.attn_norm, self.eps)
             qkv = layer.qkv(h)  # [rows, T, (H + 2 KV) hd]
