@@ -10,7 +10,10 @@ One command measures, in the same run and on the same machine:
 * **baseline**: the same load against a plain FastAPI server calling a transformers
   ``pipeline`` per request (``benchmarks/baseline_server.py``);
 * **limit**: a raw batched greedy loop over the KV cache at the same batch sizes, the most
-  this hardware gives with this model and PyTorch.
+  this hardware gives with this model and PyTorch;
+* **llamacpp**: the same load, on the same GGUF file (SmolLM2-135M-Instruct), against
+  dllm-p2p and llama.cpp's server (``llama-cpp-python``, built once in a venv of its own:
+  ``benchmarks/llamacpp.py``), and both servers' resident memory.
 
 Every server is a child process bound to 127.0.0.1 and stopped at the end, also on
 Ctrl-C or an error. See ``docs/BENCHMARKS.md`` for what is measured and how to read it.

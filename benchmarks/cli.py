@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m benchmarks",
         description=(
             "Throughput and latency of dllm-p2p (HTTP -> gateway -> libp2p -> worker) side by side with "
-            "in-process model.generate, a FastAPI + transformers pipeline server and a raw batched loop. "
+            "in-process model.generate, a FastAPI + transformers pipeline server, a raw batched loop and "
+            "llama.cpp's server (llama-cpp-python) on the same GGUF file. "
             "Every server is started here, on 127.0.0.1, and stopped at the end."
         ),
     )
@@ -35,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads for every contender: this process, the worker (--threads) and the baseline (default: PyTorch's, one per core)")
     p.add_argument("--warmup", type=int, default=None, metavar="N", help="unmeasured requests per contender first (default 2; quick 1)")
     p.add_argument("--only", default=None, metavar="LIST", help=f"run only these benchmarks (comma-separated: {','.join(BENCHMARKS)})")
+    p.add_argument("--gguf-model", default="smollm2", metavar="SPEC", help="model of the llama.cpp comparison: smollm2 or a .gguf file, loaded by both the worker and llama.cpp (default smollm2)")
+    p.add_argument("--llamacpp", default="auto", metavar="auto|off|PYTHON", help="llama.cpp's server for the llamacpp benchmark: auto = find or build llama-cpp-python in its own venv (about 5 minutes, once), off = skip it, or the path of a Python interpreter that has llama_cpp.server (default auto)")
+    p.add_argument("--llamacpp-venv", default=None, metavar="DIR", help="the venv --llamacpp auto uses or builds (default $DLLM_LLAMACPP_VENV or ~/.cache/dllm-p2p/llamacpp-0.3.36)")
+    p.add_argument("--llamacpp-new-tokens", type=int, default=None, metavar="N", help="tokens per request in the llamacpp benchmark, exactly, on both servers (default 64)")
     p.add_argument("--quick", action="store_true", help="a small run: fewer requests, levels 1 and 8, one repetition")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
@@ -45,8 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    overrides: dict[str, Any] = {"model": args.model, "latency_model": args.latency_model, "prompt": args.prompt, "verbose": args.verbose}
-    for name in ("new_tokens", "repetitions", "sequential", "latency_requests", "requests_per_client", "max_concurrency", "warmup", "threads"):
+    overrides: dict[str, Any] = {
+        "model": args.model, "latency_model": args.latency_model, "prompt": args.prompt, "verbose": args.verbose,
+        "gguf_model": args.gguf_model, "llamacpp": args.llamacpp,
+    }
+    for name in (
+        "new_tokens", "repetitions", "sequential", "latency_requests", "requests_per_client", "max_concurrency", "warmup", "threads",
+        "llamacpp_venv", "llamacpp_new_tokens",
+    ):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
@@ -83,14 +94,16 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         results = run_suite(settings, progress)
-    except KeyboardInterrupt:
-        print("interrupted; every server was stopped", file=sys.stderr)
-        return 130
     except Exception as exc:  # one line for the user; the servers are already stopped
         print(f"error: benchmark failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         if args.verbose:
             raise
         return 1
+    except BaseException as exc:
+        if not _interrupted(exc):
+            raise
+        print("interrupted; every server was stopped", file=sys.stderr)
+        return 130
     if args.save is not None:
         args.save.write_text(json.dumps(results, indent=2) + "\n")
     if args.json:
@@ -99,3 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         render(results, sys.stdout, "markdown" if args.markdown else "auto")
     return 0
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """A KeyboardInterrupt, also as trio raises it from a nursery: inside an exception group."""
+    if isinstance(exc, KeyboardInterrupt):
+        return True
+    inner = getattr(exc, "exceptions", None)
+    return bool(inner) and all(_interrupted(e) for e in inner)

@@ -2,7 +2,9 @@
 
 Both the gateway and the baseline server answer ``POST /api/generate`` with
 ``{"text", "usage": {"completion_tokens", ...}, "timing": {"total_ms", ...}}``, so one
-client serves for both. Requests are plain JSON (``stream: false``).
+client serves for both. llama.cpp's server is driven through OpenAI's
+``POST /v1/completions``, whose answer has the same ``usage``. Requests are plain JSON
+(``stream: false``). An ``Endpoint`` is one contender's URL, path and request body.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ class LoadError(RuntimeError):
     """A server answered with an error: the run stops rather than report a wrong figure."""
 
 
+GENERATE = "/api/generate"
+COMPLETIONS = "/v1/completions"
+
+
 def request_body(prompt: str, new_tokens: int) -> dict[str, Any]:
     return {
         "prompt": prompt,
@@ -32,16 +38,35 @@ def request_body(prompt: str, new_tokens: int) -> dict[str, Any]:
     }
 
 
+def completions_body(prompt: str, new_tokens: int, forbidden: list[int] | tuple[int, ...] = ()) -> dict[str, Any]:
+    """OpenAI's ``/v1/completions`` request, greedy; ``forbidden`` token ids get a logit bias
+    of -100 (OpenAI's "ban"), which keeps end-of-generation tokens from ending an answer early,
+    so it has exactly ``new_tokens`` tokens."""
+    body: dict[str, Any] = {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": False}
+    if forbidden:
+        body["logit_bias"] = {str(token): -100 for token in forbidden}
+    return body
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One HTTP contender: where to send what."""
+
+    url: str
+    body: dict[str, Any]
+    path: str = GENERATE
+
+
 def open_http(url: str, connections: int, timeout: float) -> httpx.AsyncClient:
     """A keep-alive client with enough connections for ``connections`` concurrent clients."""
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     return httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout, trust_env=False)
 
 
-async def post(client: httpx.AsyncClient, body: dict[str, Any]) -> Sample:
+async def post(client: httpx.AsyncClient, body: dict[str, Any], path: str = GENERATE) -> Sample:
     """One request, timed from before sending to after the JSON answer is parsed."""
     started = time.perf_counter()
-    response = await client.post("/api/generate", json=body)
+    response = await client.post(path, json=body)
     data = response.json() if response.headers.get("content-type", "").startswith("application/json") else None
     elapsed = time.perf_counter() - started
     if response.status_code != 200 or not isinstance(data, dict):
@@ -110,13 +135,15 @@ class LevelRun:
         return median([s.seconds * 1000 for s in self.samples])
 
 
-async def run_clients(client: httpx.AsyncClient, body: dict[str, Any], clients: int, per_client: int) -> LevelRun:
+async def run_clients(
+    client: httpx.AsyncClient, body: dict[str, Any], clients: int, per_client: int, path: str = GENERATE
+) -> LevelRun:
     """All clients start together; the wall time ends when the last answer arrives."""
     samples: list[Sample] = []
 
     async def one_client() -> None:
         for _ in range(per_client):
-            samples.append(await post(client, body))
+            samples.append(await post(client, body, path))
 
     started = time.perf_counter()
     async with trio.open_nursery() as nursery:

@@ -23,6 +23,8 @@ def tables(results: dict[str, Any]) -> list[Table]:
         out.append(_latency(results["latency"]))
     if any(k in results for k in ("concurrency", "baseline", "engine_inprocess", "limit")):
         out.append(_sweep(results))
+    if "llamacpp" in results:
+        out += _llamacpp(results["llamacpp"])
     out.append(_targets(results["targets"]))
     return out
 
@@ -34,12 +36,21 @@ def header(results: dict[str, Any]) -> str:
         f"dllm-p2p benchmarks, {meta['date']}, git {meta['git']}\n"
         f"{meta['cpu']}, {meta['cpus']} CPU(s), torch {meta['torch']} ({meta['torch_threads']} threads), "
         f"transformers {meta['transformers']}, Python {meta['python']}\n"
-        f"{s['new_tokens']} new tokens per request (greedy, min_new_tokens = max_new_tokens), "
+        f"{_new_tokens(s)} (greedy, min_new_tokens = max_new_tokens), "
         f"worker batch size {s['batch_size']}, torch threads {s['threads'] or 'default'}; "
         f"load average {meta['load_average_start']} at start, {meta.get('load_average_end')} at end; "
         f"other processes used {_pct(meta.get('other_cpu_percent'))} of the CPU during the run, "
         f"hypervisor steal {_pct(meta.get('steal_percent'))}; {meta.get('duration_s')} s"
     )
+
+
+def _new_tokens(settings: dict[str, Any]) -> str:
+    only = list(settings.get("only", ()))
+    if "llamacpp" not in only or "llamacpp_new_tokens" not in settings:
+        return f"{settings['new_tokens']} new tokens per request"
+    if only == ["llamacpp"]:
+        return f"{settings['llamacpp_new_tokens']} new tokens per request"
+    return f"{settings['new_tokens']} new tokens per request, {settings['llamacpp_new_tokens']} in the llama.cpp comparison"
 
 
 def _one_at_a_time(section: dict[str, Any], title: str) -> Table:
@@ -120,14 +131,65 @@ def _sweep(results: dict[str, Any]) -> Table:
     )
 
 
+def _llamacpp(section: dict[str, Any]) -> list[Table]:
+    """dllm-p2p against llama.cpp's server: throughput and latency per level, then memory."""
+    title = f"dllm-p2p vs llama.cpp ({section['model']}, same GGUF, {section['new_tokens']} tokens"
+    if section.get("skipped"):
+        return [Table(title + "): not measured", ["llama.cpp skipped"], [[section["skipped"]]])]
+    dllm, llama = section["dllm"], section["llama_cpp"]
+    rows = []
+    for level in dllm["levels"]:
+        d, c = _tps(dllm, level), _tps(llama, level)
+        rows.append([
+            level, _num(d), _num(c), _x(d, c),
+            _ms(_get_level(dllm, level, "median_latency_ms")), _ms(_get_level(llama, level, "median_latency_ms")),
+        ])
+    server = section.get("llama_cpp_server", {})
+    notes = [
+        f"each client sends {section.get('requests_per_client')} request(s) back to back, greedy, exactly "
+        f"{section['new_tokens']} tokens: dllm-p2p (1 worker, batch size {section.get('batch_size', '?')}) through the "
+        f"gateway's {dllm.get('endpoint')} with min_new_tokens, llama.cpp (llama-cpp-python "
+        f"{server.get('llama_cpp_python', '?')}) through {llama.get('endpoint')} with its end tokens banned by "
+        f"logit_bias; {section.get('threads', server.get('threads', '?'))} thread(s) each",
+        f"tokens per answer: dllm-p2p {_span(dllm.get('completion_tokens'))}, llama.cpp {_span(llama.get('completion_tokens'))}",
+        f"load average at the start of each repetition {section.get('load_average')}, other processes' CPU share "
+        f"{[_pct(x) for x in section.get('other_cpu_percent', [])]}, steal {[_pct(x) for x in section.get('steal_percent', [])]}",
+    ]
+    notes += [f"WARNING {m}" for m in section.get("token_mismatch", [])]
+    throughput = Table(
+        title + f", tok/s, medians of {len(section.get('load_average') or [])} repetitions)",
+        ["clients", "dllm-p2p", "llama.cpp", "dllm vs llama.cpp", "dllm latency", "llama.cpp latency"],
+        rows,
+        note="; ".join(notes),
+    )
+    memory = section.get("memory_mib") or {}
+    mem_rows = []
+    for label, key in (("dllm-p2p worker", "dllm_worker"), ("llama.cpp server", "llama_cpp_server")):
+        entry = memory.get(key) or {}
+        mem_rows.append([label, _mib(entry.get("rss_mib")), _mib(entry.get("peak_rss_mib"))])
+    memory_table = Table(
+        f"Resident memory at the end of the llama.cpp comparison ({section['model']})",
+        ["process", "RSS (VmRSS)", "peak RSS (VmHWM)"],
+        mem_rows,
+        note="from /proc/PID/status of the server process, after the last request",
+    )
+    return [throughput, memory_table]
+
+
 def _targets(targets: list[dict[str, Any]]) -> Table:
     rows = []
+    reasons: list[str] = []
     for t in targets:
         value = t["value"]
         shown = "-" if value is None else (f"{value:.1f} ms" if t["key"] == "added_latency_ms" else f"{value:.2f}x")
         threshold = f"{t['threshold']:g} ms" if t["key"] == "added_latency_ms" else f"{t['threshold']:g}x"
         rows.append([t["target"], shown, f"{t['comparison']} {threshold}", t["status"]])
-    return Table("Targets (from the issue; benchmark figures, not tests)", ["target", "measured", "goal", "result"], rows)
+        if t.get("reason") and t["reason"] not in reasons:
+            reasons.append(t["reason"])
+    return Table(
+        "Targets (from the issue; benchmark figures, not tests)", ["target", "measured", "goal", "result"], rows,
+        note="; ".join(reasons),
+    )
 
 
 # --- rendering -----------------------------------------------------------------------------
@@ -225,3 +287,13 @@ def _pct(value: float | None) -> str:
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} ms"
+
+
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} MiB"
+
+
+def _span(counts: list[int] | None) -> str:
+    if not counts:
+        return "-"
+    return str(counts[0]) if counts[0] == counts[-1] else f"{counts[0]}-{counts[-1]}"

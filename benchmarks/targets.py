@@ -11,11 +11,16 @@ TARGETS = [
     ("scaling_8_vs_1", "8 concurrent clients vs 1 client (aggregate tok/s)", ">=", 2.5),
     ("vs_baseline_8", "8 clients: dllm-p2p vs FastAPI + pipeline server (aggregate tok/s)", ">=", 2.5),
     ("vs_raw_loop_8", "8 clients: dllm-p2p vs raw batched loop, 8 rows (tok/s)", ">=", 0.8),
+    ("vs_llamacpp_8", "8 clients: dllm-p2p vs llama.cpp server, same GGUF (aggregate tok/s)", ">=", 3.0),
+    ("vs_llamacpp_1", "1 client: dllm-p2p vs llama.cpp server, same GGUF (tok/s)", ">=", 1.0),
 ]
+
+#: A target whose figures the run did not measure (benchmark not selected, or skipped).
+NOT_MEASURED = "not measured"
 
 
 def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One entry per target: the measured value (None if not measured) and PASS / MISS / n/a."""
+    """One entry per target: the measured value (None if not measured) and PASS / MISS / not measured."""
     values = {
         "single_request_vs_generate": _get(results, "overhead", "ratio_network_vs_generate"),
         # Two measures, and the larger counts: HTTP minus the in-process engine (medians),
@@ -26,16 +31,29 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         "scaling_8_vs_1": _div(_level(results, "concurrency", 8), _level(results, "concurrency", 1)),
         "vs_baseline_8": _div(_level(results, "concurrency", 8), _level(results, "baseline", 8)),
         "vs_raw_loop_8": _div(_level(results, "concurrency", 8), _level(results, "limit", 8)),
+        "vs_llamacpp_8": _llamacpp_ratio(results, 8),
+        "vs_llamacpp_1": _llamacpp_ratio(results, 1),
     }
+    skipped = (results.get("llamacpp") or {}).get("skipped")
     out = []
     for key, description, op, threshold in TARGETS:
         value = values[key]
+        entry: dict[str, Any] = {"key": key, "target": description, "value": value, "comparison": op, "threshold": threshold}
         if value is None:
-            status = "n/a"
+            entry["status"] = NOT_MEASURED
+            if skipped and key.startswith("vs_llamacpp"):
+                entry["reason"] = f"llama.cpp skipped: {skipped}"
         else:
-            status = "PASS" if (value >= threshold if op == ">=" else value < threshold) else "MISS"
-        out.append({"key": key, "target": description, "value": value, "comparison": op, "threshold": threshold, "status": status})
+            entry["status"] = "PASS" if (value >= threshold if op == ">=" else value < threshold) else "MISS"
+        out.append(entry)
     return out
+
+
+def _llamacpp_ratio(results: dict[str, Any], level: int) -> float | None:
+    section = results.get("llamacpp") or {}
+    if section.get("skipped"):
+        return None
+    return _div(_level(section, "dllm", level), _level(section, "llama_cpp", level))
 
 
 def _get(results: dict[str, Any], section: str, key: str) -> float | None:
