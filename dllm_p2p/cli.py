@@ -278,7 +278,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     print(f"[model] fingerprint {fingerprint(loaded, args.data_dir)}", file=sys.stderr, flush=True)
     try:
         engine = Engine(
-            loaded, max_batch_size=args.max_concurrency, max_queue=args.max_queue, dtype=args.dtype, kv_cache_mb=args.kv_cache_mb
+            loaded, max_batch_size=args.max_concurrency, max_queue=args.max_queue, dtype=args.dtype, kv_cache_mb=args.kv_cache_mb,
+            keep_model=False,
         )
     except ValueError as exc:
         return _fail(str(exc))

@@ -185,7 +185,8 @@ class Worker:
             try:
                 prompt_ids = self.engine._encode_prompt(params)
                 return await trio.to_thread.run_sync(
-                    score_tokens, self.engine.loaded, prompt_ids, list(scoring.tokens), request.temperature
+                    score_tokens, self.engine.logits, self.engine.vocab_size, prompt_ids, list(scoring.tokens),
+                    request.temperature,
                 )
             except ValueError as exc:
                 return wire.error_frame("too_large" if isinstance(exc, RequestTooLarge) else "bad_request", str(exc))

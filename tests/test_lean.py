@@ -69,3 +69,29 @@ def test_models_the_lean_decoder_cannot_run_say_why_and_use_transformers() -> No
     with pytest.raises(ValueError, match="unknown dtype"):
         make_runner(tiny_decoder("llama"), "int3")
     assert make_runner(tiny_decoder("llama"), "float32").kind == "lean"
+
+
+def test_a_worker_engine_drops_transformers_layers_and_still_generates_and_scores() -> None:
+    import trio
+
+    from dllm_p2p.engine import Engine, GenerationParams, load_model
+    from dllm_p2p.engine.scoring import score_tokens
+
+    reference = load_model("tiny-llama")
+    with torch.inference_mode():
+        expected = reference.model(input_ids=torch.tensor([PROMPTS[0]])).logits[0]
+    loaded = load_model("tiny-llama")
+    with Engine(loaded, dtype="float32", keep_model=False) as engine:
+        assert len(loaded.model.model.layers) == 0  # transformers' copy of the decoder weights is gone
+        assert torch.allclose(engine.logits(PROMPTS[0]), expected, atol=1e-5)
+
+        async def generate() -> list[int]:
+            async with engine.generate(GenerationParams("The river", max_new_tokens=8, temperature=0), stream=False) as g:
+                async for _ in g:
+                    pass
+            assert g.result is not None
+            return g.result.token_ids
+
+        tokens = trio.run(generate)
+        scores = score_tokens(engine.logits, engine.vocab_size, loaded.encode("The river"), tokens, 0.0)
+        assert scores["ranks"] == [0] * len(tokens)  # greedy tokens are each the best by the serving model

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .batch import KVBatch, make_runner
+from .batch import KVBatch, LeanRunner, make_runner
 from .lean import LeanBatch
 from .detok import IncrementalDecoder
 from .errors import EngineBusy, EngineClosed, GenerationFailed, RequestTooLarge
@@ -69,6 +69,7 @@ class Engine:
         *,
         dtype: str = "auto",
         kv_cache_mb: float = DEFAULT_KV_CACHE_MB,
+        keep_model: bool = True,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -80,6 +81,12 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self._runner = make_runner(loaded.model, dtype)
+        self.vocab_size = int(loaded.model.config.vocab_size)
+        if not keep_model and isinstance(self._runner, LeanRunner):
+            # The lean decoder holds its own copy of every decoder weight: drop transformers'
+            # (SmolLM2: 424 MB of float32). ``loaded.model`` then has no decoder layers.
+            loaded.model.model.layers = torch.nn.ModuleList()
+            _return_freed_memory()
         #: What runs the model: "lean" (lean.py) or "transformers", and the weights' dtype.
         self.backend = self._runner.kind
         self.dtype = self._runner.dtype
@@ -178,6 +185,15 @@ class Engine:
                 "state": self._state,
                 **self._counts,
             }
+
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """Float32 logits ``[len(ids), vocab]`` of one sequence, computed as generation computes
+        them (for scoring claimed answers). Blocking; safe beside the scheduler thread."""
+        sequence = torch.tensor([ids], dtype=torch.long)
+        with torch.inference_mode():
+            if isinstance(self._runner, LeanRunner):
+                return self._runner.lean.logits(sequence)[0]
+            return self.loaded.model(input_ids=sequence, attention_mask=torch.ones_like(sequence)).logits[0].float()
 
     # --- called from Generation (trio side) --------------------------------------------
 
@@ -459,6 +475,17 @@ class Engine:
                 request.done = True
                 request.emit(EngineClosed("engine closed before the generation finished"))
         self._set_rows([])
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap back to the OS (glibc keeps it otherwise: a worker serving SmolLM2
+    stayed at 1,417 MB resident instead of 945 MB). A no-op where there is no glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _span(request: Request) -> int:

@@ -1,10 +1,12 @@
 """A lean forward pass for Llama-family decoders, with a preallocated KV cache.
 
-Why: on a CPU a small model spends most of a decode step in Python and in the launch of
-small kernels, not in arithmetic. transformers' Llama runs about 40 tensor operations and
-several layers of Python (hooks, cache objects, mask builders, output dataclasses) per
-decoder layer; for SmolLM2-135M (30 layers) that is most of the 40 ms a token cost. This
-module runs the same arithmetic in about 15 operations per layer:
+Why: a decode step of a small model on a CPU is bound by reading its weights (SmolLM2-135M
+in float32: 540 MB per step), and transformers' modules only compute in the dtype they
+hold. This module holds the weights in the format that reads fastest (``quant.py``:
+float16 through FBGEMM, half the bytes, float32 arithmetic) and runs the same arithmetic
+as transformers' Llama in about 15 operations per layer instead of about 40. Measured on
+SmolLM2 (docs/BENCHMARKS.md): with float32 weights it is no faster than transformers
+(the weights dominate); with float16 weights, 2.5-3x faster. How:
 
 * the q, k and v projections are one matrix (``[q; k; v]``), gate and up another;
 * rotary embeddings are one complex multiplication: the rows of ``q`` and ``k`` of every
@@ -12,8 +14,8 @@ module runs the same arithmetic in about 15 operations per layer:
   product does not change when both sides are permuted alike, so attention is the same);
 * grouped-query attention needs no copy of k and v: the query heads that share a key head
   become the "query length" of one ``scaled_dot_product_attention`` call per layer;
-* the cache is preallocated per batch and grows by doubling, so a step writes one column
-  instead of concatenating the whole cache.
+* the cache is preallocated per batch and grows by a quarter at a time, so a step writes
+  one column instead of concatenating the whole cache.
 
 The batch layout is the one ``batch.KVBatch`` documents (rows right-aligned, left padding
 masked, per-row positions), so the engine can use either.
@@ -126,6 +128,13 @@ class LeanModel:
     def kv_bytes_per_token(self) -> int:
         """Cache bytes one token of one row costs (keys and values of every layer, float32)."""
         return len(self.layers) * 2 * self.kv_heads * self.head_dim * 4
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits of every column of ``tokens`` ``[rows, T]`` (no padding), with a cache of their own."""
+        rows, steps = tokens.shape
+        mask = torch.ones((rows, steps), dtype=torch.bool)
+        positions = torch.arange(steps).expand(rows, steps)
+        return self.forward(tokens, positions, Cache(self, rows, steps), 0, mask, every_column=True)
 
     def forward(
         self,

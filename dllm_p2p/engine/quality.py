@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .lean import Cache, LeanModel
+from .lean import LeanModel
 from .loading import LoadedModel
 from .tiny import CORPUS
 
@@ -23,9 +23,7 @@ def compare(loaded: LoadedModel, dtype: str, text: str = CORPUS) -> dict[str, An
     lean = LeanModel(loaded.model, dtype)
     with torch.inference_mode():
         reference = loaded.model(input_ids=ids).logits[0].float()
-        mask = torch.ones_like(ids, dtype=torch.bool)
-        cache = Cache(lean, 1, ids.shape[1])
-        mine = lean.forward(ids, torch.arange(ids.shape[1])[None], cache, 0, mask, every_column=True)[0]
+        mine = lean.logits(ids)[0]
     return {
         "dtype": dtype,
         "tokens": int(ids.shape[1]),

@@ -10,26 +10,25 @@ top-p sampling cuts at). ``gateway.audit`` turns these into a verdict.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
-
-from .loading import LoadedModel
 
 #: Reported in place of minus infinity (a token the model rules out entirely).
 FLOOR = -1e9
 
 
-def score_tokens(loaded: LoadedModel, prompt_ids: list[int], tokens: list[int], temperature: float) -> dict[str, Any]:
-    """One forward pass over ``prompt_ids + tokens``; per token: logprob at
+def score_tokens(
+    logits_of: Callable[[list[int]], torch.Tensor], vocab: int, prompt_ids: list[int], tokens: list[int], temperature: float
+) -> dict[str, Any]:
+    """One forward pass (``logits_of``, e.g. ``Engine.logits``: the model the node serves
+    with, in the dtype it serves in) over ``prompt_ids + tokens``; per token: logprob at
     ``temperature`` (1 when it is 0, greedy), gap to the best raw log-probability, rank
     (0 = the best), and the probability mass ranked above it. Blocking: call from a thread."""
-    vocab = loaded.model.config.vocab_size
     if any(not 0 <= t < vocab for t in tokens):
         raise ValueError(f"token ids must be below the vocabulary size {vocab}")
-    sequence = torch.tensor([prompt_ids + tokens[:-1]], dtype=torch.long)
-    with torch.inference_mode():
-        logits = loaded.model(input_ids=sequence, attention_mask=torch.ones_like(sequence)).logits[0]
+    logits = logits_of(prompt_ids + tokens[:-1])
     logits = logits[len(prompt_ids) - 1 :].float()  # row i predicts tokens[i]
     claimed = torch.tensor(tokens, dtype=torch.long)
     raw = torch.log_softmax(logits, dim=-1)
