@@ -76,6 +76,11 @@ MESH_MAX = 2 * MESH_TARGET
 MAX_HELD_HEADS = 256
 #: Addresses of one peer tried per fetch.
 MAX_DIAL_ADDRS = 4
+#: A node that reached none of its bootstrap peers at start tries them again after
+#: REJOIN_FIRST seconds, doubling to REJOIN_MAX, until one answers (in every 50-relay
+#: converge run, 1-3 relays gave up on their 5 quick tries and stayed alone for good).
+REJOIN_FIRST = 15.0
+REJOIN_MAX = 300.0
 #: A node announces its head (with its own record) at once when it changes its record,
 #: and otherwise by Trickle (RFC 6206): in intervals from ANNOUNCE_IMIN doubling to
 #: ANNOUNCE_IMAX, keeping quiet in an interval where ANNOUNCE_K peers announced its head
@@ -250,7 +255,8 @@ class Membership:
                 # each is drained by its own task.
                 nursery.start_soon(self._consume_heartbeats, heartbeats)
                 nursery.start_soon(self._consume_announcements, announcements)
-                await self._join()
+                if not await self._join():
+                    nursery.start_soon(self._rejoin_loop)
                 if self.registers:
                     await self._append_own("register")
                 nursery.start_soon(self._heartbeat_loop)
@@ -299,16 +305,40 @@ class Membership:
                 log.info("registry %s loaded from peers: %d blocks", source, len(chain.blocks))
             return
 
-    async def _join(self) -> None:
-        """Dial each bootstrap peer (a few tries each) and merge its chain."""
+    async def _join(self) -> bool:
+        """Dial each bootstrap peer (a few tries each) and merge its chain; False when there
+        were bootstrap peers and none answered."""
+        joined = not self.config.bootstrap
         for addr in self.config.bootstrap:
             for attempt in range(5):
                 try:
                     await self._fetch_chain(addr)
+                    joined = True
                     break
                 except Exception as exc:
                     log.warning("bootstrap %s: %s (try %d of 5)", addr, exc, attempt + 1)
                     await trio.sleep(0.5 * 2**attempt)
+        return joined
+
+    async def _rejoin_loop(self) -> None:
+        """Keep trying the bootstrap peers, more and more slowly, until one answers (they may
+        come up after us, or the network between may have been down) or another peer
+        connects to us."""
+        delay = REJOIN_FIRST
+        while True:
+            log.warning("no bootstrap peer answered; trying again in %.0f s", delay)
+            await trio.sleep(delay)
+            if self.host is not None and self.host.get_network().connections:
+                return  # peers found us meanwhile (mDNS, a dial): gossip has reached us
+            for addr in self.config.bootstrap:
+                try:
+                    await self._fetch_chain(addr)
+                except Exception as exc:
+                    log.info("bootstrap %s: %s", addr, exc)
+                    continue
+                log.warning("joined the network through %s", addr)
+                return
+            delay = min(2 * delay, REJOIN_MAX)
 
     async def meet(self, info: Any) -> None:
         """A peer found on the LAN (mDNS): connect, so gossip reaches it, and merge its

@@ -149,3 +149,28 @@ def test_a_node_that_beats_slowly_is_online_by_its_own_interval(tmp_path: Path) 
     # The gateway's table judges workers the same way.
     worker = NodeState("w", last_seen=100.0, every=10.0)
     assert worker.online(120.0, ttl=7.0) and not worker.online(132.0, ttl=7.0)
+
+
+async def test_a_node_whose_bootstrap_peers_were_all_down_keeps_trying_until_one_answers(
+    tmp_path: Path, autojump_clock: Any
+) -> None:
+    node = member(tmp_path, "late", bootstrap=["/ip4/127.0.0.1/tcp/9/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"])
+    tries: list[float] = []
+    up_at = 200.0  # the bootstrap peer comes up long after the node's quick tries ended
+
+    async def fetch(addr: str) -> None:
+        tries.append(trio.current_time())
+        if trio.current_time() < up_at:
+            raise OSError("connection refused")
+
+    node._fetch_chain = fetch  # type: ignore[method-assign]
+    start = trio.current_time()
+    assert await node._join() is False
+    assert len(tries) == 5
+    with trio.fail_after(up_at + 2 * membership_mod.REJOIN_MAX):
+        await node._rejoin_loop()  # returns once a try succeeded
+    later = [t - start for t in tries[5:]]
+    assert later[-1] >= up_at and later[-1] - up_at <= membership_mod.REJOIN_MAX  # joined soon after it came up
+    gaps = [b - a for a, b in zip(later, later[1:])]
+    assert gaps == sorted(gaps) and max(gaps) <= membership_mod.REJOIN_MAX  # backing off, bounded
+    assert len(tries) <= 5 + 6  # slowly: not a dial loop
