@@ -82,7 +82,10 @@ class Servers:
             self._baselines[model] = (child, "")
             url = child.wait_for_line(r"baseline listening on (http://127\.0\.0\.1:\d+)", timeout=300).group(1)
             self._baselines[model] = (child, url)
-            _wait_healthy(url, child)
+            try:
+                _wait_ready(f"{url}/healthz", child, 60.0, "baseline server")
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc}\n{child.output()}") from None
             self.progress(f"  baseline up in {time.perf_counter() - started:.1f} s at {url}")
         return self._baselines[model][1]
 
@@ -218,18 +221,3 @@ def proc_memory(pid: int | None) -> dict[str, float] | None:
     except (OSError, ValueError, IndexError):
         return None
     return out or None
-
-
-def _wait_healthy(url: str, child: Child, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not child.alive():
-            raise RuntimeError(f"baseline server exited with {child.popen.returncode}\n{child.output()}")
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=5) as response:  # loopback only
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"baseline server not healthy within {timeout:g} s\n{child.output()}")

@@ -107,14 +107,24 @@ class ModelRunner:
             return DynamicCache()
 
 
-class KVBatch:
-    """Cache, padding mask and next position ids of rows that decode in lock-step."""
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompts right-aligned in one ``[rows, longest]`` tensor: token ids (``pad_id`` on the
+    left), the mask (True = real token) and each column's position id."""
+    length = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), length), dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        tokens[row, length - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, length - len(prompt) :] = True
+    positions = (mask.long().cumsum(-1) - 1).clamp_(min=0)
+    return tokens, mask, positions
 
-    def __init__(self, runner: ModelRunner, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor):
-        self.runner = runner
-        self.cache = cache
-        self.mask = mask  # [rows, length] int64, 1 = real token
-        self.positions = positions  # [rows] int64, position id of each row's next token
+
+class Rows:
+    """What both batches share: ``mask`` ``[rows, length]`` and the next position of each row."""
+
+    mask: torch.Tensor
+    positions: torch.Tensor
 
     @property
     def size(self) -> int:
@@ -124,18 +134,23 @@ class KVBatch:
     def length(self) -> int:
         return int(self.mask.shape[1])
 
+
+class KVBatch(Rows):
+    """Cache, padding mask and next position ids of rows that decode in lock-step."""
+
+    def __init__(self, runner: ModelRunner, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor):
+        self.runner = runner
+        self.cache = cache
+        self.mask = mask  # [rows, length] int64, 1 = real token
+        self.positions = positions  # [rows] int64, position id of each row's next token
+
     @classmethod
     def prefill(
         cls, runner: ModelRunner, prompts: list[list[int]], pad_id: int
     ) -> tuple[KVBatch, torch.Tensor]:
         """Run the prompts (left-padded) through the model; return the batch and next-token logits."""
-        length = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), length), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, length - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            mask[row, length - len(prompt) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp_(min=0)
+        input_ids, valid, positions = left_padded(prompts, pad_id)
+        mask = valid.long()
         cache = runner.new_cache()
         logits = runner.forward(input_ids, mask, positions, cache)
         layers = _layers(cache)

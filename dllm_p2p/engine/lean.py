@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .batch import Rows, left_padded
 from .quant import Linear, make_linear
 
 #: Model types whose decoder layers this module reproduces.
@@ -119,11 +120,6 @@ class LeanModel:
             half = self.head_dim // 2
             self._freqs = torch.complex(cos[0, :, :half].float(), sin[0, :, :half].float())
         return self._freqs[positions]
-
-    def weight_bytes(self) -> int:
-        linears = [self.head] + [lin for layer in self.layers for lin in layer.linears()]
-        norms = self.norm.numel() + sum(l.attn_norm.numel() + l.mlp_norm.numel() for l in self.layers)
-        return sum(lin.nbytes for lin in linears) + 4 * norms + self.embed.numel() * self.embed.element_size()
 
     def kv_bytes_per_token(self) -> int:
         """Cache bytes one token of one row costs (keys and values of every layer, float32)."""
@@ -218,10 +214,6 @@ class Cache:
     def capacity(self) -> int:
         return int(self.data.shape[4])
 
-    @property
-    def nbytes(self) -> int:
-        return self.data.numel() * 4
-
     def reserve(self, columns: int) -> None:
         """Make room for ``columns`` columns, growing by a quarter (at least ``CACHE_CHUNK``) at a time."""
         if columns <= self.capacity:
@@ -233,7 +225,7 @@ class Cache:
         self.data = grown
 
 
-class LeanBatch:
+class LeanBatch(Rows):
     """``KVBatch``'s contract (prefill, step, extend, select) over ``LeanModel`` and ``Cache``."""
 
     def __init__(self, model: LeanModel, cache: Cache, mask: torch.Tensor, positions: torch.Tensor) -> None:
@@ -242,27 +234,10 @@ class LeanBatch:
         self.mask = mask  # [rows, length] bool, True = real token
         self.positions = positions  # [rows] int64, position id of each row's next token
 
-    @property
-    def size(self) -> int:
-        return int(self.mask.shape[0])
-
-    @property
-    def length(self) -> int:
-        return int(self.mask.shape[1])
-
-    @property
-    def cache_bytes(self) -> int:
-        return self.cache.nbytes
-
     @classmethod
     def prefill(cls, model: LeanModel, prompts: list[list[int]], pad_id: int) -> tuple[LeanBatch, torch.Tensor]:
-        length = max(len(p) for p in prompts)
-        tokens = torch.full((len(prompts), length), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), length), dtype=torch.bool)
-        for row, prompt in enumerate(prompts):
-            tokens[row, length - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            mask[row, length - len(prompt) :] = True
-        positions = (mask.long().cumsum(-1) - 1).clamp_(min=0)
+        tokens, mask, positions = left_padded(prompts, pad_id)
+        length = tokens.shape[1]
         cache = Cache(model, len(prompts), -(-(length + 1) // CACHE_CHUNK) * CACHE_CHUNK)
         logits = model.forward(tokens, positions, cache, 0, mask)
         next_positions = torch.tensor([len(p) for p in prompts], dtype=torch.long)
