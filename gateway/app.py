@@ -87,6 +87,8 @@ class _OpenAIBase(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = Field(default=None, max_length=256)
     max_tokens: int | None = Field(default=None, ge=1, le=wire.MAX_NEW_TOKENS_LIMIT)
+    # Not OpenAI's; vLLM's extension of the same name: end-of-text is suppressed until this many tokens.
+    min_tokens: int = Field(default=0, ge=0, le=wire.MAX_NEW_TOKENS_LIMIT)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
@@ -439,6 +441,7 @@ def create_app(gw: Gateway) -> FastAPI:
             **text,
             model=body.model if body.model not in (None, "", "default") else None,
             max_new_tokens=max_tokens,
+            min_new_tokens=body.min_tokens,
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
             seed=body.seed,

@@ -23,6 +23,7 @@ class FakeClient:
     def __init__(self, behaviour: dict[str, str]) -> None:
         self.behaviour = behaviour  # addr -> "ok" | "dial" | "busy" | "midway"
         self.calls: list[str] = []
+        self.requests: list[Any] = []
 
     async def connect(self, addr: str) -> None:
         if self.behaviour[addr] == "dial":
@@ -39,6 +40,7 @@ class FakeClient:
 
     async def generate(self, addr: str, request: Any):  # type: ignore[no-untyped-def]
         self.calls.append(addr)
+        self.requests.append(request)
         mode = self.behaviour[addr]
         if mode == "busy":
             raise WorkerError("busy", "node is at capacity")
@@ -169,6 +171,17 @@ async def test_openai_chat_stream_ends_with_done() -> None:
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "Hello"
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+async def test_openai_min_tokens_reaches_the_worker_as_min_new_tokens() -> None:
+    client = FakeClient({"/addr/a": "ok"})
+    async with app_for(table_with("a"), client) as http:
+        ok = await http.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 9, "min_tokens": 9})
+        chat = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "min_tokens": 3})
+        bad = await http.post("/v1/completions", json={"prompt": "hi", "min_tokens": -1})
+    assert ok.status_code == 200 and chat.status_code == 200
+    assert [r.min_new_tokens for r in client.requests] == [9, 3]
+    assert bad.status_code == 400 and "min_tokens" in bad.text
 
 
 async def test_models_nodes_health_and_metrics() -> None:
