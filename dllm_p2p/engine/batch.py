@@ -49,7 +49,7 @@ def make_runner(model: Any, dtype: str = "auto") -> ModelRunner | LeanRunner:
     if reason is None:
         if dtype == "auto":
             dtype = "float16" if float16_available() else "float32"
-        return LeanRunner(LeanModel(model, dtype))
+        return LeanRunner(LeanModel(model, dtype), _kv_bytes_per_token(model.config))
     if dtype == "float16":
         raise ValueError(f"--dtype float16 needs the lean decoder, and this model cannot use it: {reason}")
     return ModelRunner(model)
@@ -60,10 +60,10 @@ class LeanRunner:
 
     kind = "lean"
 
-    def __init__(self, lean: Any) -> None:
+    def __init__(self, lean: Any, kv_bytes_per_token: int) -> None:
         self.lean = lean
         self.dtype = lean.dtype
-        self.kv_bytes_per_token = lean.kv_bytes_per_token()
+        self.kv_bytes_per_token = kv_bytes_per_token
 
     def prefill(self, prompts: list[list[int]], pad_id: int) -> tuple[Any, torch.Tensor]:
         from .lean import LeanBatch

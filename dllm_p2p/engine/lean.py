@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .batch import Rows, left_padded
+from .batch import Rows, _left_pad, left_padded
 from .quant import Linear, make_linear
 
 #: Model types whose decoder layers this module reproduces.
@@ -121,10 +121,6 @@ class LeanModel:
             self._freqs = torch.complex(cos[0, :, :half].float(), sin[0, :, :half].float())
         return self._freqs[positions]
 
-    def kv_bytes_per_token(self) -> int:
-        """Cache bytes one token of one row costs (keys and values of every layer, float32)."""
-        return len(self.layers) * 2 * self.kv_heads * self.head_dim * 4
-
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits of every column of ``tokens`` ``[rows, T]`` (no padding), with a cache of their own."""
         rows, steps = tokens.shape
@@ -201,14 +197,12 @@ class _Layer:
 class Cache:
     """Keys and values of every layer: ``[rows, kv_heads, capacity, head_dim]`` float32 each."""
 
-    def __init__(self, model: LeanModel, rows: int, capacity: int) -> None:
+    def __init__(self, model: LeanModel, rows: int, columns: int) -> None:
+        """Room for at least ``columns`` columns, rounded up to a multiple of ``CACHE_CHUNK``."""
         self.model = model
+        capacity = -(-columns // CACHE_CHUNK) * CACHE_CHUNK
         shape = (len(model.layers), 2, rows, model.kv_heads, capacity, model.head_dim)
         self.data = torch.zeros(shape, dtype=torch.float32)
-
-    @property
-    def rows(self) -> int:
-        return int(self.data.shape[2])
 
     @property
     def capacity(self) -> int:
@@ -218,11 +212,9 @@ class Cache:
         """Make room for ``columns`` columns, growing by a quarter (at least ``CACHE_CHUNK``) at a time."""
         if columns <= self.capacity:
             return
-        size = max(columns, self.capacity + max(CACHE_CHUNK, self.capacity // 4))
-        size = -(-size // CACHE_CHUNK) * CACHE_CHUNK
-        grown = self.data.new_zeros(*self.data.shape[:4], size, self.data.shape[5])
-        grown[..., : self.capacity, :] = self.data
-        self.data = grown
+        grown = Cache(self.model, self.data.shape[2], max(columns, self.capacity + max(CACHE_CHUNK, self.capacity // 4)))
+        grown.data[..., : self.capacity, :] = self.data
+        self.data = grown.data
 
 
 class LeanBatch(Rows):
@@ -238,7 +230,7 @@ class LeanBatch(Rows):
     def prefill(cls, model: LeanModel, prompts: list[list[int]], pad_id: int) -> tuple[LeanBatch, torch.Tensor]:
         tokens, mask, positions = left_padded(prompts, pad_id)
         length = tokens.shape[1]
-        cache = Cache(model, len(prompts), -(-(length + 1) // CACHE_CHUNK) * CACHE_CHUNK)
+        cache = Cache(model, len(prompts), length + 1)
         logits = model.forward(tokens, positions, cache, 0, mask)
         next_positions = torch.tensor([len(p) for p in prompts], dtype=torch.long)
         return cls(model, cache, mask, next_positions), logits
@@ -257,7 +249,7 @@ class LeanBatch(Rows):
         """Append ``other``'s rows after this batch's rows, right-aligned to the longer one."""
         length = max(self.length, other.length)
         capacity = max(self.cache.capacity, other.cache.capacity, length + 1)
-        merged = Cache(self.model, self.size + other.size, -(-capacity // CACHE_CHUNK) * CACHE_CHUNK)
+        merged = Cache(self.model, self.size + other.size, capacity)
         for rows, batch in ((slice(0, self.size), self), (slice(self.size, None), other)):
             shift = length - batch.length
             merged.data[:, :, rows, :, shift:length] = batch.cache.data[:, :, :, :, : batch.length]
@@ -276,13 +268,6 @@ class LeanBatch(Rows):
         self.cache = kept
         self.mask = mask[:, start:]
         self.positions = self.positions.index_select(0, index)
-
-
-def _left_pad(mask: torch.Tensor, length: int) -> torch.Tensor:
-    missing = length - mask.shape[1]
-    if missing <= 0:
-        return mask
-    return torch.cat([mask.new_zeros((mask.shape[0], missing)), mask], dim=1)
 
 
 def _interleave_rows(weight: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
