@@ -42,14 +42,23 @@ CACHE_CHUNK = 128
 
 
 class LeanModel:
-    """The weights of a Llama-family causal LM rearranged for ``LeanBatch``."""
+    """The weights of a Llama-family causal LM rearranged for ``LeanBatch``.
 
-    def __init__(self, model: Any, dtype: str = "float16") -> None:
+    With ``span=(start, end)`` it holds decoder layers ``start..end-1`` only, plus the token
+    embeddings when ``start == 0`` and the final norm and LM head when ``end`` is the last
+    layer: what a worker serving that span of the model needs (``forward_sessions``).
+    """
+
+    def __init__(self, model: Any, dtype: str = "float16", span: tuple[int, int] | None = None) -> None:
         reason = self.supports(model)
         if reason:
             raise ValueError(reason)
         config = model.config
         inner = model.model
+        self.total_layers = len(inner.layers)
+        self.start, self.end = span if span is not None else (0, self.total_layers)
+        if not 0 <= self.start < self.end <= self.total_layers:
+            raise ValueError(f"span {self.start}:{self.end} is not inside the model's {self.total_layers} layers")
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -57,13 +66,23 @@ class LeanModel:
         self.eps = float(config.rms_norm_eps)
         self.dtype = dtype
         self.max_positions = int(config.max_position_embeddings)
-        self.embed = inner.embed_tokens.weight.detach()
-        self.layers = [self._layer(layer, dtype) for layer in inner.layers]
-        self.norm = inner.norm.weight.detach()
-        self.head = make_linear(model.lm_head.weight.detach(), None, dtype)
+        self.embed = inner.embed_tokens.weight.detach() if self.first else None
+        self.layers = [self._layer(layer, dtype) for layer in inner.layers[self.start : self.end]]
+        self.norm = inner.norm.weight.detach() if self.last else None
+        self.head = make_linear(model.lm_head.weight.detach(), None, dtype) if self.last else None
         self.scale = 1.0 / self.head_dim**0.5
         self._rotary = inner.rotary_emb
         self._freqs = torch.empty(0, self.head_dim // 2, dtype=torch.complex64)
+
+    @property
+    def first(self) -> bool:
+        """Whether this holds layer 0 (and so the embeddings: its input is token ids)."""
+        return self.start == 0
+
+    @property
+    def last(self) -> bool:
+        """Whether this holds the last layer (and so the head: its output is logits)."""
+        return self.end == self.total_layers
 
     @staticmethod
     def supports(model: Any) -> str | None:
@@ -142,6 +161,8 @@ class LeanModel:
 
         ``mask`` ``[rows, start+T]`` is True where a column holds a real token.
         """
+        if not (self.first and self.last):
+            raise ValueError(f"layers {self.start}:{self.end} are a span: use forward_sessions")
         rows, steps = tokens.shape
         end = start + steps
         x = self.embed[tokens]  # [rows, T, hidden]
@@ -181,6 +202,84 @@ class LeanModel:
             x = x + layer.down(F.silu(gate) * up)
         last = F.rms_norm(x if every_column else x[:, -1], (self.hidden,), self.norm, self.eps)
         return self.head(last).float()
+
+
+    def forward_sessions(self, items: list[SessionInput]) -> list[torch.Tensor]:
+        """One pass of this span for several independent sequences ("sessions"), each with its
+        own cache and new tokens; return per item the float32 hidden states ``[T, hidden]`` of
+        its new positions, or, when this span holds the head, the logits ``[vocab]`` of its
+        last position.
+
+        Why ragged: sessions arrive one step at a time from different clients, at different
+        lengths. The linear layers, which read the weights and cost almost all of a step, run
+        once over all new positions of all items (``[1, sum T, hidden]``); only attention,
+        which is cheap at these lengths, runs per item against its own cache. No padding,
+        no copying caches together, and a long prompt joins the decode steps of others.
+        """
+        x = torch.cat([self.embed[item.tokens] if self.first else item.hidden.float() for item in items])[None]
+        heads, kv_heads, hd = self.heads, self.kv_heads, self.head_dim
+        qk_width = (heads + kv_heads) * hd
+        group = heads // kv_heads
+        plans = []
+        offset = 0
+        for item in items:
+            steps = item.steps
+            end = item.start + steps
+            item.cache.reserve(end)
+            rot = self.freqs(torch.arange(item.start, end))[:, None, :]  # [T, 1, hd/2]
+            mask = None
+            if steps > 1:
+                allowed = torch.arange(end)[None, :] <= torch.arange(item.start, end)[:, None]  # [T, end]
+                mask = torch.zeros(steps, end).masked_fill_(~allowed, float("-inf")).repeat(group, 1)[None, None]
+            plans.append((item, offset, steps, end, rot, mask))
+            offset += steps
+        for index, layer in enumerate(self.layers):
+            h = F.rms_norm(x, (self.hidden,), layer.attn_norm, self.eps)
+            qkv = layer.qkv(h)[0]  # [N, (H + 2 KV) hd]
+            outs = []
+            for item, first, steps, end, rot, mask in plans:
+                part = qkv[first : first + steps]
+                qk = torch.view_as_real(
+                    torch.view_as_complex(part[:, :qk_width].unflatten(-1, (heads + kv_heads, hd // 2, 2))) * rot
+                )  # [T, H + KV, hd/2, 2]
+                keys, values = item.cache.data[index]  # [1, KV, capacity, hd] each
+                keys[0, :, item.start : end] = qk[:, heads:].flatten(-2).transpose(0, 1)
+                values[0, :, item.start : end] = part[:, qk_width:].unflatten(-1, (kv_heads, hd)).transpose(0, 1)
+                q = qk[:, :heads].flatten(-2).unflatten(1, (kv_heads, group)).permute(1, 2, 0, 3).flatten(1, 2)
+                o = F.scaled_dot_product_attention(
+                    q[None], keys[:, :, :end], values[:, :, :end], attn_mask=mask, scale=self.scale
+                )  # [1, KV, group * T, hd]
+                outs.append(o[0].unflatten(1, (group, steps)).permute(2, 0, 1, 3).flatten(1))  # [T, H hd]
+            x = x + layer.out(torch.cat(outs)[None])
+            h = F.rms_norm(x, (self.hidden,), layer.mlp_norm, self.eps)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
+        x = x[0]
+        if not self.last:
+            return [x[first : first + steps] for _, first, steps, *_ in plans]
+        ends = torch.tensor([first + steps - 1 for _, first, steps, *_ in plans])
+        logits = self.head(F.rms_norm(x[ends], (self.hidden,), self.norm, self.eps)).float()
+        return list(logits)
+
+
+class SessionInput:
+    """One item of ``LeanModel.forward_sessions``: new token ids (first span) or hidden states
+    ``[T, hidden]`` (later spans), written at cache columns ``start..start+T`` of ``cache``.
+    Positions equal cache columns: a session is one unpadded sequence."""
+
+    __slots__ = ("cache", "start", "tokens", "hidden")
+
+    def __init__(
+        self, cache: Cache, start: int, tokens: torch.Tensor | None = None, hidden: torch.Tensor | None = None
+    ) -> None:
+        self.cache = cache
+        self.start = start
+        self.tokens = tokens
+        self.hidden = hidden
+
+    @property
+    def steps(self) -> int:
+        return int(self.tokens.shape[0] if self.tokens is not None else self.hidden.shape[0])
 
 
 class _Layer:
