@@ -31,13 +31,33 @@ CACHE_ENTRIES = 32
 
 
 def compute(loaded: LoadedModel) -> str:
-    """The fingerprint of ``loaded``, hashed now."""
+    """The fingerprint of ``loaded``, hashed now.
+
+    A span of a model (``loaded.span``) gets its whole model's fingerprint: each tensor the
+    span does not hold (on the ``meta`` device) is read from ``loaded.tensor_source``, hashed
+    and dropped before the next, so the whole model is never in memory at once.
+    """
     digest = hashlib.sha256(DOMAIN)
-    for name, tensor in sorted(loaded.model.state_dict().items()):
-        data = tensor.detach().contiguous().cpu()
-        header = f"{name}\0{data.dtype}\0{tuple(data.shape)}\0".encode()
-        digest.update(len(header).to_bytes(4, "big") + header)
-        digest.update(memoryview(data.view(-1).view(_byte_dtype()).numpy()))
+    source = loaded.tensor_source
+    try:
+        for name, tensor in sorted(loaded.model.state_dict().items()):
+            if tensor.is_meta:
+                if source is None:
+                    raise ValueError(f"cannot fingerprint {loaded.name!r}: {name!r} is not loaded and has no source")
+                held, tensor = tensor, source(name)
+                if tensor.dtype != held.dtype or tensor.shape != held.shape:
+                    raise ValueError(
+                        f"{name!r} from the tensor source is {tensor.dtype} {tuple(tensor.shape)}, "
+                        f"the model's {held.dtype} {tuple(held.shape)}"
+                    )
+            data = tensor.detach().contiguous().cpu()
+            header = f"{name}\0{data.dtype}\0{tuple(data.shape)}\0".encode()
+            digest.update(len(header).to_bytes(4, "big") + header)
+            digest.update(memoryview(data.view(-1).view(_byte_dtype()).numpy()))
+            del tensor, data
+    finally:
+        if source is not None:
+            source.close()
     digest.update(b"tokenizer\0" + _tokenizer_bytes(loaded.tokenizer))
     digest.update(b"chat_template\0" + str(getattr(loaded.tokenizer, "chat_template", "") or "").encode())
     return "sha256:" + digest.hexdigest()

@@ -1,5 +1,6 @@
 """Turn a model spec (``smollm2``, ``*.gguf``, ``tiny``, ``tiny-llama``, ``random:gpt2``, a directory, a hub
-name) into a ``LoadedModel``.
+name) into a ``LoadedModel``, whole or a span of its decoder layers (``layers="10:20"``; see
+``spans_load.py``).
 
 Loading is the one place where a node meets the outside world before it serves anything,
 so failures here must be quick and explain the way out: a machine without access to the
@@ -18,6 +19,29 @@ from typing import Any
 
 from ..models import SMOLLM2_MISSING, find_smollm2
 from .errors import ModelLoadError
+
+# parse_layers, resolve_span and SpanError are part of this module's interface too.
+from .spans_load import (
+    AliasedSource,
+    GgufSource,
+    ReloadSource,
+    SafetensorsSource,
+    Span,
+    SpanError,
+    TensorSource,
+    Unsupported,
+    cut_to_span,
+    fill_span,
+    meta_skeleton,
+    parse_layers,  # noqa: F401
+    release_memory,
+    resolve_span,
+    safetensors_files,
+    tie_groups,
+)
+
+#: What ``load_model``'s ``layers`` takes: ``"START:END"``, ``(start, end)``, or None for all.
+Layers = str | tuple[int, int] | None
 
 Progress = Callable[[str], None]
 
@@ -57,6 +81,14 @@ class LoadedModel:
     source: str = ""
     #: ``sha256:<hex>`` of the weights and tokenizer (see ``fingerprint.py``); set by the worker.
     fingerprint: str | None = None
+    #: The decoder layers held, ``(start, end)`` (``start`` included, ``end`` not); None for a
+    #: whole model. Outside them every tensor of ``model`` is on the ``meta`` device.
+    span: Span | None = None
+    #: The model's decoder layer count (``config.num_hidden_layers``), whatever the span.
+    total_layers: int = 0
+    #: For a span: any tensor of the whole model's state dict by name, as a full load holds it,
+    #: read one at a time (the fingerprint covers the whole model). None when nothing is missing.
+    tensor_source: TensorSource | None = field(default=None, repr=False)
 
     @property
     def chat(self) -> bool:
@@ -97,38 +129,69 @@ def transcript(messages: list[dict[str, str]]) -> str:
     return "\n".join(lines) + "\nAssistant:"
 
 
-def load_model(spec: str, progress: Progress | None = None) -> LoadedModel:
+def load_model(spec: str, progress: Progress | None = None, layers: Layers = None) -> LoadedModel:
     """Load ``spec``; raise ``ModelLoadError`` with a human-readable fix when that fails.
 
     ``progress`` receives short stage messages ("loading tokenizer", "loading weights ...")
     so a CLI can show where the time goes.
+
+    ``layers`` (``"START:END"`` or ``(start, end)``, Python slice semantics over the decoder
+    layers) loads only that span: the model keeps its full shape, but everything outside the
+    span is on the ``meta`` device and only the span's weights are read (see ``spans_load``).
+    A malformed or empty span raises ``SpanError``, a ``ValueError``.
     """
     say = progress or (lambda message: None)
     started = time.perf_counter()
     spec = spec.strip()
     if spec == "tiny":
-        loaded = _load_tiny(say)
+        loaded = _built(_load_tiny, say, layers, shared=True)
     elif spec == "tiny-llama":
-        loaded = _load_tiny_llama(say)
+        loaded = _built(_load_tiny_llama, say, layers)
     elif spec.startswith("random:"):
-        loaded = _load_random(spec, say)
+        loaded = _built(lambda s: _load_random(spec, s), say, layers)
     elif spec == "smollm2":
-        loaded = _load_gguf(smollm2_path(), say, name="smollm2")
+        loaded = _load_gguf(smollm2_path(), say, name="smollm2", layers=layers)
     elif spec.lower().endswith(".gguf"):
         path = Path(spec).expanduser()
         if not path.is_file():
             raise ModelLoadError(f"GGUF file {spec!r} does not exist")
-        loaded = _load_gguf(path, say, name=path.name[: -len(".gguf")])
+        loaded = _load_gguf(path, say, name=path.name[: -len(".gguf")], layers=layers)
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
-            loaded = _load_directory(path, say)
+            loaded = _load_directory(path, say, layers)
         elif spec.startswith(("/", "./", "../", "~")):
             raise ModelLoadError(f"model directory {spec!r} does not exist")
         else:
-            loaded = _load_hub(spec, say)
+            loaded = _load_hub(spec, say, layers)
     loaded.load_seconds = time.perf_counter() - started
-    say(f"model {loaded.name!r} ready in {loaded.load_seconds:.1f} s (context {loaded.max_context} tokens)")
+    held = "" if loaded.span is None else f", layers {loaded.span[0]}:{loaded.span[1]} of {loaded.total_layers}"
+    say(f"model {loaded.name!r} ready in {loaded.load_seconds:.1f} s (context {loaded.max_context} tokens{held})")
+    return loaded
+
+
+def _built(
+    build: Callable[[Progress], LoadedModel], say: Progress, layers: Layers, *, shared: bool = False
+) -> LoadedModel:
+    """A model built in code: built whole (they are small or random), then cut to the span
+    (a copy of it when the builder hands out one ``shared`` model per process); its tensor
+    source builds it again when the fingerprint needs the rest."""
+    loaded = build(say)
+    if layers is None:
+        return loaded
+    span = resolve_span(layers, loaded.total_layers)
+    if span != (0, loaded.total_layers):
+        say(f"keeping layers {span[0]}:{span[1]} of {loaded.total_layers}")
+        if shared:
+            import copy
+
+            loaded.model = copy.deepcopy(loaded.model)
+        try:
+            cut_to_span(loaded.model, span)
+        except Unsupported as exc:
+            raise ModelLoadError(f"cannot serve a span of {loaded.name!r}: {exc}") from exc
+        loaded.tensor_source = ReloadSource(lambda: build(lambda message: None).model)
+    loaded.span = span
     return loaded
 
 
@@ -176,7 +239,7 @@ def smollm2_path() -> Path:
     return path
 
 
-def _load_gguf(path: Path, say: Progress, *, name: str) -> LoadedModel:
+def _load_gguf(path: Path, say: Progress, *, name: str, layers: Layers = None) -> LoadedModel:
     """A GGUF file through transformers' own GGUF path, dequantized to float32."""
     import importlib.util
 
@@ -184,31 +247,50 @@ def _load_gguf(path: Path, say: Progress, *, name: str) -> LoadedModel:
     if missing:
         raise ModelLoadError(f"loading GGUF files needs the {' and '.join(missing)} package(s): pip install {' '.join(missing)}")
     say(f"loading {path.name} ({path.stat().st_size / 1e6:.0f} MB, GGUF; dequantizing to float32)")
+    config = _config(str(path.parent), layers, f"could not load GGUF file {str(path)!r}", local_files_only=True, gguf_file=path.name)
     try:
-        tokenizer, model = _from_pretrained(str(path.parent), say, local_files_only=True, gguf_file=path.name)
+        tokenizer, model, span, tensors = _pretrained(
+            str(path.parent), say, layers, config, local_files_only=True, gguf_file=path.name
+        )
+    except SpanError:
+        raise
     except Exception as exc:
         raise ModelLoadError(f"could not load GGUF file {str(path)!r}: {_short(exc)}") from exc
-    return _finish(name, model, tokenizer, source=_file_source([path]))
+    return _finish(name, model, tokenizer, source=_file_source([path]), span=span, tensor_source=tensors)
 
 
-def _load_directory(path: Path, say: Progress) -> LoadedModel:
+def _load_directory(path: Path, say: Progress, layers: Layers = None) -> LoadedModel:
+    problem = f"could not load a model from directory {str(path)!r}"
+    config = _config(str(path), layers, problem, local_files_only=True)
     try:
-        tokenizer, model = _from_pretrained(str(path), say, local_files_only=True)
+        tokenizer, model, span, tensors = _pretrained(str(path), say, layers, config, local_files_only=True)
+    except SpanError:
+        raise
     except Exception as exc:
         raise ModelLoadError(
-            f"could not load a model from directory {str(path)!r}: {exc}\n"
+            f"{problem}: {exc}\n"
             "It should hold files written by save_pretrained() (config.json, weights, tokenizer files); "
             "`python -m dllm_p2p model init-tiny DIR` writes a small one."
         ) from exc
-    return _finish(path.resolve().name, model, tokenizer, source=_file_source(sorted(path.resolve().iterdir())))
+    return _finish(
+        path.resolve().name,
+        model,
+        tokenizer,
+        source=_file_source(sorted(path.resolve().iterdir())),
+        span=span,
+        tensor_source=tensors,
+    )
 
 
-def _load_hub(name: str, say: Progress) -> LoadedModel:
+def _load_hub(name: str, say: Progress, layers: Layers = None) -> LoadedModel:
     """Cache first, then the hub only if it answers: never the library's long retry loops."""
     say(f"looking for {name!r} in the Hugging Face cache")
     try:
-        tokenizer, model = _from_pretrained(name, say, local_files_only=True)
-        return _finish(name, model, tokenizer, source=_hub_source(name))
+        config = _config(name, layers, "", local_files_only=True)
+        tokenizer, model, span, tensors = _pretrained(name, say, layers, config, local_files_only=True)
+        return _finish(name, model, tokenizer, source=_hub_source(name), span=span, tensor_source=tensors)
+    except SpanError:
+        raise  # a malformed or empty span, not a missing model
     except Exception as exc:
         cached_error = exc
     if _offline_mode():
@@ -224,28 +306,118 @@ def _load_hub(name: str, say: Progress) -> LoadedModel:
             f"could not load model {name!r}: it is not in the Hugging Face cache and the hub "
             f"({endpoint}) is unreachable: {problem}.\n{OFFLINE_OPTIONS}"
         ) from cached_error
+    problem = f"could not load model {name!r} from the Hugging Face hub"
+    config = _config(name, layers, problem, local_files_only=False)
     try:
-        tokenizer, model = _from_pretrained(name, say, local_files_only=False)
+        tokenizer, model, span, tensors = _pretrained(name, say, layers, config, local_files_only=False)
+    except SpanError:
+        raise
     except Exception as exc:
-        raise ModelLoadError(
-            f"could not load model {name!r} from the Hugging Face hub: {_short(exc)}\n{OFFLINE_OPTIONS}"
-        ) from exc
-    return _finish(name, model, tokenizer, source=_hub_source(name))
+        raise ModelLoadError(f"{problem}: {_short(exc)}\n{OFFLINE_OPTIONS}") from exc
+    return _finish(name, model, tokenizer, source=_hub_source(name), span=span, tensor_source=tensors)
 
 
 def _from_pretrained(source: str, say: Progress, *, local_files_only: bool, **extra: Any) -> tuple[Any, Any]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    return _tokenizer(source, say, local_files_only=local_files_only, **extra), _weights(
+        source, say, local_files_only=local_files_only, **extra
+    )
+
+
+def _tokenizer(source: str, say: Progress, *, local_files_only: bool, **extra: Any) -> Any:
+    from transformers import AutoTokenizer
 
     say("loading tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only, **extra)
+    return AutoTokenizer.from_pretrained(source, local_files_only=local_files_only, **extra)
+
+
+def _weights(source: str, say: Progress, *, local_files_only: bool, **extra: Any) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
     say("loading weights")
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(
         source, local_files_only=local_files_only, dtype=torch.float32, **extra
     )
     say(f"loading weights done in {time.perf_counter() - started:.1f} s")
-    return tokenizer, model.eval()
+    return model.eval()
+
+
+def _config(source: str, layers: Layers, problem: str, *, local_files_only: bool, **extra: Any) -> Any:
+    """The model's config, needed before its weights to know which layers a span holds;
+    None for a whole model (``from_pretrained`` reads it itself). A failure raises
+    ``ModelLoadError`` after ``problem``, or as it is when ``problem`` is empty."""
+    if layers is None:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, local_files_only=local_files_only, **extra)
+    except Exception as exc:
+        if not problem:
+            raise
+        raise ModelLoadError(f"{problem}: {_short(exc)}") from exc
+
+
+def _pretrained(
+    source: str, say: Progress, layers: Layers, config: Any, *, local_files_only: bool, **extra: Any
+) -> tuple[Any, Any, Span | None, TensorSource | None]:
+    """``(tokenizer, model, span, tensor source)`` of a checkpoint transformers reads: the
+    whole model when ``layers`` is None, else only the span's weights (see ``spans_load``).
+    A malformed span raises ``ValueError`` before anything is read."""
+    if layers is None:
+        tokenizer, model = _from_pretrained(source, say, local_files_only=local_files_only, **extra)
+        return tokenizer, model, None, None
+    total = int(config.num_hidden_layers)
+    span = resolve_span(layers, total)
+    if span == (0, total):
+        tokenizer, model = _from_pretrained(source, say, local_files_only=local_files_only, **extra)
+        return tokenizer, model, span, None
+    tokenizer = _tokenizer(source, say, local_files_only=local_files_only, **extra)
+    say(f"loading the weights of layers {span[0]}:{span[1]} of {total}")
+    started = time.perf_counter()
+    gguf_file = extra.get("gguf_file")
+    try:
+        model = meta_skeleton(config)
+        model.config.name_or_path = source
+        if gguf_file is not None:
+            tensors: TensorSource = GgufSource(Path(source) / gguf_file, model)
+        else:
+            files = safetensors_files(source, local_files_only=local_files_only)
+            if files is None:
+                raise Unsupported("the checkpoint has no *.safetensors files")
+            tensors = SafetensorsSource(files)
+            _generation_config(model, source, local_files_only=local_files_only)
+        tensors = AliasedSource(tensors, tie_groups(model))
+        fill_span(model, span, tensors)
+        tensors.close()
+    except Unsupported as exc:
+        say(f"reading the whole model, then keeping layers {span[0]}:{span[1]} ({exc})")
+        model = cut_to_span(_weights(source, say, local_files_only=local_files_only, **extra), span)
+        tensors = ReloadSource(lambda: _weights(source, lambda message: None, local_files_only=local_files_only, **extra))
+    release_memory()
+    say(f"loading the span's weights done in {time.perf_counter() - started:.1f} s")
+    return tokenizer, model, span, tensors
+
+
+def _generation_config(model: Any, source: str, *, local_files_only: bool) -> None:
+    """The checkpoint's generation config, as ``from_pretrained`` reads it."""
+    if not model.can_generate():
+        return
+    model.adjust_generation_fn(
+        None,
+        True,
+        False,
+        source,
+        cache_dir=None,
+        force_download=False,
+        proxies=None,
+        local_files_only=local_files_only,
+        token=None,
+        revision=None,
+        subfolder="",
+        trust_remote_code=None,
+    )
 
 
 def _built_in_source(spec: str) -> str:
@@ -281,7 +453,15 @@ def _hub_source(name: str) -> str:
     return name
 
 
-def _finish(name: str, model: Any, tokenizer: Any, *, source: str) -> LoadedModel:
+def _finish(
+    name: str,
+    model: Any,
+    tokenizer: Any,
+    *,
+    source: str,
+    span: Span | None = None,
+    tensor_source: TensorSource | None = None,
+) -> LoadedModel:
     config = model.config
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id
     if isinstance(eos, list):
@@ -298,6 +478,9 @@ def _finish(name: str, model: Any, tokenizer: Any, *, source: str) -> LoadedMode
         max_context=_max_context(config, tokenizer),
         stop_token_ids=frozenset(stops),
         source=source,
+        span=span,
+        total_layers=int(getattr(config, "num_hidden_layers", 0) or 0),
+        tensor_source=tensor_source,
     )
 
 
