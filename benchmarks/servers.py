@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dllm_p2p.localnet import Child, LocalNetwork, child_env
+from dllm_p2p import memory
 
 Progress = Callable[[str], None]
 
@@ -209,15 +210,4 @@ def exit_status(code: int | None) -> str:
 
 def proc_memory(pid: int | None) -> dict[str, float] | None:
     """Resident set size now (``VmRSS``) and at its peak (``VmHWM``) of a live process, in MiB."""
-    if pid is None:
-        return None
-    out: dict[str, float] = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
-                    out["rss_mib" if key == "VmRSS" else "peak_rss_mib"] = round(int(value.split()[0]) / 1024, 1)
-    except (OSError, ValueError, IndexError):
-        return None
-    return out or None
+    return None if pid is None else memory.proc_memory(pid)

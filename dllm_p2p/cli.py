@@ -52,6 +52,9 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=32, help="requests waiting for a batch slot before 'busy' (default 32)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16"], help="weights of Llama-family models (lean decoder): float16 halves the bytes read per token with the same answers to within rounding; auto = float16 where PyTorch has FBGEMM (x86), else float32; other models run in float32 (default auto)")
     p.add_argument("--kv-cache-mb", type=float, default=1024, help="KV-cache budget: requests past it wait for a batch slot, a request that alone exceeds it is refused (default 1024)")
+    p.add_argument("--layers", default=None, metavar="START:END", help="serve only decoder layers START..END-1 of the model (Python slice semantics, e.g. 0:10, 10:20, 20:) over /dllm/forward/1.0.0, loading only their weights; clients chain spans into a route (Llama-family models; default: the whole model, over /dllm/generate/1.0.0)")
+    p.add_argument("--max-sessions", type=int, default=64, help="with --layers: sessions held at once before 'busy' (default 64)")
+    p.add_argument("--session-ttl", type=float, default=300.0, help="with --layers: seconds a session may sit idle before its KV cache is freed (default 300)")
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds one generation may take (default 300)")
     p.add_argument("--read-timeout", type=float, default=10.0, help="seconds a dialer has to send its request (default 10)")
     p.add_argument("--no-relay", action="store_true", help="never relay for others (by default a node that peers can reach directly offers circuit-relay reservations)")
@@ -237,7 +240,9 @@ async def until_signal(scope: trio.CancelScope, before: Callable[[], Awaitable[N
 def cmd_worker(args: argparse.Namespace) -> int:
     from .engine import Engine, ModelLoadError, load_model
     from .engine.fingerprint import fingerprint
+    from .engine.spans import SpanEngine
     from .identity import DataDirLock, DataDirLocked, load_or_create
+    from .memory import resident_mib
     from .membership import Membership, MembershipConfig
     from .lan import LanDiscovery
     from .reach import Reach
@@ -252,6 +257,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return _fail("--max-new-tokens must be at least 1 and --request-timeout positive")
     if not args.kv_cache_mb > 0:
         return _fail("--kv-cache-mb must be positive")
+    if args.max_sessions < 1 or not args.session_ttl > 0:
+        return _fail("--max-sessions must be at least 1 and --session-ttl positive")
     try:
         membership_config = MembershipConfig(
             role="worker", bootstrap=args.bootstrap, heartbeat_interval=args.heartbeat_interval, record_ttl=args.record_ttl,
@@ -271,19 +278,29 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     identity = load_or_create(args.data_dir)
     print(f"peer id {identity.peer_id}", file=sys.stderr, flush=True)
+    say = lambda msg: print(f"[model] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    baseline_rss = resident_mib()
     try:
-        loaded = load_model(args.model, progress=lambda msg: print(f"[model] {msg}", file=sys.stderr, flush=True))
+        loaded = load_model(args.model, progress=say, layers=args.layers)
     except ModelLoadError as exc:
         return _fail(str(exc))
-    print(f"[model] fingerprint {fingerprint(loaded, args.data_dir)}", file=sys.stderr, flush=True)
+    except ValueError as exc:  # a malformed or empty --layers
+        return _fail(f"--layers: {exc}")
+    say(f"fingerprint {fingerprint(loaded, args.data_dir)}")
     try:
-        engine = Engine(
-            loaded, max_batch_size=args.max_concurrency, max_queue=args.max_queue, dtype=args.dtype, kv_cache_mb=args.kv_cache_mb,
-            keep_model=False,
-        )
+        engine: Engine | SpanEngine
+        if args.layers is not None:
+            engine = SpanEngine(loaded, dtype=args.dtype, kv_cache_mb=args.kv_cache_mb, max_sessions=args.max_sessions)
+            start, end = engine.span
+            say(f"serving layers {start}:{end} of {engine.total_layers}, {engine.dtype} weights, KV cache budget {args.kv_cache_mb:g} MB")
+        else:
+            engine = Engine(
+                loaded, max_batch_size=args.max_concurrency, max_queue=args.max_queue, dtype=args.dtype,
+                kv_cache_mb=args.kv_cache_mb, keep_model=False,
+            )
+            say(f"engine: {engine.backend}, {engine.dtype} weights, KV cache budget {args.kv_cache_mb:g} MB")
     except ValueError as exc:
         return _fail(str(exc))
-    print(f"[model] engine: {engine.backend}, {engine.dtype} weights, KV cache budget {args.kv_cache_mb:g} MB", file=sys.stderr, flush=True)
     config = WorkerConfig(
         listen=args.listen or ["/ip4/0.0.0.0/tcp/4001"],
         announce=args.announce,
@@ -292,6 +309,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         request_timeout=args.request_timeout,
         read_timeout=args.read_timeout,
         psk=args.psk,
+        session_ttl=args.session_ttl,
+        baseline_rss_mib=baseline_rss,
     )
     worker = Worker(engine, identity, config)
     store = ChainStore(args.data_dir)

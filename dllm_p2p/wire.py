@@ -19,6 +19,7 @@ import msgpack
 GENERATE_PROTOCOL = "/dllm/generate/1.0.0"
 INFO_PROTOCOL = "/dllm/info/1.0.0"
 SCORE_PROTOCOL = "/dllm/score/1.0.0"
+FORWARD_PROTOCOL = "/dllm/forward/1.0.0"
 
 #: Largest request frame a worker reads. The length prefix is checked before the body is
 #: read, so a peer announcing a gigabyte frame costs us nothing.
@@ -475,3 +476,159 @@ def check_scores(frame: dict[str, Any], count: int) -> dict[str, Any]:
             else:
                 _float(key, value, -1e9, 1e9)
     return frame
+
+
+# --- /dllm/forward/1.0.0 ------------------------------------------------------------------
+
+#: A forward request frame carries hidden states: larger than a generate request.
+MAX_FORWARD_FRAME = 8 * 2**20
+#: New positions in one forward frame.
+MAX_FORWARD_POSITIONS = 4096
+MAX_SESSION_CHARS = 64
+#: Bytes per value of the dtypes hidden states may travel in.
+TENSOR_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_FIRST_KEYS = {"model", "span", "max_length", "wire_dtype", "sample", "generated"}
+_SAMPLE_KEYS = {"max_new_tokens", "temperature", "top_p", "top_k", "seed", "min_new_tokens", "stop"}
+
+
+@dataclass(frozen=True)
+class TensorMap:
+    """Hidden states on the wire: row-major little-endian values of ``shape`` in ``dtype``."""
+
+    dtype: str
+    shape: tuple[int, int]
+    data: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "shape": list(self.shape), "data": self.data}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """The last span's sampling parameters (``sample``)."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    min_new_tokens: int = 0
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ForwardRequest:
+    """One request frame of a forward session (see docs/PROTOCOL.md)."""
+
+    session: str
+    start: int | None = None
+    tokens: tuple[int, ...] | None = None
+    hidden: TensorMap | None = None
+    tokenize: Request | None = None
+    # First frame only:
+    model: str | None = None
+    span: tuple[int, int] | None = None
+    max_length: int | None = None
+    wire_dtype: str = "float32"
+    sample: Sample | None = None
+    generated: tuple[int, ...] = ()
+
+
+def parse_forward(message: dict[str, Any], first: bool) -> ForwardRequest:
+    """Validate a forward request map; raises ``WireError`` naming the first problem."""
+    allowed = {"session", "start", "tokens", "hidden", "tokenize"} | (_FIRST_KEYS if first else set())
+    unknown = sorted(set(message) - allowed)
+    if unknown:
+        later = " (allowed in a session's first frame only)" if set(unknown) & _FIRST_KEYS else ""
+        raise WireError(f"unknown forward keys: {', '.join(map(str, unknown))}{later}")
+    if "session" not in message:
+        raise WireError("'session' is required")
+    session = _str("session", message["session"], MAX_SESSION_CHARS)
+    if not session:
+        raise WireError("'session' must not be empty")
+    fields: dict[str, Any] = {"session": session}
+    inputs = [key for key in ("tokens", "hidden", "tokenize") if message.get(key) is not None]
+    if len(inputs) != 1:
+        raise WireError("a forward frame holds exactly one of 'tokens', 'hidden' and 'tokenize'")
+    if "tokenize" in inputs:
+        text = message["tokenize"]
+        if not isinstance(text, dict) or set(text) - {"prompt", "messages"} or len(text) != 1:
+            raise WireError("'tokenize' must be {'prompt': str} or {'messages': [...]}")
+        fields["tokenize"] = parse_request(text)
+    else:
+        fields["start"] = _int("start", message.get("start"), 0, 2**31) if "start" in message else _missing("start")
+        if "tokens" in inputs:
+            tokens = message["tokens"]
+            if not isinstance(tokens, list) or not 1 <= len(tokens) <= MAX_FORWARD_POSITIONS:
+                raise WireError(f"'tokens' must be a list of 1 to {MAX_FORWARD_POSITIONS} token ids")
+            fields["tokens"] = tuple(_int("tokens[]", t, 0, 2**31) for t in tokens)
+        else:
+            fields["hidden"] = parse_tensor("hidden", message["hidden"])
+    if first:
+        if "model" in message:
+            fields["model"] = _str("model", message["model"], 256)
+        if "span" in message:
+            span = message["span"]
+            if not isinstance(span, list) or len(span) != 2:
+                raise WireError("'span' must be [start, end]")
+            fields["span"] = (_int("span[0]", span[0], 0, 100_000), _int("span[1]", span[1], 1, 100_000))
+        if "tokenize" not in inputs:
+            if "max_length" not in message:
+                raise WireError("'max_length' is required in a session's first frame")
+            fields["max_length"] = _int("max_length", message["max_length"], 1, 2**31)
+        if "wire_dtype" in message:
+            if message["wire_dtype"] not in TENSOR_DTYPES:
+                raise WireError(f"'wire_dtype' must be one of {', '.join(TENSOR_DTYPES)}")
+            fields["wire_dtype"] = message["wire_dtype"]
+        if message.get("sample") is not None:
+            fields["sample"] = _sample(message["sample"])
+        if message.get("generated") is not None:
+            generated = message["generated"]
+            if not isinstance(generated, list) or len(generated) > MAX_NEW_TOKENS_LIMIT:
+                raise WireError(f"'generated' must be a list of at most {MAX_NEW_TOKENS_LIMIT} token ids")
+            fields["generated"] = tuple(_int("generated[]", t, 0, 2**31) for t in generated)
+    return ForwardRequest(**fields)
+
+
+def parse_tensor(key: str, value: Any) -> TensorMap:
+    """A tensor map whose byte count matches its dtype and shape ``[T, hidden]``."""
+    if not isinstance(value, dict) or set(value) != {"dtype", "shape", "data"}:
+        raise WireError(f"'{key}' must be a map of exactly 'dtype', 'shape' and 'data'")
+    if value["dtype"] not in TENSOR_DTYPES:
+        raise WireError(f"'{key}.dtype' must be one of {', '.join(TENSOR_DTYPES)}")
+    shape = value["shape"]
+    if not isinstance(shape, list) or len(shape) != 2:
+        raise WireError(f"'{key}.shape' must be [positions, hidden]")
+    rows = _int(f"{key}.shape[0]", shape[0], 1, MAX_FORWARD_POSITIONS)
+    width = _int(f"{key}.shape[1]", shape[1], 1, 65536)
+    data = value["data"]
+    if not isinstance(data, bytes) or len(data) != rows * width * TENSOR_DTYPES[value["dtype"]]:
+        raise WireError(f"'{key}.data' must be {rows} x {width} {value['dtype']} values as bytes")
+    return TensorMap(value["dtype"], (rows, width), data)
+
+
+def _sample(value: Any) -> Sample:
+    if not isinstance(value, dict):
+        raise WireError("'sample' must be a map")
+    unknown = sorted(set(value) - _SAMPLE_KEYS)
+    if unknown:
+        raise WireError(f"unknown sample keys: {', '.join(map(str, unknown))}")
+    if "max_new_tokens" not in value:
+        raise WireError("'sample.max_new_tokens' is required")
+    fields: dict[str, Any] = {"max_new_tokens": _int("sample.max_new_tokens", value["max_new_tokens"], 1, MAX_NEW_TOKENS_LIMIT)}
+    checks = {
+        "temperature": lambda v: _float("sample.temperature", v, 0.0, 100.0),
+        "top_p": lambda v: _float("sample.top_p", v, 1e-9, 1.0),
+        "top_k": lambda v: _int("sample.top_k", v, 0, MAX_TOP_K),
+        "seed": lambda v: _int("sample.seed", v, 0, 2**63 - 1),
+        "min_new_tokens": lambda v: _int("sample.min_new_tokens", v, 0, MAX_NEW_TOKENS_LIMIT),
+        "stop": _stop,
+    }
+    for key, check in checks.items():
+        if value.get(key) is not None:
+            fields[key] = check(value[key])
+    return Sample(**fields)
+
+
+def _missing(key: str) -> Any:
+    raise WireError(f"'{key}' is required")

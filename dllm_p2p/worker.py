@@ -1,4 +1,5 @@
-"""A worker node: serves one model over ``/dllm/generate/1.0.0`` and ``/dllm/info/1.0.0``.
+"""A worker node: serves one model over ``/dllm/generate/1.0.0`` and ``/dllm/info/1.0.0``,
+or one span of a model's layers over ``/dllm/forward/1.0.0`` (``forwarding.py``).
 
 Every stream handler guards its own errors: in py-libp2p an exception that escapes a
 handler propagates through ``host.run`` and takes the whole node down, so a hostile or
@@ -22,9 +23,12 @@ from libp2p.custom_types import TProtocol
 from . import __version__, answers, wire
 from .engine import Engine, EngineBusy, EngineError, GenerationParams, RequestTooLarge
 from .engine.scoring import score_tokens
+from .engine.spans import SpanEngine
+from .forwarding import DEFAULT_SESSION_TTL, ForwardService
 from .fsutil import write_json_atomic
 from .host import host_addrs, make_host, parse_multiaddr, reset_quietly
 from .identity import Identity
+from .memory import resident_mib
 
 log = logging.getLogger("dllm_p2p.worker")
 
@@ -48,13 +52,25 @@ class WorkerConfig:
     #: Seconds one generation may take before it is cancelled with ``timeout``.
     request_timeout: float = 300.0
     psk: str | None = None
+    #: Seconds a span's session may sit idle before its KV cache is freed.
+    session_ttl: float = DEFAULT_SESSION_TTL
+    #: The process's resident memory (MiB) before its model loaded, when known: heartbeats
+    #: then report the model's share (``model_rss_mib``) beside the whole (``rss_mib``).
+    baseline_rss_mib: float | None = None
 
 
 class Worker:
     """One node: a libp2p host plus an engine. ``run`` serves until cancelled."""
 
-    def __init__(self, engine: Engine, identity: Identity, config: WorkerConfig) -> None:
+    def __init__(self, engine: Engine | SpanEngine, identity: Identity, config: WorkerConfig) -> None:
         self.engine = engine
+        #: Set when this worker serves a span of layers rather than generations.
+        self.forward: ForwardService | None = None
+        if isinstance(engine, SpanEngine):
+            self.forward = ForwardService(
+                engine, read_timeout=config.read_timeout, step_timeout=config.request_timeout,
+                session_ttl=config.session_ttl,
+            )
         self.identity = identity
         self.config = config
         self.host: IHost = make_host(identity, announce=config.announce, psk=config.psk)
@@ -82,14 +98,33 @@ class Worker:
         return [self.engine.name]
 
     def model_info(self) -> dict[str, dict[str, Any]]:
-        """Per model: its fingerprint (which weights exactly) and whether it is a chat model."""
+        """Per model: its fingerprint (which weights exactly), whether it is a chat model, and
+        which of its decoder layers this node holds (``span`` of ``layers``; all for a full worker)."""
         loaded = self.engine.loaded
-        return {loaded.name: {"fingerprint": loaded.fingerprint, "chat": loaded.chat}}
+        facts: dict[str, Any] = {"fingerprint": loaded.fingerprint, "chat": loaded.chat}
+        config = loaded.model.config
+        total = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+        if isinstance(total, int) and total > 0:
+            span = self.engine.span if isinstance(self.engine, SpanEngine) else (0, total)
+            facts.update(span=list(span), layers=total, forward=self.forward is not None)
+            hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+            if isinstance(hidden, int):
+                facts["hidden"] = hidden
+        return {loaded.name: facts}
+
+    @property
+    def protocols(self) -> list[str]:
+        if self.forward is not None:
+            return [wire.FORWARD_PROTOCOL, wire.INFO_PROTOCOL]
+        return [wire.GENERATE_PROTOCOL, wire.INFO_PROTOCOL, wire.SCORE_PROTOCOL]
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        self.host.set_stream_handler(TProtocol(wire.GENERATE_PROTOCOL), self._on_generate)
+        if self.forward is not None:
+            self.host.set_stream_handler(TProtocol(wire.FORWARD_PROTOCOL), self.forward.handle)
+        else:
+            self.host.set_stream_handler(TProtocol(wire.GENERATE_PROTOCOL), self._on_generate)
+            self.host.set_stream_handler(TProtocol(wire.SCORE_PROTOCOL), self._on_score)
         self.host.set_stream_handler(TProtocol(wire.INFO_PROTOCOL), self._on_info)
-        self.host.set_stream_handler(TProtocol(wire.SCORE_PROTOCOL), self._on_score)
         listen = [parse_multiaddr(a) for a in self.config.listen]
         async with self.host.run(listen):
             addrs = host_addrs(self.host)
@@ -118,7 +153,17 @@ class Worker:
 
     def load(self) -> dict[str, Any]:
         """What heartbeats and the info frame report: batch occupancy and counters."""
-        return {**self.engine.stats(), "served": self.served, "failed": self.failed, "uptime_s": round(time.time() - self.started, 1)}
+        served, failed = self.served, self.failed
+        if self.forward is not None:
+            served, failed = self.forward.served, self.forward.failed
+        rss = resident_mib()
+        memory = {} if rss is None else {"rss_mib": rss}
+        if rss is not None and self.config.baseline_rss_mib is not None:
+            memory["model_rss_mib"] = round(max(0.0, rss - self.config.baseline_rss_mib), 1)
+        return {
+            **self.engine.stats(), **memory, "served": served, "failed": failed,
+            "uptime_s": round(time.time() - self.started, 1),
+        }
 
     # --- /dllm/info/1.0.0 ---------------------------------------------------------------
 
@@ -130,7 +175,7 @@ class Worker:
             "models": self.models,
             "model_info": self.model_info(),
             "version": __version__,
-            "protocols": [wire.GENERATE_PROTOCOL, wire.INFO_PROTOCOL, wire.SCORE_PROTOCOL],
+            "protocols": self.protocols,
             "limits": {
                 "max_request_frame": wire.MAX_REQUEST_FRAME,
                 "max_prompt_chars": wire.MAX_PROMPT_CHARS,
