@@ -220,8 +220,15 @@ class Client:
             await reset_quietly(idle.stream)
             raise
 
+    async def open_session(self, addr: str, protocol: str, payload: bytes, *, max_frame: int) -> tuple[Any, wire.FrameReader]:
+        """A new stream speaking ``protocol`` with ``payload`` (the first request frame)
+        sent with the proposal, our side left open for the frames that follow, and a
+        reader that takes replies of up to ``max_frame`` bytes: a ``/dllm/forward``
+        session, whose replies carry hidden states far larger than generate frames."""
+        return await self._open(addr, protocol, payload, finish=False, max_frame=max_frame)
+
     async def _open(
-        self, addr: str, protocol: str, payload: bytes = b"", *, finish: bool = True
+        self, addr: str, protocol: str, payload: bytes = b"", *, finish: bool = True, max_frame: int = wire.MAX_RESPONSE_FRAME
     ) -> tuple[Any, wire.FrameReader]:
         """A new stream to ``addr`` speaking ``protocol``, with ``payload`` sent (and, with
         ``finish``, our side closed).
@@ -235,7 +242,7 @@ class Client:
             stream = await self.host.get_network().new_stream(peer_id)
         except Exception as exc:
             raise DialError(f"cannot open a stream to {addr}: {exc}") from exc
-        reader = wire.FrameReader(stream, wire.MAX_RESPONSE_FRAME)
+        reader = wire.FrameReader(stream, max_frame)
         try:
             try:
                 await stream.write(wire.multistream_proposal(protocol) + payload)

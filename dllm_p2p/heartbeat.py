@@ -24,7 +24,7 @@ MAX_BYTES = 8 * 1024
 MAX_SKEW_S = 600.0
 
 _FIELDS = {"peer_id": str, "public_key": bytes, "seq": int, "ts": float, "role": str, "models": list, "addrs": list, "load": dict}
-#: Optional: per model, its fingerprint and whether it is a chat model (``{"fingerprint": str, "chat": bool}``);
+#: Optional: per model, its fingerprint, whether it is a chat model and which layers it holds (``_parse_meta``);
 #: ``every``, the sender's seconds between heartbeats, so that nodes beating at different
 #: rates judge each other alive by the sender's rate (``Heartbeat.ttl``).
 _OPTIONAL = {"meta": dict, "every": float}
@@ -35,6 +35,9 @@ MAX_MODELS = 16
 MAX_ADDRS = 16
 MAX_TEXT_CHARS = 256
 MAX_LOAD_ENTRIES = 32
+#: Bounds of a model's decoder layer count and hidden width in ``meta`` (far above any model).
+MAX_LAYERS = 10_000
+MAX_HIDDEN = 65_536
 #: Load figures that routing computes with: whole numbers, ``capacity`` at least 1.
 _LOAD_COUNTS = ("running", "queued", "capacity", "max_queue", "in_flight")
 
@@ -163,7 +166,14 @@ def parse(data: bytes, *, sender: str | None = None, now: float | None = None) -
 
 
 def _parse_meta(meta: Any) -> dict[str, dict[str, Any]]:
-    """The known facts per model, typed; unknown keys are ignored (newer senders)."""
+    """The known facts per model, typed; unknown keys are ignored (newer senders).
+
+    Besides ``fingerprint`` and ``chat``, a worker may say which decoder layers it holds:
+    ``span`` ``[start, end]`` of ``layers`` in all, ``hidden`` (the width of the hidden
+    states a span sends), and ``forward`` (it serves the span over
+    ``/dllm/forward/1.0.0`` rather than whole generations). Routing chains spans by these
+    numbers, so they are checked here, where a lie costs the liar its heartbeat.
+    """
     if not isinstance(meta, dict) or len(meta) > MAX_META_MODELS:
         raise InvalidHeartbeat(f"'meta' must be a map of at most {MAX_META_MODELS} models")
     out: dict[str, dict[str, Any]] = {}
@@ -175,8 +185,33 @@ def _parse_meta(meta: Any) -> dict[str, dict[str, Any]]:
             raise InvalidHeartbeat(f"meta[{name!r}].fingerprint must be a string of at most {MAX_FINGERPRINT_CHARS} characters")
         if not isinstance(chat, bool):
             raise InvalidHeartbeat(f"meta[{name!r}].chat must be a boolean")
-        out[name] = {"fingerprint": fingerprint, "chat": chat}
+        out[name] = {"fingerprint": fingerprint, "chat": chat, **_span_facts(name, facts)}
     return out
+
+
+def _span_facts(name: str, facts: dict[str, Any]) -> dict[str, Any]:
+    """``span``, ``layers``, ``hidden`` and ``forward`` of one model's meta, those present."""
+    out: dict[str, Any] = {}
+    for key, top in (("layers", MAX_LAYERS), ("hidden", MAX_HIDDEN)):
+        if facts.get(key) is not None:
+            value = facts[key]
+            if not _whole(value) or not 1 <= value <= top:
+                raise InvalidHeartbeat(f"meta[{name!r}].{key} must be a whole number from 1 to {top}")
+            out[key] = value
+    if facts.get("span") is not None:
+        span, layers = facts["span"], out.get("layers", MAX_LAYERS)
+        if not isinstance(span, list) or len(span) != 2 or not all(_whole(v) for v in span) or not 0 <= span[0] < span[1] <= layers:
+            raise InvalidHeartbeat(f"meta[{name!r}].span must be [start, end] with 0 <= start < end <= {layers}")
+        out["span"] = [span[0], span[1]]
+    if facts.get("forward") is not None:
+        if not isinstance(facts["forward"], bool):
+            raise InvalidHeartbeat(f"meta[{name!r}].forward must be a boolean")
+        out["forward"] = facts["forward"]
+    return out
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_load(load: dict[str, Any]) -> None:

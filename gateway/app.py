@@ -1,7 +1,7 @@
 """The gateway's HTTP API (FastAPI on hypercorn's trio worker, one loop with libp2p).
 
 Routes: ``/api/generate`` (JSON or server-sent events), OpenAI-compatible ``/v1/...``,
-``/api/nodes``, ``/api/registry``, ``/ipfs/{cid}`` (trustless gateway, gateway/trustless.py),
+``/api/nodes``, ``/api/spans``, ``/api/registry``, ``/ipfs/{cid}`` (trustless gateway, gateway/trustless.py),
 ``/healthz``, ``/metrics`` and the page at ``/``.
 """
 
@@ -25,7 +25,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -40,7 +40,7 @@ from . import trustless
 from .audit import Auditor
 from .limits import RateLimiter
 from .nodes import NodeTable
-from .relay import Done, RelayError, Token, relay
+from .relay import Done, RelayError, Token, relay, relay_route
 
 def _frontend() -> Path:
     """The page: ``frontend/`` of a source checkout, else the installed ``gateway.frontend``."""
@@ -68,18 +68,8 @@ def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
     return (stop,) if isinstance(stop, str) else tuple(stop)
 
 
-class GenerateBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    prompt: str = Field(max_length=wire.MAX_PROMPT_CHARS)
-    model: str | None = Field(default=None, max_length=256)
-    max_new_tokens: int | None = Field(default=None, ge=1, le=wire.MAX_NEW_TOKENS_LIMIT)
-    min_new_tokens: int = Field(default=0, ge=0, le=wire.MAX_NEW_TOKENS_LIMIT)
-    temperature: float = Field(default=1.0, ge=0.0, le=100.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0, le=wire.MAX_TOP_K)
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    stop: StopField = None
-    stream: bool = False
+#: How a request may be served: see ``GenerateBody.route``.
+RouteMode = Literal["auto", "spans", "full"]
 
 
 class _OpenAIBase(BaseModel):
@@ -110,6 +100,32 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, list):  # content parts: keep the text ones
             return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
         return self.content or ""
+
+
+class GenerateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    #: Text to continue; or ``messages``, a conversation the worker renders with its
+    #: model's chat template (exactly one of the two).
+    prompt: str | None = Field(default=None, max_length=wire.MAX_PROMPT_CHARS)
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=wire.MAX_MESSAGES)
+    model: str | None = Field(default=None, max_length=256)
+    max_new_tokens: int | None = Field(default=None, ge=1, le=wire.MAX_NEW_TOKENS_LIMIT)
+    min_new_tokens: int = Field(default=0, ge=0, le=wire.MAX_NEW_TOKENS_LIMIT)
+    temperature: float = Field(default=1.0, ge=0.0, le=100.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0, le=wire.MAX_TOP_K)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: StopField = None
+    stream: bool = False
+    #: ``auto``: a full worker when one is live, else a route of spans when they cover the
+    #: model; ``spans``: a route even if a full worker is live; ``full``: never a route.
+    route: Literal["auto", "spans", "full"] = "auto"
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> GenerateBody:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give one of 'prompt' (text to continue) and 'messages' (a conversation)")
+        return self
 
 
 class ChatBody(_OpenAIBase):
@@ -181,14 +197,28 @@ class Gateway:
         self.metrics = Metrics()
         self.started = time.time()
 
-    async def run(self, request: wire.Request) -> AsyncIterator[Token | Done]:
+    def uses_route(self, request: wire.Request, mode: RouteMode = "auto") -> bool:
+        """Whether ``request`` goes through a route of spans: when asked to, or when no
+        full worker serves its model but span workers do (if they do not chain into a
+        route, the error says which layers are missing)."""
+        if mode != "auto":
+            return mode == "spans"
+        return not self.table.candidates(request.model) and self.table.has_spans(request.model)
+
+    async def run(self, request: wire.Request, mode: RouteMode = "auto") -> AsyncIterator[Token | Done]:
         assert self.client is not None, "gateway has no libp2p client"
         start = time.perf_counter()
         first = True
-        audited = self.auditor is not None and self.auditor.sample()
+        spans = self.uses_route(request, mode)
+        # A route's answer is signed by nobody, so there is nothing to hold anyone to.
+        audited = not spans and self.auditor is not None and self.auditor.sample()
         if audited:
             request = dataclasses.replace(request, return_tokens=True)  # the auditor scores them
-        async with aclosing(relay(self.table, self.client, request, max_attempts=self.max_attempts)) as events:
+        if spans:
+            source = relay_route(self.table, self.client, request, max_replacements=self.max_attempts)
+        else:
+            source = relay(self.table, self.client, request, max_attempts=self.max_attempts)
+        async with aclosing(source) as events:
             async for event in events:
                 if isinstance(event, Token) and first:
                     first = False
@@ -218,6 +248,13 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
 #: OpenAI-shaped answers carry the worker's signed statement in this header (base64 of
 #: its JSON), and on the last chunk when streaming, as ``/api/generate`` does in its body.
 SIGNATURE_HEADER = "x-dllm-signature"
+
+
+def signature_headers(done: Done) -> dict[str, str] | None:
+    """The signature header of an answer; none for an unsigned one (made by a route)."""
+    if done.frame.get("signature") is None:
+        return None
+    return {SIGNATURE_HEADER: signature_header(done)}
 
 
 def signature_header(done: Done) -> str:
@@ -359,18 +396,19 @@ def create_app(gw: Gateway) -> FastAPI:
         shape_done: Callable[[Done], Any],
         shape_final: Callable[[str, Done], Any],
         done_marker: bool,
+        mode: RouteMode = "auto",
     ) -> Response:
         request = wire.Request(**{**request.__dict__, "stream": stream})
         if not stream:
             text: list[str] = []
             try:
-                async with aclosing(gw.run(request)) as events:
+                async with aclosing(gw.run(request, mode)) as events:
                     async for event in events:
                         if isinstance(event, Token):
                             text.append(event.text)
                         else:
                             gw.metrics.requests.labels(endpoint, "200").inc()
-                            headers = {SIGNATURE_HEADER: signature_header(event)} if done_marker else None
+                            headers = signature_headers(event) if done_marker else None
                             return JSONResponse(shape_final("".join(text), event), headers=headers)
             except RelayError as exc:
                 gw.metrics.requests.labels(endpoint, str(exc.status)).inc()
@@ -380,7 +418,7 @@ def create_app(gw: Gateway) -> FastAPI:
 
         # Streaming: start the relay before answering, so that "no live node" and errors
         # before the first token still get a proper HTTP status instead of a 200 stream.
-        events = gw.run(request)
+        events = gw.run(request, mode)
         try:
             first = await events.__anext__()
         except RelayError as exc:
@@ -412,7 +450,9 @@ def create_app(gw: Gateway) -> FastAPI:
 
     @app.post("/api/generate")
     async def generate(body: GenerateBody) -> Response:
-        request = wire.Request(**body.model_dump(exclude={"stream", "stop"}), stop=_stops(body.stop))
+        fields = body.model_dump(exclude={"stream", "stop", "route", "prompt", "messages"})
+        text: dict[str, Any] = {"prompt": body.prompt} if body.messages is None else {"messages": chat_messages(body.messages)}
+        request = wire.Request(**fields, **text, stop=_stops(body.stop))
 
         def final(text: str, done: Done) -> dict[str, Any]:
             frame = done.frame
@@ -421,6 +461,7 @@ def create_app(gw: Gateway) -> FastAPI:
                 "model": frame.get("model"),
                 "fingerprint": frame.get("fingerprint"),
                 "node": done.node,
+                "route": done.route,
                 "finish_reason": frame.get("finish_reason"),
                 "usage": frame.get("usage", {}),
                 "timing": frame.get("timing", {}),
@@ -434,6 +475,7 @@ def create_app(gw: Gateway) -> FastAPI:
             shape_done=lambda d: final(d.frame.get("text", ""), d),
             shape_final=final,
             done_marker=False,
+            mode=body.route,
         )
 
     def _openai_request(body: _OpenAIBase, max_tokens: int | None, **text: Any) -> wire.Request:
@@ -451,8 +493,11 @@ def create_app(gw: Gateway) -> FastAPI:
     def _provenance(done: Done) -> dict[str, Any]:
         """Who answered: ``system_fingerprint`` is the model's fingerprint (OpenAI's field
         for "which backend configuration"), ``node`` the worker's peer id, ``attempts`` how
-        many workers were tried."""
-        return {"system_fingerprint": done.frame.get("fingerprint"), "node": done.node, "attempts": done.attempts}
+        many workers were tried; for an answer made by spans, ``route`` (and no node)."""
+        out = {"system_fingerprint": done.frame.get("fingerprint"), "node": done.node, "attempts": done.attempts}
+        if done.route is not None:
+            out["route"] = done.route
+        return out
 
     def _signed(done: Done) -> dict[str, Any]:
         return {"signature": done.frame.get("signature")}
@@ -550,6 +595,12 @@ def create_app(gw: Gateway) -> FastAPI:
             # How this gateway reaches the node now: direct, relayed, or not connected.
             node["path"] = _path(host, node["peer_id"])
         return {"nodes": described, "online": sum(1 for n in described if n["online"]), "ttl_s": gw.table.ttl}
+
+    @app.get("/api/spans")
+    async def spans() -> dict[str, Any]:
+        """Per model served by span workers (the keys): its spans, whether they chain into
+        a complete route, and the route the gateway would take now (``NodeTable.spans``)."""
+        return gw.table.spans()
 
     @app.get("/api/audits")
     async def audits() -> dict[str, Any]:

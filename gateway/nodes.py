@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dllm_p2p.heartbeat import liveness_ttl
+from dllm_p2p.route import Hop, plan_best, plan_route
 
 
 NEUTRAL_REPUTATION = 0.8
@@ -23,6 +24,8 @@ MAX_NODES = 10_000
 REPUTATION_HALF_LIFE = 300.0
 REPUTATION_ALPHA = 0.25
 TYPICAL_TOKENS = 32
+#: What ``/api/spans`` shows of a span worker's load.
+_SPAN_LOAD_KEYS = ("sessions", "max_sessions", "running", "capacity", "queued", "kv_cache_mb", "kv_cache_reserved_mb", "kv_cache_budget_mb")
 
 
 @dataclass
@@ -39,7 +42,9 @@ class NodeState:
     every: float = 0.0
     first_seen: float = 0.0
     load: dict[str, Any] = field(default_factory=dict)
-    #: Per model, as the node's heartbeats say: ``{"fingerprint": str | None, "chat": bool}``.
+    #: Per model, as the node's heartbeats say: ``{"fingerprint": str | None, "chat": bool}``
+    #: and, when it says which layers it holds, ``span`` ``[start, end]`` of ``layers``,
+    #: ``hidden`` and ``forward`` (see ``serves_forward``).
     model_info: dict[str, dict[str, Any]] = field(default_factory=dict)
     # observed by this gateway
     successes: int = 0
@@ -94,6 +99,51 @@ class NodeState:
         latency = self.latency_ms if self.latency_ms is not None else 100.0
         decode = TYPICAL_TOKENS * 1000.0 / (self.tokens_per_s or 20.0)
         return (latency + decode) * (1.0 + self.load_fraction()) / max(self.reputation(now), 0.05)
+
+    # --- spans ---------------------------------------------------------------------------
+
+    def serves_forward(self, model: str) -> bool:
+        """Whether the node serves ``model`` as a span over ``/dllm/forward/1.0.0`` (and so
+        not over ``/dllm/generate``). Its heartbeat says so with ``forward``; without it, a
+        span that is not the whole model, or session counts in its load, mean a span worker
+        (a full worker announces span ``[0, layers]`` too)."""
+        info = self.model_info.get(model) or {}
+        if "forward" in info:
+            return bool(info["forward"])
+        span = info.get("span")
+        if span is None:
+            return False
+        return "max_sessions" in self.load or tuple(span) != (0, info.get("layers"))
+
+    def generates(self, model: str | None) -> bool:
+        """Whether the node answers ``/dllm/generate`` for ``model`` (None: for any model)."""
+        if model is None:
+            return any(not self.serves_forward(m) for m in self.models)
+        return model in self.models and not self.serves_forward(model)
+
+    def hop(self, model: str, now: float | None = None) -> Hop | None:
+        """This node as a candidate hop of a route for ``model``, if it serves one."""
+        info = self.model_info.get(model) or {}
+        span, layers, fingerprint = info.get("span"), info.get("layers"), info.get("fingerprint")
+        if model not in self.models or not self.serves_forward(model) or not span or not layers or not fingerprint:
+            return None
+        fraction = (span[1] - span[0]) / layers
+        return Hop(self.peer_id, tuple(self.addrs), span[0], span[1], fingerprint, layers, info.get("hidden"), self.span_cost(fraction, now))
+
+    def span_cost(self, fraction: float, now: float | None = None) -> float:
+        """``cost`` of a span holding ``fraction`` of its model's layers, from its measured
+        prompt latency and steps per second; unmeasured, a span is assumed to take that
+        fraction of an unmeasured full worker's time. Busy means sessions or KV cache."""
+        latency = self.latency_ms if self.latency_ms is not None else 100.0 * fraction
+        decode = TYPICAL_TOKENS * 1000.0 / (self.tokens_per_s or 20.0 / max(fraction, 1e-3))
+        return (latency + decode) * (1.0 + self.span_load()) / max(self.reputation(now), 0.05)
+
+    def span_load(self) -> float:
+        """The larger of a span worker's session occupancy and its KV-cache reservation."""
+        load = self.load
+        kv, budget = load.get("kv_cache_reserved_mb", load.get("kv_cache_mb")), load.get("kv_cache_budget_mb")
+        cache = kv / budget if isinstance(kv, (int, float)) and isinstance(budget, (int, float)) and budget > 0 else 0.0
+        return max(self.load_fraction(), min(cache, 1.0))
 
 
 class NoLiveNode(Exception):
@@ -242,7 +292,7 @@ class NodeTable:
             for n in self.routable()
             if n.peer_id not in excluded
             and fingerprint is not None
-            and (model is None or model in n.models)
+            and n.generates(model)
             and any(info.get("fingerprint") == fingerprint for name, info in n.model_info.items() if model is None or name == model)
         ]
 
@@ -294,9 +344,89 @@ class NodeTable:
         return dict(sorted(facts.items()))
 
     def candidates(self, model: str | None, exclude: Iterable[str] = (), now: float | None = None) -> list[NodeState]:
+        """Routable workers that answer whole generations of ``model`` (span workers don't)."""
         now = time.time() if now is None else now
         excluded = set(exclude)
-        return [n for n in self.routable(now) if n.peer_id not in excluded and (model is None or model in n.models)]
+        return [n for n in self.routable(now) if n.peer_id not in excluded and n.generates(model)]
+
+    # --- routes of spans -----------------------------------------------------------------
+
+    def span_candidates(self, model: str, fingerprint: str | None = None, exclude: Iterable[str] = (), now: float | None = None) -> list[Hop]:
+        """Routable span workers of ``model`` (of ``fingerprint`` when given) as candidate
+        hops, with their costs; nodes in backoff are left out (a route has other ways)."""
+        now = time.time() if now is None else now
+        excluded = set(exclude)
+        hops = []
+        for node in self.routable(now):
+            if node.peer_id in excluded or node.backoff_until > now:
+                continue
+            hop = node.hop(model, now)
+            if hop is not None and (fingerprint is None or hop.fingerprint == fingerprint):
+                hops.append(hop)
+        return hops
+
+    def has_spans(self, model: str | None, now: float | None = None) -> bool:
+        """Whether any routable span worker serves ``model`` (None: any model)."""
+        return any(node.hop(m, now) is not None for node in self.routable(now) for m in node.models if model in (None, m))
+
+    def plan(self, model: str | None, now: float | None = None) -> tuple[str | None, list[Hop]]:
+        """The cheapest complete route of spans for ``model`` (None: for any model that has
+        one, by name), and the model; ``(model, [])`` when there is none."""
+        models = [model] if model is not None else sorted({m for n in self.routable(now) for m in n.models})
+        for name in models:
+            route = plan_best(self.span_candidates(name, now=now))
+            if route:
+                return name, route
+        return model, []
+
+    def spans(self, now: float | None = None) -> dict[str, dict[str, Any]]:
+        """Per model served by span workers: their spans, whether they chain into a
+        complete route (and which), and how many full workers serve it too. A model whose
+        spans come in several fingerprints shows the one closest to complete; the others
+        are under ``alternatives``."""
+        now = time.time() if now is None else now
+        groups: dict[str, dict[tuple[str, int], list[NodeState]]] = {}
+        for node in self.routable(now):
+            for model in node.models:
+                info = node.model_info.get(model) or {}
+                if node.hop(model, now) is not None:
+                    groups.setdefault(model, {}).setdefault((info["fingerprint"], info["layers"]), []).append(node)
+        out: dict[str, dict[str, Any]] = {}
+        for model, by_build in sorted(groups.items()):
+            described = [self._describe_spans(model, fingerprint, layers, nodes, now) for (fingerprint, layers), nodes in by_build.items()]
+            described.sort(key=lambda g: (not g["complete"], -g["covered"], g["fingerprint"]))
+            best, *others = described
+            out[model] = {**best, "full_workers": len(self.candidates(model, now=now)), "alternatives": others}
+        return out
+
+    def _describe_spans(self, model: str, fingerprint: str, layers: int, nodes: list[NodeState], now: float) -> dict[str, Any]:
+        route = plan_route(self.span_candidates(model, fingerprint, now=now), layers)
+        covered = set()
+        spans = []
+        for node in sorted(nodes, key=lambda n: (n.model_info[model]["span"], n.peer_id)):
+            info = node.model_info[model]
+            covered.update(range(*info["span"]))
+            spans.append(
+                {
+                    "peer_id": node.peer_id,
+                    "span": list(info["span"]),
+                    "hidden": info.get("hidden"),
+                    "load": {k: node.load[k] for k in _SPAN_LOAD_KEYS if k in node.load},
+                    "cost_ms": round(node.span_cost((info["span"][1] - info["span"][0]) / layers, now), 1),
+                    "latency_ms": None if node.latency_ms is None else round(node.latency_ms, 1),
+                    "steps_per_s": None if node.tokens_per_s is None else round(node.tokens_per_s, 1),
+                    "backoff_s": max(0.0, round(node.backoff_until - now, 1)),
+                    "reputation": round(node.reputation(now), 3),
+                }
+            )
+        return {
+            "fingerprint": fingerprint,
+            "layers": layers,
+            "spans": spans,
+            "covered": len(covered),
+            "complete": bool(route),
+            "route": [hop.describe() for hop in route] or None,
+        }
 
     def choose(self, model: str | None, exclude: Iterable[str] = ()) -> NodeState:
         """Pick a node for ``model``: nodes in backoff only when nothing else is left.
@@ -328,6 +458,8 @@ class NodeTable:
                     "registered": node.registered,
                     "models": node.models,
                     "model_info": node.model_info,
+                    #: Models it serves as a span (``/dllm/forward``): the layers it holds.
+                    "spans": {m: list(node.model_info[m]["span"]) for m in node.models if node.serves_forward(m) and node.model_info.get(m, {}).get("span")},
                     "addrs": node.addrs,
                     "last_seen": node.last_seen or None,
                     "seen_ago_s": round(now - node.last_seen, 1) if node.last_seen else None,

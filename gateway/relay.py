@@ -1,7 +1,10 @@
-"""Send one request to a live worker, failing over to another until the first token.
+"""Send one request to a live worker, failing over to another until the first token; or
+generate it through a route of spans (``relay_route``).
 
 Once a token has reached the HTTP client the answer can't be restarted elsewhere without
 the client seeing text twice, so failover stops there and the error is relayed instead.
+A route is different: a failed span is replaced and its session replayed mid-answer
+(``dllm_p2p.route``), so the text goes on where it was.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import trio
 
 from dllm_p2p import wire
 from dllm_p2p.client import Client, ClientError, DialError, WorkerError
+from dllm_p2p.route import Hop, RouteError, RouteResult, generate_route
 
 from .nodes import NodeTable, NoLiveNode
 
@@ -31,8 +35,12 @@ class Token:
 @dataclass
 class Done:
     frame: dict[str, Any]
-    node: str
+    #: The worker that answered; None for an answer made by a route of spans.
+    node: str | None
     attempts: int
+    #: For a route: ``[{"peer_id", "span": [start, end]}, ...]``, the spans that served
+    #: the end of the answer. Such an answer is not signed (``frame["signature"]`` is None).
+    route: list[dict[str, Any]] | None = None
 
 
 class RelayError(Exception):
@@ -158,3 +166,81 @@ async def _frames(
                 raise _Stalled(f"no answer within {first_frame_timeout:g} s" if wait == first_frame_timeout else "the answer stalled")
             yield frame
             wait = FRAME_IDLE_TIMEOUT
+
+
+#: Longest wait for one reply of one span of a route.
+ROUTE_STEP_TIMEOUT = FRAME_IDLE_TIMEOUT
+
+
+async def relay_route(
+    table: NodeTable,
+    client: Client,
+    request: wire.Request,
+    *,
+    max_replacements: int = 3,
+    step_timeout: float = ROUTE_STEP_TIMEOUT,
+) -> AsyncIterator[Token | Done]:
+    """Generate ``request`` through the cheapest complete route of spans the table knows:
+    ``Token``s as the last span makes them, then one ``Done`` whose frame looks like a
+    worker's ``done`` frame, with ``route`` and ``signature: None`` (no single worker
+    made the answer, so none can sign it). Raise ``RelayError`` when it fails.
+
+    What each span did feeds the table (latency, speed, failures with backoff), so the
+    next route avoids the slow and the broken.
+    """
+    model, route = table.plan(request.model)
+    if not route:
+        raise RelayError("no_live_node", _no_route(table, model))
+    fingerprint = route[0].fingerprint
+
+    def spares() -> list[Hop]:
+        return table.span_candidates(model, fingerprint)  # type: ignore[arg-type]
+
+    def served(hop: Hop, prefill_ms: float, steps: int, decode_s: float) -> None:
+        table.record_success(hop.peer_id, prefill_ms, steps, decode_s)
+
+    def failed(hop: Hop, code: str, message: str) -> None:
+        table.record_failure(hop.peer_id, f"{code}: {message}", backoff=code != "busy")
+
+    try:
+        async with aclosing(
+            generate_route(
+                client, request, route, candidates=spares, max_replacements=max_replacements, step_timeout=step_timeout,
+                dial_timeout=DIAL_BUDGET, on_success=served, on_failure=failed,
+            )
+        ) as events:
+            async for event in events:
+                if isinstance(event, RouteResult):
+                    yield Done(route_frame(event, model, request), None, 1 + event.replacements, event.route)
+                    return
+                yield Token(event)
+    except RouteError as exc:
+        raise RelayError(exc.code, exc.message) from None
+
+
+def _no_route(table: NodeTable, model: str | None) -> str:
+    """Why there is no route: which layers the live spans hold, when some do."""
+    what = f"model {model!r}" if model else "any model"
+    entry = table.spans().get(model) if model else None
+    if not entry:
+        return f"no complete route of spans serves {what}"
+    held = ", ".join(f"{s['span'][0]}:{s['span'][1]}" for s in entry["spans"] if not s["backoff_s"])
+    return f"no complete route of spans serves {what}: live spans hold layers {held or 'none'} of {entry['layers']}"
+
+
+def route_frame(result: RouteResult, model: str | None, request: wire.Request) -> dict[str, Any]:
+    """A ``done`` frame for an answer made by a route (unsigned)."""
+    frame: dict[str, Any] = {
+        "type": "done",
+        "text": result.text,
+        "model": model,
+        "fingerprint": result.fingerprint,
+        "finish_reason": result.finish_reason,
+        "usage": dict(result.usage),
+        "timing": dict(result.timing),
+        "signature": None,
+        "route": result.route,
+    }
+    if request.return_tokens:
+        frame["tokens"] = list(result.tokens)
+    return frame

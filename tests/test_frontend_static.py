@@ -714,3 +714,86 @@ def test_chat_at_phone_width_has_no_sideways_scroll(fake: FakeGateway, browser: 
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "chat-phone.png"), full_page=True)
         assert page.js_errors == []
+
+
+# --- spans and routes ----------------------------------------------------------------------
+
+SPAN_PEERS = {
+    "12D3KooWSpanAaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa": ("spanned", (0, 10)),
+    "12D3KooWSpanBbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb": ("spanned", (10, 20)),
+    "12D3KooWSpanCccccccccccccccccccccccccccccccccccccccc": ("spanned", (20, 30)),
+    "12D3KooWSpanHhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhhh": ("halved", (0, 10)),
+}
+
+
+def add_span_workers(table: Any) -> None:
+    for peer, (model, span) in SPAN_PEERS.items():
+        addrs = ["/ip4/127.0.0.1/tcp/4003/p2p/" + peer]
+        table.register({"peer_id": peer, "role": "worker", "models": [model], "addrs": addrs, "expires": time.time() + 600})
+        meta = {model: {"fingerprint": "sha256:" + "ef" * 32, "chat": False, "span": list(span), "layers": 30, "hidden": 576}}
+        load = {"sessions": 1, "max_sessions": 64, "running": 1, "capacity": 64, "kv_cache_mb": 12.0, "kv_cache_budget_mb": 1024.0}
+        table.heartbeat(peer, models=[model], load=load, addrs=addrs, meta=meta)
+
+
+def remove_span_workers(table: Any) -> None:
+    for peer in SPAN_PEERS:
+        table.nodes.pop(peer, None)
+
+
+def test_the_spans_panel_and_an_answer_made_by_a_route(fake: FakeGateway, page: Any) -> None:
+    """The panel shows which models have a complete route of spans; an answer that came
+    through one shows its hops under the output and in the log (the gateway's side of
+    routes is tested in test_gateway_unit.py: here the answer is scripted)."""
+    peers = list(SPAN_PEERS)
+    route = [{"peer_id": peer, "span": list(SPAN_PEERS[peer][1])} for peer in peers[:3]]
+    done = {"text": " the quick", "model": "spanned", "fingerprint": "sha256:" + "ef" * 32, "node": None, "route": route,
+            "finish_reason": "length", "usage": {"prompt_tokens": 2, "completion_tokens": 2},
+            "timing": {"first_token_ms": 12.0, "total_ms": 30.0, "hops_ms": [3.0, 3.1, 3.2]}, "attempts": 1, "signature": None}
+    events = "".join(f"event: token\ndata: {json.dumps({'text': t})}\n\n" for t in (" the", " quick")) + f"event: done\ndata: {json.dumps(done)}\n\n"
+    fake.call(add_span_workers, fake.table)
+    try:
+        page.route("**/api/generate", lambda r: r.fulfill(status=200, headers={"content-type": "text/event-stream"}, body=events))
+        page.goto(fake.url)
+        spanned = page.locator('[data-testid=span-model][data-model="spanned"]')
+        spanned.wait_for()
+        assert spanned.get_attribute("data-complete") == "true"
+        assert spanned.get_by_test_id("span-complete").inner_text() == "complete route"
+        assert spanned.get_by_test_id("span-route-hop").count() == 3
+        assert [r.get_attribute("data-span") for r in spanned.get_by_test_id("span-row").all()] == ["0:10", "10:20", "20:30"]
+        assert "1/64" in spanned.get_by_test_id("span-row").first.inner_text()
+        halved = page.locator('[data-testid=span-model][data-model="halved"]')
+        assert halved.get_attribute("data-complete") == "false"
+        assert "missing layers 10:30" in halved.get_by_test_id("span-facts").inner_text()
+        assert page.get_by_test_id("spans-summary").inner_text() == "1 of 2 models with a complete route"
+        assert page.get_by_test_id("spans-empty").is_hidden()
+        explorer = page.locator(f'[data-testid=node-row][data-peer-id="{peers[1]}"]')
+        assert explorer.locator("td").nth(2).inner_text() == "spanned (layers 10:20)"
+
+        page.get_by_test_id("prompt").fill("Hi")
+        page.get_by_test_id("send").click()
+        page.wait_for_function("() => document.querySelector('[data-testid=log-row]').dataset.status === 'ok'")
+        assert page.get_by_test_id("output").inner_text() == " the quick"
+        shown = page.get_by_test_id("output-route")
+        assert shown.is_visible() and "not signed" in shown.inner_text()
+        assert [h.get_attribute("data-peer-id") for h in shown.get_by_test_id("route-hop").all()] == peers[:3]
+        assert f"{peers[0][:6]}…{peers[0][-6:]} 0:10" in shown.inner_text()
+        assert "route of 3 spans" in page.get_by_test_id("output-meta").inner_text()
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "spans.png"), full_page=True)
+        row = page.get_by_test_id("log-row").first
+        assert row.get_attribute("data-route") == " ".join(f"{p}:{a}:{b}" for p, (_, (a, b)) in list(SPAN_PEERS.items())[:3])
+        assert row.get_by_test_id("log-route").inner_text().split("\n") == [f"{p[:6]}…{p[-6:]} {a}:{b}" for p, (_, (a, b)) in list(SPAN_PEERS.items())[:3]]
+        # The next answer, from a whole worker, hides the route again.
+        page.unroute("**/api/generate")
+        page.get_by_test_id("send").click()
+        page.wait_for_function("() => document.querySelectorAll('[data-testid=log-row]')[0].dataset.status === 'ok' && document.querySelectorAll('[data-testid=log-row]').length === 2")
+        assert shown.is_hidden()
+    finally:
+        fake.call(remove_span_workers, fake.table)
+
+
+def test_without_span_workers_the_spans_panel_says_so(fake: FakeGateway, page: Any) -> None:
+    page.goto(fake.url)
+    wait_models(page, "tiny-gpt2")
+    page.wait_for_function("() => document.querySelector('[data-testid=nodes-updated]').textContent !== ''")
+    assert page.get_by_test_id("spans-empty").is_visible() and page.get_by_test_id("span-model").count() == 0

@@ -142,6 +142,9 @@ async def test_no_live_node_is_a_503_naming_the_model() -> None:
         ({"prompt": "x", "temperature": -1}, "temperature"),
         ({"prompt": "x", "bogus": True}, "bogus"),
         ({}, "prompt"),
+        ({"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, "messages"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "role"),
     ],
 )
 async def test_bad_bodies_get_400_with_a_reason(body: dict, fragment: str) -> None:
@@ -331,3 +334,194 @@ async def test_a_silent_workers_connection_is_closed_so_requests_on_it_fail_over
     with trio.move_on_after(3):
         await drop_silent(table, host)
     assert network.open == {alive}
+
+
+# --- routes of spans ------------------------------------------------------------------------
+
+from contextlib import asynccontextmanager  # noqa: E402
+
+from dllm_p2p.client import Client, open_client  # noqa: E402
+
+from .spanfakes import FINGERPRINT, FakeSpan, expected_tokens, letter, running  # noqa: E402
+
+
+def add_span(table: NodeTable, peer: str, span: tuple[int, int], *, layers: int = 3, addrs: list[str] | None = None,
+             fingerprint: str = FINGERPRINT, load: dict[str, Any] | None = None, hidden: int = 4) -> None:
+    """A registered span worker, as its record and heartbeat describe it."""
+    addrs = addrs or [f"/addr/{peer}"]
+    table.register({"peer_id": peer, "models": ["tiny"], "addrs": addrs, "expires": time.time() + 600})
+    meta = {"tiny": {"fingerprint": fingerprint, "chat": False, "span": list(span), "layers": layers, "hidden": hidden}}
+    table.heartbeat(peer, models=["tiny"], load=load or {"sessions": 0, "max_sessions": 8, "running": 0, "capacity": 8}, addrs=addrs, meta=meta)
+
+
+def test_span_workers_are_never_sent_whole_generations_nor_audits() -> None:
+    table = table_with("full")
+    table.nodes["full"].model_info = {"tiny": {"fingerprint": FINGERPRINT, "chat": False, "span": [0, 3], "layers": 3}}  # a full worker says [0, layers]
+    add_span(table, "part", (0, 2))
+    add_span(table, "whole-span", (0, 3))  # all layers, but served as a span (sessions in its load)
+    assert {table.choose("tiny").peer_id for _ in range(20)} == {"full"}
+    assert [n.peer_id for n in table.auditors("tiny", FINGERPRINT)] == ["full"]
+    assert sorted(h.peer_id for h in table.span_candidates("tiny")) == ["part", "whole-span"]
+    # A heartbeat that says ``forward`` outright is believed either way.
+    table.nodes["full"].model_info["tiny"]["forward"] = True
+    assert table.span_candidates("tiny", exclude=["part", "whole-span"])[0].peer_id == "full"
+    with pytest.raises(NoLiveNode):
+        table.choose("tiny")
+
+
+def test_routes_skip_spans_in_backoff_quarantine_or_of_another_build() -> None:
+    table = NodeTable(ttl=10)
+    add_span(table, "a", (0, 2))
+    add_span(table, "b", (2, 3))
+    add_span(table, "b2", (2, 3))
+    add_span(table, "other", (2, 3), fingerprint="sha256:" + "cd" * 32)
+    table.record_failure("b", "reset")
+    table.quarantine("b2", "failed an audit")
+    assert table.plan("tiny") == ("tiny", [])
+    described = table.spans()["tiny"]
+    assert described["complete"] is False and described["covered"] == 3 and described["route"] is None
+    assert [s["peer_id"] for s in described["spans"]] == ["a", "b"]  # the quarantined one is not listed
+    assert described["spans"][1]["backoff_s"] > 0 and [g["fingerprint"] for g in described["alternatives"]] == ["sha256:" + "cd" * 32]
+    table.record_success("b", 20.0, 10, 0.1)
+    model, route = table.plan(None)
+    assert model == "tiny" and [h.peer_id for h in route] == ["a", "b"] and route[0].hidden == 4
+    assert table.spans()["tiny"]["complete"] is True
+
+
+def test_a_loaded_span_costs_more_than_an_idle_one() -> None:
+    table = NodeTable(ttl=10)
+    add_span(table, "busy", (0, 3), load={"sessions": 8, "max_sessions": 8, "running": 8, "capacity": 8})
+    add_span(table, "full-cache", (0, 3), load={"sessions": 1, "max_sessions": 8, "kv_cache_mb": 1000, "kv_cache_budget_mb": 1000})
+    add_span(table, "idle", (0, 3))
+    assert [h.peer_id for h in table.plan("tiny")[1]] == ["idle"]
+    costs = {h.peer_id: h.cost for h in table.span_candidates("tiny")}
+    assert costs["idle"] < costs["busy"] and costs["idle"] < costs["full-cache"]
+
+
+class MixedClient(Client):
+    """A real libp2p client for the fake spans; ``/addr/...`` are fake full workers."""
+
+    def __init__(self, host: Any, behaviour: dict[str, str]) -> None:
+        super().__init__(host, keep_alive=True)
+        self.fake = FakeClient(behaviour)
+
+    async def connect_any(self, addrs: list[str], timeout: float | None = None) -> str:
+        if addrs and addrs[0].startswith("/addr/"):
+            return await self.fake.connect_any(addrs, timeout or 1.0)
+        return await super().connect_any(addrs, timeout)
+
+    async def generate(self, addr: str, request: Any):  # type: ignore[no-untyped-def,override]
+        async for frame in self.fake.generate(addr, request):
+            yield frame
+
+
+@asynccontextmanager
+async def span_gateway(spans: list[FakeSpan], spares: list[FakeSpan] = (), full: tuple[str, ...] = ()):  # type: ignore[no-untyped-def,assignment]
+    """A gateway whose table holds ``spans``, ``spares`` (busier, so routes start on
+    ``spans``) and fake ``full`` workers; yields its HTTP client, table and libp2p client."""
+    table = table_with(*full)
+    async with running([*spans, *spares]), open_client() as base:
+        for span in spans:
+            add_span(table, span.peer_id, (span.start, span.end), addrs=list(span.hop().addrs))
+        for span in spares:
+            busier = {"sessions": 4, "max_sessions": 8, "running": 4, "capacity": 8}
+            add_span(table, span.peer_id, (span.start, span.end), addrs=list(span.hop().addrs), load=busier)
+        client = MixedClient(base.host, {f"/addr/{p}": "ok" for p in full})
+        app = create_app(Gateway(table, client))  # type: ignore[arg-type]
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw", timeout=30) as http:
+            yield http, table, client
+
+
+def route_of(*spans: FakeSpan) -> list[dict[str, Any]]:
+    return [{"peer_id": s.peer_id, "span": [s.start, s.end]} for s in spans]
+
+
+async def test_without_a_full_worker_spans_that_cover_the_model_answer_through_a_route() -> None:
+    spans = [FakeSpan(0, 1), FakeSpan(1, 2), FakeSpan(2, 3)]
+    async with span_gateway(spans) as (http, table, _):
+        response = await http.post("/api/generate", json={"prompt": "Hello", "max_new_tokens": 6, "temperature": 0})
+        described = (await http.get("/api/spans")).json()
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["text"] == "".join(letter(t) for t in expected_tokens("Hello", 6)) and body["finish_reason"] == "length"
+    assert body["route"] == route_of(*spans) and body["node"] is None and body["signature"] is None
+    assert body["model"] == "tiny" and body["fingerprint"] == FINGERPRINT and body["usage"] == {"prompt_tokens": 5, "completion_tokens": 6}
+    assert len(body["timing"]["hops_ms"]) == 3
+    entry = described["tiny"]
+    assert entry["complete"] is True and entry["route"] == route_of(*spans) and entry["full_workers"] == 0 and entry["layers"] == 3
+    assert [s["span"] for s in entry["spans"]] == [[0, 1], [1, 2], [2, 3]] and entry["spans"][0]["load"]["max_sessions"] == 8
+    assert all(table.nodes[s.peer_id].successes == 1 and table.nodes[s.peer_id].tokens_per_s for s in spans)
+
+
+async def test_a_request_may_force_a_route_or_a_full_worker() -> None:
+    spans = [FakeSpan(0, 2), FakeSpan(2, 3)]
+    async with span_gateway(spans, full=("full",)) as (http, _, _):
+        auto = (await http.post("/api/generate", json={"prompt": "Hi", "max_new_tokens": 3})).json()
+        forced = (await http.post("/api/generate", json={"prompt": "Hi", "max_new_tokens": 3, "temperature": 0, "route": "spans"})).json()
+        full = (await http.post("/api/generate", json={"prompt": "Hi", "route": "full"})).json()
+        bad = await http.post("/api/generate", json={"prompt": "Hi", "route": "maybe"})
+    assert auto["node"] == "full" and auto["route"] is None and full["node"] == "full"
+    assert forced["route"] == route_of(*spans) and forced["text"] == "".join(letter(t) for t in expected_tokens("Hi", 3, middles=0))
+    assert bad.status_code == 400 and "route" in bad.text
+
+
+async def test_a_streamed_route_survives_a_span_dying_midway() -> None:
+    spans = [FakeSpan(0, 1), FakeSpan(1, 2, die_after=3), FakeSpan(2, 3)]
+    spare = FakeSpan(1, 2)
+    async with span_gateway(spans, [spare]) as (http, table, _):
+        async with http.stream("POST", "/api/generate", json={"prompt": "Hello", "max_new_tokens": 8, "temperature": 0, "stream": True}) as response:
+            assert response.status_code == 200
+            raw = "".join([chunk async for chunk in response.aiter_text()])
+    events = [(block.split("\n")[0][7:], json.loads(block.split("\n")[1][6:])) for block in raw.strip().split("\n\n")]
+    tokens = [data["text"] for kind, data in events if kind == "token"]
+    kind, done = events[-1]
+    want = "".join(letter(t) for t in expected_tokens("Hello", 8))
+    assert kind == "done" and "".join(tokens) == want == done["text"] and len(tokens) == 8
+    assert done["route"] == route_of(spans[0], spare, spans[2]) and done["attempts"] == 2
+    assert table.nodes[spans[1].peer_id].failures == 1 and table.nodes[spans[1].peer_id].backoff_until > time.time()
+
+
+async def test_openai_answers_through_a_route_carry_it_and_no_signature() -> None:
+    spans = [FakeSpan(0, 1), FakeSpan(1, 3)]
+    async with span_gateway(spans) as (http, _, _):
+        chat = await http.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": "hi"}]})
+        completion = await http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4, "temperature": 0})
+        async with http.stream("POST", "/v1/completions", json={"prompt": "hi", "max_tokens": 4, "temperature": 0, "stream": True}) as response:
+            lines = [line async for line in response.aiter_lines() if line.startswith("data: ")]
+    want = "".join(letter(t) for t in expected_tokens("hi", 4, middles=0))
+    assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"] == want
+    assert chat.json()["route"] == route_of(*spans) and "x-dllm-signature" not in chat.headers
+    assert completion.json()["choices"][0]["text"] == want and completion.json()["route"] == route_of(*spans)
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == want
+    assert chunks[-1]["route"] == route_of(*spans) and chunks[-1]["signature"] is None and lines[-1] == "data: [DONE]"
+
+
+async def test_route_failures_are_statuses_not_500s() -> None:
+    spans = [FakeSpan(0, 1), FakeSpan(1, 2, die_after=2), FakeSpan(2, 3)]
+    async with span_gateway(spans) as (http, table, _):
+        plain = await http.post("/api/generate", json={"prompt": "Hello", "max_new_tokens": 8})
+        async with http.stream("POST", "/api/generate", json={"prompt": "Hello", "max_new_tokens": 8, "stream": True}) as response:
+            status, raw = response.status_code, "".join([chunk async for chunk in response.aiter_text()])
+        table.nodes[spans[1].peer_id].last_seen = 0  # gone: no route at all now
+        missing = await http.post("/api/generate", json={"prompt": "Hello", "route": "spans"})
+        described = (await http.get("/api/spans")).json()
+    assert plain.status_code == 502 and plain.json()["error"]["code"] == "node_failed"
+    assert "no other peer serves those layers" in plain.json()["error"]["message"]
+    # Streamed: the failure came before any token (the dead span is in backoff, the route
+    # is gone), so it is a status too.
+    assert status == 503 and "no complete route of spans" in raw
+    assert missing.status_code == 503 and missing.json()["error"]["code"] == "no_live_node"
+    assert described["tiny"]["complete"] is False
+
+
+async def test_api_generate_takes_a_conversation_for_workers_and_routes_alike() -> None:
+    spans = [FakeSpan(0, 1), FakeSpan(1, 3)]
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    async with span_gateway(spans, full=("full",)) as (http, _, client):
+        whole = await http.post("/api/generate", json={"messages": conversation, "max_new_tokens": 2})
+        routed = await http.post("/api/generate", json={"messages": conversation, "max_new_tokens": 3, "temperature": 0, "route": "spans"})
+    assert whole.status_code == 200 and whole.json()["node"] == "full"
+    assert client.fake.requests[-1].messages == tuple(conversation) and client.fake.requests[-1].prompt == ""
+    # The fake first span tokenizes a conversation as its contents run together.
+    assert routed.json()["text"] == "".join(letter(t) for t in expected_tokens("Be brief.hi", 3, middles=0))

@@ -132,6 +132,18 @@ def beat(**changes: Any) -> bytes:
         {"models": ["m"] * 17},
         {"role": "emperor"},
         {"meta": {"tiny": {"chat": "yes"}}},
+        {"meta": {"tiny": {"span": [0, 40], "layers": 30}}},  # past the model's last layer
+        {"meta": {"tiny": {"span": [10, 10], "layers": 30}}},  # empty
+        {"meta": {"tiny": {"span": [-1, 10]}}},
+        {"meta": {"tiny": {"span": [0, 10, 20]}}},
+        {"meta": {"tiny": {"span": [0.0, 10]}}},
+        {"meta": {"tiny": {"span": [False, True]}}},
+        {"meta": {"tiny": {"span": "0:10"}}},
+        {"meta": {"tiny": {"layers": 0}}},
+        {"meta": {"tiny": {"layers": 10**9}}},
+        {"meta": {"tiny": {"hidden": 576.0}}},
+        {"meta": {"tiny": {"hidden": -576}}},
+        {"meta": {"tiny": {"forward": "yes"}}},
     ],
 )
 def test_heartbeats_with_content_routing_cannot_use_are_refused(changes: dict[str, Any]) -> None:
@@ -142,6 +154,18 @@ def test_heartbeats_with_content_routing_cannot_use_are_refused(changes: dict[st
 def test_a_well_formed_heartbeat_passes() -> None:
     parsed = heartbeat.parse(beat(meta={"tiny": {"fingerprint": "sha256:" + "0" * 64, "chat": False}}))
     assert parsed.load["capacity"] == 4 and parsed.meta["tiny"]["chat"] is False
+    assert parsed.meta["tiny"] == {"fingerprint": "sha256:" + "0" * 64, "chat": False}
+
+
+def test_a_span_workers_heartbeat_keeps_its_span_and_load() -> None:
+    load = {"sessions": 2, "max_sessions": 64, "running": 2, "capacity": 64, "kv_cache_mb": 12.5, "kv_cache_budget_mb": 1024.0}
+    meta = {"smollm2": {"fingerprint": "sha256:" + "1" * 64, "chat": True, "span": [10, 20], "layers": 30, "hidden": 576, "forward": True, "future": [1]}}
+    parsed = heartbeat.parse(beat(models=["smollm2"], load=load, meta=meta))
+    assert parsed.meta["smollm2"] == {"fingerprint": "sha256:" + "1" * 64, "chat": True, "span": [10, 20], "layers": 30, "hidden": 576, "forward": True}
+    assert parsed.load == load
+    # Without ``layers`` a span is still bounded; a full worker's [0, layers] passes.
+    assert heartbeat.parse(beat(meta={"tiny": {"span": [0, 2]}})).meta["tiny"]["span"] == [0, 2]
+    assert heartbeat.parse(beat(meta={"tiny": {"span": [0, 30], "layers": 30}})).meta["tiny"]["layers"] == 30
 
 
 # --- the gateway, with whatever survived validation ------------------------------------
@@ -156,7 +180,15 @@ load_values = st.one_of(st.integers(-5, 2**60), st.floats(allow_nan=True, allow_
 @given(
     load=st.dictionaries(st.sampled_from(["running", "queued", "capacity", "uptime_s", "state", "tokens_per_second", "x"]), load_values, max_size=5),
     addrs=st.lists(st.sampled_from(["own", "/ip4/127.0.0.1/tcp/1", "garbage", "/p2p/12D3KooWx", ""]), max_size=3),
-    meta=st.dictionaries(st.text(max_size=8), st.dictionaries(st.sampled_from(["fingerprint", "chat"]), load_values, max_size=2), max_size=2),
+    meta=st.dictionaries(
+        st.sampled_from(["tiny", "other", ""]),
+        st.dictionaries(
+            st.sampled_from(["fingerprint", "chat", "span", "layers", "hidden", "forward"]),
+            st.one_of(load_values, st.lists(st.integers(-2, 40), min_size=2, max_size=2), st.sampled_from(["sha256:x", True])),
+            max_size=6,
+        ),
+        max_size=2,
+    ),
 )
 async def test_no_heartbeat_that_passes_validation_makes_the_gateway_answer_500(load: dict, addrs: list, meta: dict) -> None:
     import httpx
@@ -184,9 +216,11 @@ async def test_no_heartbeat_that_passes_validation_makes_the_gateway_answer_500(
         for _ in range(3):  # p2c may pick either node
             response = await http.post("/api/generate", json={"prompt": "hi", "max_new_tokens": 2})
             assert response.status_code in {200, 502, 503}, response.text
-        for path in ("/api/nodes", "/v1/models"):
+        for path in ("/api/nodes", "/v1/models", "/api/spans"):
             response = await http.get(path)
             assert response.status_code == 200, response.text
+        response = await http.post("/api/generate", json={"prompt": "hi", "max_new_tokens": 2, "route": "spans"})
+        assert response.status_code in {502, 503}, response.text
 
 
 async def test_a_chunked_body_over_the_limit_is_refused_without_reading_it_all() -> None:

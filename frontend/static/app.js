@@ -53,6 +53,7 @@
     errorMessage: $("error-message"),
     output: $("output"),
     outputMeta: $("output-meta"),
+    outputRoute: $("output-route"),
     log: $("log"),
     logEmpty: $("log-empty"),
     clearLog: $("clear-log"),
@@ -65,6 +66,9 @@
     registryCid: $("registry-cid"),
     registryBlocks: $("registry-blocks"),
     registryMode: $("registry-mode"),
+    spans: $("spans"),
+    spansEmpty: $("spans-empty"),
+    spansSummary: $("spans-summary"),
   };
 
   const fromDisk = !/^https?:$/.test(location.protocol);
@@ -133,6 +137,28 @@
 
   const clock = (date = new Date()) => date.toLocaleTimeString([], { hour12: false });
   const capitalize = (text) => (text ? text[0].toUpperCase() + text.slice(1) : text);
+
+  /** The hops of a route as the gateway reports it ([{peer_id, span: [start, end]}]), the
+   * malformed ones dropped; null when there is no route (a whole worker answered). */
+  function routeHops(route) {
+    if (!Array.isArray(route)) return null;
+    const hops = route.filter((h) => h && typeof h.peer_id === "string" && Array.isArray(h.span) &&
+      h.span.length === 2 && h.span.every(isNum)).map((h) => ({ peer: h.peer_id, start: h.span[0], end: h.span[1] }));
+    return hops.length ? hops : null;
+  }
+
+  const spanText = (start, end) => `${start}:${end}`;
+
+  /** A route as "peer 0:10 → peer 10:20 → …", each hop titled with its full peer id. */
+  function hopsView(hops, testid = "route-hop") {
+    const parts = [];
+    hops.forEach((hop, i) => {
+      if (i) parts.push(el("span", { class: "hop-arrow", "aria-hidden": "true" }, "→"));
+      parts.push(el("span", { class: "hop", title: `${hop.peer}\nlayers ${spanText(hop.start, hop.end)}`, "data-testid": testid, "data-peer-id": hop.peer },
+        el("span", { class: "mono" }, shortId(hop.peer)), " ", el("span", { class: "hop-span" }, spanText(hop.start, hop.end))));
+    });
+    return el("span", { class: "hops" }, ...parts);
+  }
 
   /** "http://host:port" from what the user typed; "" when it isn't an http(s) URL. */
   function normalizeHttpUrl(text) {
@@ -675,6 +701,7 @@
     setRunning(true);
     ui.output.replaceChildren();
     ui.outputMeta.textContent = "";
+    showRoute(null);
     ui.runStatus.textContent = "Waiting for a node…";
     const text = document.createTextNode("");
     ui.output.append(text);
@@ -716,6 +743,7 @@
       finish(entry, final, started, firstTokenMs);
       updateLogRow(row, entry);
       ui.outputMeta.textContent = describeAnswer(final, entry);
+      showRoute(entry.route);
       ui.runStatus.textContent = "Done.";
     } catch (err) {
       const aborted = markFailed(entry, err, started);
@@ -741,12 +769,23 @@
       : firstTokenMs !== null ? Math.round(firstTokenMs) : null;
     entry.attempts = isNum(final.attempts) ? final.attempts : null;
     entry.finish = typeof final.finish_reason === "string" ? final.finish_reason : null;
+    entry.route = routeHops(final.route);
     entry.status = "ok";
+  }
+
+  /** Under the answer: the spans that made it, when a route did. */
+  function showRoute(hops) {
+    ui.outputRoute.hidden = !hops;
+    ui.outputRoute.replaceChildren(...(hops ? [
+      "Route: ", hopsView(hops),
+      el("span", { class: "unsigned", title: "no single worker made this answer, so none signed it" }, " · not signed"),
+    ] : []));
   }
 
   function describeAnswer(final, entry) {
     const parts = [];
     if (entry.node) parts.push(`node ${shortId(entry.node)}`);
+    if (entry.route) parts.push(`route of ${entry.route.length} span${entry.route.length === 1 ? "" : "s"}`);
     if (entry.model) parts.push(`model ${entry.model}`);
     parts.push(`${entry.tokens} token${entry.tokens === 1 ? "" : "s"}`);
     if (entry.firstToken !== null && entry.firstToken !== undefined) parts.push(`first token ${entry.firstToken} ms`);
@@ -899,6 +938,7 @@
           if (!payload || typeof payload !== "object") continue;
           if (payload.error) throw streamError(payload.error);
           if (typeof payload.node === "string" && payload.node) entry.node = payload.node;
+          if (routeHops(payload.route)) entry.route = routeHops(payload.route);
           const choice = Array.isArray(payload.choices) ? payload.choices[0] : null;
           append(choice?.delta?.content);
           if (typeof choice?.finish_reason === "string") final = payload;
@@ -951,6 +991,7 @@
     const usage = final && typeof final.usage === "object" && final.usage ? final.usage : {};
     const choice = Array.isArray(final?.choices) ? final.choices[0] : null;
     if (typeof final?.node === "string" && final.node) entry.node = final.node;
+    entry.route = routeHops(final?.route) || entry.route || null;
     if (typeof final?.model === "string" && final.model) entry.model = final.model;
     if (isNum(usage.completion_tokens)) entry.tokens = usage.completion_tokens;
     entry.promptTokens = isNum(usage.prompt_tokens) ? usage.prompt_tokens : null;
@@ -967,6 +1008,7 @@
     if (entry.status === "error") return `Cut short: ${entry.error}`;
     const parts = [];
     if (entry.node) parts.push(`node ${shortId(entry.node)}`);
+    if (entry.route) parts.push(`route of ${entry.route.length} spans`);
     parts.push(tokens);
     if (entry.latency !== null) parts.push(`${entry.latency} ms`);
     if (entry.finish === "length") parts.push("hit the token limit");
@@ -1001,9 +1043,15 @@
     row.dataset.status = entry.status;
     row.dataset.kind = entry.kind || "completion";
     if (entry.node) row.dataset.node = entry.node;
+    if (entry.route) row.dataset.route = entry.route.map((h) => `${h.peer}:${spanText(h.start, h.end)}`).join(" ");
+    const who = entry.route
+      ? el("td", { "data-label": "Node", "data-testid": "log-route", title: entry.route.map((h) => `${h.peer} ${spanText(h.start, h.end)}`).join("\n") },
+        el("span", { class: "route-list" }, ...entry.route.map((h) => el("span", { class: "route-line" },
+          el("span", { class: "mono" }, shortId(h.peer)), " ", el("span", { class: "hop-span" }, spanText(h.start, h.end))))))
+      : el("td", { "data-label": "Node", title: entry.node || null }, el("span", { class: "mono" }, entry.node ? shortId(entry.node) : dash));
     row.replaceChildren(
       el("td", { "data-label": "Time", class: "nowrap" }, clock(entry.time)),
-      el("td", { "data-label": "Node", title: entry.node || null }, el("span", { class: "mono" }, entry.node ? shortId(entry.node) : dash)),
+      who,
       el("td", { "data-label": "Model", class: "nowrap" }, el("span", { class: "cell" }, entry.model || "any",
         entry.kind === "chat" ? el("span", { class: "badge kind", title: "a chat answer (/v1/chat/completions)" }, "chat") : null)),
       el("td", { "data-label": "Tokens", class: "num" }, String(entry.tokens ?? 0)),
@@ -1043,7 +1091,9 @@
     let loadText = running === null && capacity === null ? dash : `${running ?? "?"}/${capacity ?? "?"}`;
     if (queued > 0) loadText += ` +${queued} queued`;
 
-    const models = Array.isArray(node.models) ? node.models.filter((m) => typeof m === "string") : [];
+    const spans = node.spans && typeof node.spans === "object" ? node.spans : {};
+    const models = (Array.isArray(node.models) ? node.models.filter((m) => typeof m === "string") : [])
+      .map((m) => Array.isArray(spans[m]) && spans[m].length === 2 && spans[m].every(isNum) ? `${m} (layers ${spanText(...spans[m])})` : m);
     const rate = isNum(node.success_rate) ? `${Math.round(node.success_rate * 100)}%` : dash;
     const requests = isNum(node.requests) && node.requests > 0 ? ` of ${node.requests}` : "";
     const seen = isNum(node.seen_ago_s) ? `last seen ${duration(node.seen_ago_s)} ago` : "never seen";
@@ -1066,6 +1116,82 @@
       el("td", { "data-label": "Reputation", class: "num", "data-testid": "node-reputation", title: "observed by this gateway: errors and stalls lower it, successes raise it" },
         isNum(node.reputation) ? node.reputation.toFixed(2) : dash),
     );
+  }
+
+  // --- spans: models served in parts ------------------------------------------------------
+
+  function renderSpans(data) {
+    // {model: {fingerprint, layers, spans, complete, route, full_workers}}
+    const models = data && typeof data === "object" && !Array.isArray(data)
+      ? Object.entries(data).filter(([, entry]) => entry && typeof entry === "object" && Array.isArray(entry.spans)) : [];
+    ui.spans.replaceChildren(...models.map(([name, entry]) => spanModel(name, entry)));
+    ui.spansEmpty.hidden = models.length > 0;
+    const complete = models.filter(([, entry]) => entry.complete === true).length;
+    ui.spansSummary.textContent = models.length
+      ? `${complete} of ${models.length} model${models.length === 1 ? "" : "s"} with a complete route` : "";
+  }
+
+  /** The layer ranges no span holds, as [start, end] pairs. */
+  function missingLayers(spans, layers) {
+    const held = new Array(layers).fill(false);
+    for (const s of spans) for (let i = Math.max(0, s.start); i < Math.min(layers, s.end); i++) held[i] = true;
+    const gaps = [];
+    for (let i = 0; i < layers; i++) {
+      if (held[i]) continue;
+      if (gaps.length && gaps[gaps.length - 1][1] === i) gaps[gaps.length - 1][1] = i + 1;
+      else gaps.push([i, i + 1]);
+    }
+    return gaps;
+  }
+
+  function spanModel(name, entry) {
+    const layers = isNum(entry.layers) && entry.layers > 0 && entry.layers <= 100000 ? entry.layers : null;
+    const spans = (Array.isArray(entry.spans) ? entry.spans : [])
+      .filter((s) => s && typeof s.peer_id === "string" && Array.isArray(s.span) && s.span.length === 2 && s.span.every(isNum))
+      .map((s) => ({ ...s, start: s.span[0], end: s.span[1] }));
+    const complete = entry.complete === true;
+    const gaps = layers ? missingLayers(spans, layers) : [];
+    const full = isNum(entry.full_workers) ? entry.full_workers : 0;
+    const facts = [
+      layers ? `${layers} layers` : null,
+      typeof entry.fingerprint === "string" ? `weights ${shortHash(entry.fingerprint.replace(/^sha256:/, ""))}` : null,
+      `${full} whole-model worker${full === 1 ? "" : "s"}`,
+      gaps.length ? `missing layers ${gaps.map(([a, b]) => spanText(a, b)).join(", ")}` : null,
+    ].filter(Boolean).join(" · ");
+    const bar = el("div", { class: "span-bar", "aria-hidden": "true" },
+      ...(layers ? spans.map((s) => el("span", {
+        class: "span-seg",
+        style: `left:${(100 * s.start / layers).toFixed(3)}%;width:${(100 * (s.end - s.start) / layers).toFixed(3)}%`,
+        title: `${s.peer_id} ${spanText(s.start, s.end)}`,
+      })) : []));
+    const route = routeHops(entry.route);
+    const rows = spans.map((s) => {
+      const load = s.load && typeof s.load === "object" ? s.load : {};
+      const sessions = isNum(load.sessions) ? `${load.sessions}/${isNum(load.max_sessions) ? load.max_sessions : "?"}` : dash;
+      const kv = isNum(load.kv_cache_mb) && isNum(load.kv_cache_budget_mb) ? `${Math.round(load.kv_cache_mb)} of ${Math.round(load.kv_cache_budget_mb)} MB` : dash;
+      const inRoute = route && route.some((h) => h.peer === s.peer_id);
+      const badges = [];
+      if (inRoute) badges.push(el("span", { class: "badge online" }, "in route"));
+      if (isNum(s.backoff_s) && s.backoff_s > 0) badges.push(el("span", { class: "badge backoff" }, `backoff ${Math.ceil(s.backoff_s)}s`));
+      return el("tr", { "data-testid": "span-row", "data-peer-id": s.peer_id, "data-span": spanText(s.start, s.end) },
+        el("td", { "data-label": "Layers", class: "num" }, spanText(s.start, s.end)),
+        el("td", { "data-label": "Peer", title: s.peer_id }, el("span", { class: "mono" }, shortId(s.peer_id))),
+        el("td", { "data-label": "Sessions", class: "num" }, sessions),
+        el("td", { "data-label": "KV cache", class: "num" }, kv),
+        el("td", { "data-label": "Cost", class: "num", title: "expected ms for a typical answer: measured speed, load and reputation" },
+          isNum(s.cost_ms) ? `${Math.round(s.cost_ms)} ms` : dash),
+        el("td", { "data-label": "Status" }, badges.length ? el("span", { class: "cell" }, ...badges) : dash));
+    });
+    return el("div", { class: "span-model", "data-testid": "span-model", "data-model": name, "data-complete": complete ? "true" : "false" },
+      el("div", { class: "span-head" },
+        el("strong", {}, name),
+        el("span", { class: `badge ${complete ? "online" : "backoff"}`, "data-testid": "span-complete" }, complete ? "complete route" : "no complete route"),
+        el("span", { class: "hint", "data-testid": "span-facts" }, facts)),
+      bar,
+      route ? el("p", { class: "meta route", "data-testid": "span-route" }, "Route now: ", hopsView(route, "span-route-hop")) : null,
+      el("div", { class: "table-wrap" }, el("table", { class: "stack" },
+        el("thead", {}, el("tr", {}, ...["Layers", "Peer", "Sessions", "KV cache", "Cost", "Status"].map((h) => el("th", { scope: "col" }, h)))),
+        el("tbody", {}, ...rows))));
   }
 
   function renderRegistry(info) {
@@ -1138,11 +1264,13 @@
     state.polling = true;
     const gateway = state.gateway;
     try {
-      const [nodes, registry, models, health] = await Promise.allSettled([
-        getJson("/api/nodes"), getJson("/api/registry"), getJson("/v1/models"), getJson("/healthz"),
+      const [nodes, registry, models, health, spans] = await Promise.allSettled([
+        getJson("/api/nodes"), getJson("/api/registry"), getJson("/v1/models"), getJson("/healthz"), getJson("/api/spans"),
       ]);
       if (gateway !== state.gateway) return;  // the URL changed meanwhile
       if (nodes.status === "fulfilled") renderNodes(nodes.value);
+      // A gateway from before spans has no /api/spans: nothing to show, nothing wrong.
+      renderSpans(spans.status === "fulfilled" ? spans.value : null);
       if (registry.status === "fulfilled") renderRegistry(registry.value);
       if (models.status === "fulfilled") renderModels(models.value);
       const failed = [nodes, registry, models, health].find((r) => r.status === "rejected");
