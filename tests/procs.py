@@ -46,3 +46,14 @@ def fast_network(data_dir: Path, workers: int, *worker_args: str, worker_env: di
         gateway_args=["--heartbeat-interval", HEARTBEAT],
         worker_env=worker_env or {},
     )
+
+
+def spawn_worker_with_layers(
+    data_dir: Path, layers: str | None, *extra: str, name: str, env: dict[str, str] | None = None
+) -> tuple[Child, str]:
+    """A SmolLM2 worker holding ``layers`` (``None``: the whole model); returns it once it listens."""
+    from dllm_p2p.localnet import LISTENING, spawn_worker
+
+    args = [*(["--layers", layers] if layers else []), *extra]
+    child = spawn_worker(data_dir, *args, model="smollm2", name=name, env=env)
+    return child, child.wait_for_line(LISTENING, timeout=300).group(1)
