@@ -51,7 +51,6 @@ class ForwardService:
         self.session_ttl = session_ttl
         self.failed = 0
         self.served = 0  # sessions that ended without an error
-        self._tokenizer = trio.Lock()  # Hugging Face fast tokenizers are not safe to share across threads
         #: ``DLLM_FAULT=slow-steps:MS``: each step MS milliseconds slower (a slow peer, for tests).
         fault, _, arg = os.environ.get("DLLM_FAULT", "").partition(":")
         self._step_delay = int(arg) / 1000 if fault == "slow-steps" and arg.isdigit() else 0.0
@@ -164,11 +163,14 @@ class ForwardService:
         if not engine.lean.first:
             raise ForwardError("bad_request", "only the span holding layer 0 tokenizes")
         loaded = engine.loaded
-        async with self._tokenizer:
-            if request.messages is not None:
-                ids = await trio.to_thread.run_sync(loaded.encode_chat, [dict(m) for m in request.messages])
-            else:
-                ids = await trio.to_thread.run_sync(loaded.encode, request.prompt)
+
+        def encode() -> list[int]:
+            with engine.tokenizer_lock:
+                if request.messages is not None:
+                    return loaded.encode_chat([dict(m) for m in request.messages])
+                return loaded.encode(request.prompt)
+
+        ids = await trio.to_thread.run_sync(encode)
         if len(ids) >= loaded.max_context:
             raise RequestTooLarge(f"the prompt has {len(ids)} tokens; the model's context is {loaded.max_context}")
         return {"tokens": ids}

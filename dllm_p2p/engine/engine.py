@@ -25,7 +25,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any
 
 import torch
@@ -33,6 +32,7 @@ import torch
 from .batch import KVBatch, LeanRunner, make_runner
 from .lean import LeanBatch
 from .detok import IncrementalDecoder
+from .scheduler import SchedulerThread
 from .errors import EngineBusy, EngineClosed, GenerationFailed, RequestTooLarge
 from .generation import Event, Generation, Request, elapsed_ms
 from .loading import LoadedModel
@@ -53,7 +53,7 @@ RATE_WINDOW_SECONDS = 10.0
 DEFAULT_KV_CACHE_MB = 1024
 
 
-class Engine:
+class Engine(SchedulerThread):
     """Serves generations for one loaded model; ``start()`` before use, ``close()`` after.
 
     At most ``max_batch_size`` requests decode together and at most ``max_queue`` more
@@ -97,10 +97,7 @@ class Engine:
         self._pad_id = loaded.eos_token_id if loaded.eos_token_id is not None else 0
         self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
 
-        self._lock = threading.Lock()
-        self._wakeup = threading.Condition(self._lock)
-        self._state = "new"  # -> "running" -> "closed"
-        self._thread: threading.Thread | None = None
+        self._init_scheduler(f"engine[{self.name}]")
         self._queue: deque[Request] = deque()
         self._in_flight = 0  # requests inside their ``async with`` (queued, running or finishing)
         self._running = 0  # rows in the batch, as last published by the scheduler
@@ -121,35 +118,6 @@ class Engine:
     @property
     def max_context(self) -> int:
         return self.loaded.max_context
-
-    def start(self) -> None:
-        """Start the scheduler thread (idempotent)."""
-        with self._lock:
-            if self._state == "closed":
-                raise EngineClosed("engine is closed")
-            if self._state == "running":
-                return
-            self._state = "running"
-            self._thread = threading.Thread(target=self._run, name=f"engine[{self.name}]")
-            self._thread.start()
-
-    def close(self) -> None:
-        """Stop the scheduler, failing outstanding requests with ``EngineClosed``, and join it."""
-        with self._lock:
-            self._state = "closed"
-            self._wakeup.notify_all()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
-
-    def __enter__(self) -> Engine:
-        self.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     # --- public API -------------------------------------------------------------------
 

@@ -33,7 +33,8 @@ import trio
 
 from .batch import _kv_bytes_per_token
 from .detok import IncrementalDecoder
-from .engine import _return_freed_memory
+from .engine import _LockedTokenizer, _return_freed_memory
+from .scheduler import SchedulerThread
 from .errors import EngineBusy, EngineClosed, RequestTooLarge
 from .lean import Cache, LeanModel, SessionInput
 from .loading import LoadedModel
@@ -135,7 +136,7 @@ class SpanSession:
                 raise ValueError("the last span needs 'sample' in the session's first frame")
             if sampling.seed is None:
                 sampling.seed = secrets.randbits(62)
-            self._decoder = IncrementalDecoder(engine.loaded.tokenizer)
+            self._decoder = IncrementalDecoder(_LockedTokenizer(engine.loaded.tokenizer, engine.tokenizer_lock))
             self._stops = StopText(sampling.stop)
             for token in generated:  # a replacement: rebuild the text state, emit nothing
                 self._accept(token)
@@ -211,7 +212,7 @@ class SpanSession:
         return self._stops.push(self._decoder.flush()) + self._stops.flush()
 
 
-class SpanEngine:
+class SpanEngine(SchedulerThread):
     """Serves one span of one loaded model; ``start()`` before use, ``close()`` after.
 
     ``kv_cache_mb`` bounds the KV cache of all sessions together: a session reserves its
@@ -257,10 +258,10 @@ class SpanEngine:
         self.stop_ids = loaded.stop_token_ids or frozenset(
             [loaded.eos_token_id] if loaded.eos_token_id is not None else []
         )
-        self._lock = threading.Lock()
-        self._wakeup = threading.Condition(self._lock)
-        self._state = "new"
-        self._thread: threading.Thread | None = None
+        #: Hugging Face fast tokenizers are not safe to share across threads: the scheduler
+        #: detokenizes while a stream handler may tokenize the next prompt.
+        self.tokenizer_lock = threading.Lock()
+        self._init_scheduler(f"span[{self.name} {self.span[0]}:{self.span[1]}]")
         self._pending: deque[_Step] = deque()
         self._sessions: dict[int, SpanSession] = {}
         self._reserved = 0
@@ -274,31 +275,6 @@ class SpanEngine:
     @property
     def hidden_size(self) -> int:
         return self.lean.hidden
-
-    def start(self) -> None:
-        with self._lock:
-            if self._state == "closed":
-                raise EngineClosed("engine is closed")
-            if self._state == "running":
-                return
-            self._state = "running"
-            self._thread = threading.Thread(target=self._run, name=f"span[{self.name} {self.span[0]}:{self.span[1]}]")
-            self._thread.start()
-
-    def close(self) -> None:
-        with self._lock:
-            self._state = "closed"
-            self._wakeup.notify_all()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
-
-    def __enter__(self) -> SpanEngine:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def open(
         self,
