@@ -8,6 +8,7 @@ problem). Heavy imports (torch, transformers) happen only in commands that need 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
@@ -21,7 +22,7 @@ from typing import Any
 
 import trio
 
-from . import __version__
+from . import __version__, wire
 from .registry.chain import DEFAULT_POW_BITS
 
 SUBCOMMANDS = {"worker", "relay", "query", "info", "model", "registry", "nodes", "deregister", "up", "answer"}
@@ -78,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_worker_args(sub.add_parser("worker", help="start a worker node (the default)"))
     _add_relay_args(sub.add_parser("relay", help="start a relay: no model; bootstraps, keeps the registry, relays for nodes behind NAT"))
 
-    q = sub.add_parser("query", help="send a prompt to a worker")
-    q.add_argument("addr", metavar="MULTIADDR", help="worker address ending in /p2p/<peer-id>")
+    q = sub.add_parser("query", help="send a prompt to a worker, or through a route of spans (--spans)")
+    q.add_argument("addr", metavar="MULTIADDR", help="worker address ending in /p2p/<peer-id>; with --spans, any node to join the network through")
     q.add_argument("prompt")
     q.add_argument("--max-new-tokens", type=int)
     q.add_argument("--min-new-tokens", type=int)
@@ -94,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print the final frame as JSON")
     q.add_argument("--psk", default=None)
     q.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the answer")
+    q.add_argument("--spans", action="store_true", help="generate through a route of span workers (--layers) found by listening to the network's heartbeats; the answer names its route")
+    q.add_argument("--wait", type=float, default=10.0, help="with --spans: seconds to listen for heartbeats until the spans cover the model (default 10)")
 
     i = sub.add_parser("info", help="ask a worker to describe itself")
     i.add_argument("addr", metavar="MULTIADDR")
@@ -459,6 +462,11 @@ def cmd_query(args: argparse.Namespace) -> int:
     except AddressError as exc:
         return _fail(str(exc))
     request = _request_from_args(args)
+    if args.spans:
+        try:
+            return _query_route(args, wire.parse_request(request))
+        except wire.WireError as exc:
+            return _fail(str(exc))
 
     async def run() -> int:
         async with open_client(psk=args.psk) as client:
@@ -485,6 +493,72 @@ def cmd_query(args: argparse.Namespace) -> int:
         return 2
 
     return trio.run(run)
+
+
+def _query_route(args: argparse.Namespace, request: Any) -> int:
+    """``query --spans``: join through ``addr``, listen to heartbeats until span workers of
+    one model cover all its layers, then drive the cheapest route (``route.py``)."""
+    from .client import Client
+    from .host import make_host, parse_multiaddr
+    from .identity import generate
+    from .membership import Membership, MembershipConfig
+    from .registry.store import ChainStore
+    from .route import Hop, RouteError, RouteResult, generate_route, plan_best
+
+    beats: dict[str, Any] = {}
+
+    def hops() -> list[Hop]:
+        out = []
+        for beat in beats.values():
+            for name, facts in beat.meta.items():
+                if facts.get("forward") and facts.get("span") and (request.model in (None, name)):
+                    start, end = facts["span"]
+                    out.append(Hop(beat.peer_id, tuple(beat.addrs), start, end, facts["fingerprint"], facts["layers"], facts.get("hidden")))
+        return out
+
+    async def run(store: Any) -> int:
+        membership = Membership(
+            generate(), MembershipConfig(role="observer", bootstrap=[args.addr], pow_bits=DEFAULT_POW_BITS), store,
+            on_heartbeat=lambda beat: beats.__setitem__(beat.peer_id, beat),
+        )
+        host = make_host(generate(), psk=args.psk)
+        async with host.run([parse_multiaddr("/ip4/0.0.0.0/tcp/0")]), trio.open_nursery() as nursery:
+            await nursery.start(membership.run, host)
+            route: list[Hop] = []
+            with trio.move_on_after(args.wait):
+                while not (route := plan_best(hops())):
+                    await trio.sleep(0.2)
+            if not route:
+                have = sorted({f"{h.start}:{h.end}" for h in hops()})
+                nursery.cancel_scope.cancel()
+                return _fail(f"no route of spans covers the model after {args.wait:g} s (spans heard: {', '.join(have) or 'none'})", 1)
+            print("route: " + " -> ".join(f"{h.start}:{h.end}@{h.peer_id[-8:]}" for h in route), file=sys.stderr, flush=True)
+            code = 2
+            with trio.move_on_after(args.timeout):
+                try:
+                    async with aclosing(generate_route(Client(host), request, route, candidates=hops)) as pieces:
+                        async for piece in pieces:
+                            if isinstance(piece, RouteResult):
+                                if args.json:
+                                    print(json.dumps(dataclasses.asdict(piece), ensure_ascii=False))
+                                else:
+                                    print("" if args.stream else piece.text)
+                                code = 0
+                            elif not args.json and args.stream:
+                                sys.stdout.write(piece)
+                                sys.stdout.flush()
+                except RouteError as exc:
+                    code = _fail(f"the route failed ({exc.code}): {exc}", 1)
+            if code == 2:
+                _fail(f"no answer within {args.timeout:g} s")
+            nursery.cancel_scope.cancel()
+            return code
+
+    async def main() -> int:
+        with tempfile.TemporaryDirectory(prefix="dllm-query-") as scratch:
+            return await run(ChainStore(scratch))
+
+    return trio.run(main)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

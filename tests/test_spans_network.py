@@ -157,3 +157,17 @@ def _kill_busy_middle(url: str, middles: dict[str, tuple[Child, str]]) -> str:
                 return name
         time.sleep(0.1)
     raise AssertionError("no 10:20 worker held a session")
+
+
+def test_cli_query_finds_a_route_from_heartbeats_and_names_it(net: dict) -> None:
+    from .procs import run_cli
+
+    prompt = PROMPTS[0]
+    expected = generate(net["url"], prompt, route="spans", max_new_tokens=16)
+    args = ["query", net["full_addr"], prompt, "--chat", "--spans", "--temperature", "0", "--max-new-tokens", "16"]
+    result = run_cli(*args, "--wait", "30", "--json", timeout=120)
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["text"] == expected["text"]
+    assert [hop["span"] for hop in answer["route"]] == [[0, 10], [10, 20], [20, 30]]
+    assert "route: 0:10@" in result.stderr
