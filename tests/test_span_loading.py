@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -227,7 +226,9 @@ def _report(layers: str) -> None:
         "base": base,
         "current": _rss_mb("VmRSS"),
         "anon": _rss_mb("RssAnon"),
-        "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # VmHWM belongs to this process's memory map; ru_maxrss would not do: Linux keeps it
+        # across exec, so it starts at the RSS of the pytest process that forked this one.
+        "peak": _rss_mb("VmHWM"),
         "seconds": seconds,
         "span": loaded.span,
         "total": loaded.total_layers,
