@@ -35,11 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrency", type=int, default=None, metavar="N", help="the worker's batch size (default: largest level, at least 8)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads for every contender: this process, the worker (--threads) and the baseline (default: PyTorch's, one per core)")
     p.add_argument("--warmup", type=int, default=None, metavar="N", help="unmeasured requests per contender first (default 2; quick 1)")
-    p.add_argument("--only", default=None, metavar="LIST", help=f"run only these benchmarks (comma-separated: {','.join(BENCHMARKS)})")
+    p.add_argument("--only", default=None, metavar="LIST", help=f"run only these benchmarks (comma-separated: {','.join(BENCHMARKS)}; default all but spans, which is opt-in)")
     p.add_argument("--gguf-model", default="smollm2", metavar="SPEC", help="model of the llama.cpp comparison: smollm2 or a .gguf file, loaded by both the worker and llama.cpp (default smollm2)")
     p.add_argument("--llamacpp", default="auto", metavar="auto|off|PYTHON", help="llama.cpp's server for the llamacpp benchmark: auto = find or build llama-cpp-python in its own venv (about 5 minutes, once), off = skip it, or the path of a Python interpreter that has llama_cpp.server (default auto)")
     p.add_argument("--llamacpp-venv", default=None, metavar="DIR", help="the venv --llamacpp auto uses or builds (default $DLLM_LLAMACPP_VENV or ~/.cache/dllm-p2p/llamacpp-0.3.36)")
     p.add_argument("--llamacpp-new-tokens", type=int, default=None, metavar="N", help="tokens per request in the llamacpp benchmark, exactly, on both servers (default 64)")
+    p.add_argument("--spans-new-tokens", type=int, default=None, metavar="N", help="tokens per request in the spans benchmark, exactly (default 64)")
     p.add_argument("--quick", action="store_true", help="a small run: fewer requests, levels 1 and 8, one repetition")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
@@ -56,7 +57,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     }
     for name in (
         "new_tokens", "repetitions", "sequential", "latency_requests", "requests_per_client", "max_concurrency", "warmup", "threads",
-        "llamacpp_venv", "llamacpp_new_tokens",
+        "llamacpp_venv", "llamacpp_new_tokens", "spans_new_tokens",
     ):
         value = getattr(args, name)
         if value is not None:
@@ -76,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    # Checked before minutes of measuring, not after.
+    if args.save is not None and not args.save.resolve().parent.is_dir():
+        print(f"error: --save: no such directory: {args.save.resolve().parent}", file=sys.stderr)
+        return 2
     # Never reach a model hub from a benchmark; children inherit this.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -85,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     # (Inside trio.run, trio installs its own SIGINT handler with the same effect.)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+
+    from dllm_p2p.fsutil import write_atomic
 
     from .report import render
     from .suite import run_suite
@@ -105,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; every server was stopped", file=sys.stderr)
         return 130
     if args.save is not None:
-        args.save.write_text(json.dumps(results, indent=2) + "\n")
+        write_atomic(args.save, (json.dumps(results, indent=2) + "\n").encode())
     if args.json:
         json.dump(results, sys.stdout, indent=2)
         sys.stdout.write("\n")

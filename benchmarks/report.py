@@ -25,6 +25,8 @@ def tables(results: dict[str, Any]) -> list[Table]:
         out.append(_sweep(results))
     if "llamacpp" in results:
         out += _llamacpp(results["llamacpp"])
+    if "spans" in results:
+        out += _spans(results["spans"])
     out.append(_targets(results["targets"]))
     return out
 
@@ -46,6 +48,8 @@ def header(results: dict[str, Any]) -> str:
 
 def _new_tokens(settings: dict[str, Any]) -> str:
     only = list(settings.get("only", ()))
+    if only == ["spans"] and "spans_new_tokens" in settings:
+        return f"{settings['spans_new_tokens']} new tokens per request"
     if "llamacpp" not in only or "llamacpp_new_tokens" not in settings:
         return f"{settings['new_tokens']} new tokens per request"
     if only == ["llamacpp"]:
@@ -172,6 +176,58 @@ def _llamacpp(section: dict[str, Any]) -> list[Table]:
         ["process", "RSS (VmRSS)", "peak RSS (VmHWM)"],
         mem_rows,
         note="from /proc/PID/status of the server process, after the last request",
+    )
+    return [throughput, memory_table]
+
+
+def _spans(section: dict[str, Any]) -> list[Table]:
+    """A full worker and routes of 1, 2 and 3 spans: throughput, latency, ms per step and
+    per hop at each client count, then each worker's memory."""
+    title = f"A model split across peers: spans ({section['model']}, {section['new_tokens']} tokens"
+    if section.get("skipped"):
+        return [Table(title + "): not measured", ["spans skipped"], [[section["skipped"]]])]
+    configs = section.get("configs") or []
+    rows = []
+    for c in configs:
+        one = (c["levels"].get("1") or {}).get("tokens_per_s")
+        for level, entry in c["levels"].items():
+            rows.append([
+                c["name"],
+                " ".join(c["workers"]),
+                f"{len(c['workers'])} x {c['threads_per_worker']}",
+                level,
+                _num(entry["tokens_per_s"]),
+                _x(entry["tokens_per_s"], one) if level != "1" else "",
+                _ms(entry["median_latency_ms"]),
+                _ms(entry.get("step_ms")),
+                " / ".join(f"{ms:.1f}" for ms in entry.get("hops_ms") or []) or "-",
+            ])
+    notes = [
+        f"each configuration alone on the machine ({section.get('cores')} cores shared by its workers: threads = cores // "
+        f"workers, at least 1), one warm-up request, then 1 client sending {section.get('sequential')} request(s) one at a "
+        f"time and {', '.join(str(x) for x in section['levels'] if x != 1)} concurrent clients sending "
+        f"{section.get('requests_per_client')} each; greedy, exactly {section['new_tokens']} tokens (min_new_tokens), "
+        "through the gateway's /api/generate with route full / spans",
+        "ms/step = median of (total - first token) / (tokens - 1) from the answer's timing; per hop = median of "
+        "timing.hops_ms, the gateway's round trip to each span per decode step (its compute included)",
+    ]
+    notes += [f"WARNING {m}" for m in (note for c in configs for note in c.get("token_mismatch", []))]
+    throughput = Table(
+        title + ")",
+        ["route", "workers (layers)", "workers x threads", "clients", "tok/s", "vs 1 client", "median latency", "ms/step", "per hop ms/step"],
+        rows,
+        note="; ".join(notes),
+    )
+    mem_rows = [
+        [c["name"], m["layers"], _mib(m.get("rss_mib")), _mib(m.get("model_rss_mib"))]
+        for c in configs for m in c.get("memory") or []
+    ]
+    memory_table = Table(
+        f"Resident memory of each worker ({section['model']})",
+        ["route", "layers", "RSS", "model's share"],
+        mem_rows,
+        note="load.rss_mib and load.model_rss_mib of the gateway's /api/nodes rows (the worker's heartbeat), after the "
+        "last request; the model's share is the RSS beyond what the process held before loading the model",
     )
     return [throughput, memory_table]
 

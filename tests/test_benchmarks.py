@@ -278,3 +278,68 @@ def test_ctrl_c_inside_trio_nurseries_counts_as_an_interrupt() -> None:
     assert _interrupted(group_type("outer", [group]))
     assert not _interrupted(group_type("mixed", [KeyboardInterrupt(), ValueError()]))
     assert not _interrupted(ValueError())
+
+
+# --- spans: a model split across peers (opt-in; SmolLM2 is never loaded here) --------------
+
+
+def _spans_section() -> dict[str, Any]:
+    def config(name: str, workers: list[str], threads: int, tps: tuple[float, float], hops: list[float]) -> dict[str, Any]:
+        def level(clients: int, value: float) -> dict[str, Any]:
+            return {
+                "clients": clients, "requests_per_client": 1, "requests": clients, "completion_tokens": [64, 64],
+                "tokens_per_s": value, "median_latency_ms": 64000 / value, "step_ms": 1000 / value, "hops_ms": hops,
+            }
+
+        return {
+            "name": name, "route_mode": "spans" if hops else "full", "workers": workers, "threads_per_worker": threads,
+            "levels": {"1": level(1, tps[0]), "8": level(8, tps[1])},
+            "memory": [{"layers": w, "full": not hops, "rss_mib": 700.0 + i, "model_rss_mib": 300.0 + i} for i, w in enumerate(workers)],
+        }
+
+    return {
+        "model": "smollm2", "new_tokens": 64, "levels": [1, 8], "cores": 2, "sequential": 3, "requests_per_client": 1,
+        "configs": [
+            config("full worker", ["0:30"], 2, (25.0, 100.0), []),
+            config("3 spans", ["0:10", "10:20", "20:30"], 1, (10.0, 40.0), [30.5, 31.25, 33.0]),
+        ],
+    }
+
+
+@pytest.mark.parametrize("style", ["plain", "markdown"])
+def test_report_shows_the_spans_routes(style: str) -> None:
+    results = _results(_spans_section())
+    results["spans"] = results.pop("llamacpp")
+    results["meta"]["settings"].update(only=["spans"], spans_new_tokens=64)
+    out = io.StringIO()
+    render(results, out, style)
+    text = out.getvalue()
+    assert "A model split across peers: spans (smollm2, 64 tokens)" in text and "64 new tokens per request" in text
+    for figure in ("100.0", "4.00x", "30.5 / 31.2 / 33.0", "3 x 1", "1 x 2", "0:10 10:20 20:30", "702.0 MiB", "302.0 MiB"):
+        assert figure in text, figure
+    if style == "markdown":
+        assert "| 3 spans | 0:10 10:20 20:30 | 3 x 1 | 8 | 40.0 | 4.00x | 1600.0 ms | 25.0 ms | 30.5 / 31.2 / 33.0 |" in text
+
+
+def test_spans_is_opt_in_and_skips_without_smollm2(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import spans
+    from benchmarks.cli import build_parser, settings_from
+
+    assert "spans" not in settings_from(build_parser().parse_args([])).only
+    assert "spans" not in settings_from(build_parser().parse_args(["--quick"])).only
+    settings = settings_from(build_parser().parse_args(["--only", "spans", "--spans-new-tokens", "16"]))
+    settings.validate()
+    assert settings.only == ("spans",) and settings.spans_new_tokens == 16 and settings.spans_levels == [1, 8]
+    with pytest.raises(ValueError, match="--spans-new-tokens"):
+        settings_from(build_parser().parse_args(["--spans-new-tokens", "1"])).validate()
+
+    monkeypatch.setattr(spans, "find_smollm2", lambda: None)
+    messages: list[str] = []
+    section = spans.run(settings, messages.append)
+    assert section["skipped"] and section["new_tokens"] == 16 and "configs" not in section
+    assert messages == [f"spans: skipped: {section['skipped']}"]
+    out = io.StringIO()
+    results = _results(section)
+    results["spans"] = results.pop("llamacpp")
+    render(results, out, "plain")
+    assert "spans (smollm2, 16 tokens): not measured" in out.getvalue()
