@@ -10,6 +10,7 @@ next request to that worker on it, which skips stream setup on both sides.
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
@@ -22,9 +23,11 @@ from libp2p.abc import IHost
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from . import answers, reach, wire
+from . import answers, credits, reach, wire
 from .host import end_quietly, make_host, parse_multiaddr, peer_info, reset_quietly
 from .identity import Identity, generate
+
+log = logging.getLogger("dllm_p2p.client")
 
 #: Idle kept-alive streams are reused for this long: well inside the worker's own idle
 #: limit (``wire.KEEP_ALIVE_IDLE``), so a reused stream is not one the worker is closing.
@@ -76,8 +79,13 @@ class Client:
     that worker goes out on it: no new stream, no protocol negotiation.
     """
 
-    def __init__(self, host: IHost, connect_timeout: float = 10.0, keep_alive: bool = False, verify_answers: bool = True) -> None:
+    def __init__(
+        self, host: IHost, connect_timeout: float = 10.0, keep_alive: bool = False, verify_answers: bool = True,
+        ledger: Any = None,
+    ) -> None:
         self.host = host
+        #: A ``LedgerService``: ask every worker for a receipt, countersign it, keep it.
+        self.ledger = ledger
         #: Refuse a ``done`` frame unless the worker signed it, for this request and text.
         self.verify_answers = verify_answers
         self.connect_timeout = connect_timeout
@@ -143,6 +151,8 @@ class Client:
         message = request.to_wire() if isinstance(request, wire.Request) else dict(request)
         if self.keep_alive:
             message["keep_alive"] = True
+        if self.ledger is not None:
+            message["receipt"] = True
         body = msgpack.packb(message, use_bin_type=True)
         payload = wire.frame_of(body)
         peer_id = await self.connect(addr)
@@ -153,7 +163,10 @@ class Client:
         if first is not None and idle is not None:
             stream, reader = idle.stream, idle.reader
         else:
-            stream, reader = await self._open(addr, wire.GENERATE_PROTOCOL, payload, finish=not self.keep_alive)
+            # A receipt is countersigned on the stream: our side stays open until then.
+            stream, reader = await self._open(
+                addr, wire.GENERATE_PROTOCOL, payload, finish=not (self.keep_alive or self.ledger is not None)
+            )
         finished = False
         try:
             while True:
@@ -170,7 +183,10 @@ class Client:
                             answers.check(frame.get("signature"), text=frame["text"], request_body=body, peer_id=peer_id.to_base58())
                         except answers.InvalidAnswer as exc:
                             raise ProtocolError(f"{addr} sent an answer whose signature does not hold: {exc}") from None
-                    if self.keep_alive and self._put_idle(peer_id, stream, reader):
+                    reusable = True
+                    if self.ledger is not None and "receipt" in frame:
+                        reusable = await self._countersign(frame, peer_id, stream)
+                    if reusable and self.keep_alive and self._put_idle(peer_id, stream, reader):
                         stream = None  # kept for the next request: neither closed nor reset
                     yield frame
                     return
@@ -181,6 +197,23 @@ class Client:
                     await _close_quietly(stream)
                 else:
                     await reset_quietly(stream)
+
+    async def _countersign(self, done: dict[str, Any], peer_id: ID, stream: Any) -> bool:
+        """Check the worker's receipt, countersign it, keep it in our ledger and send the
+        countersignature back; ``done["credits"]`` then says what the answer cost. A
+        receipt we do not accept is left unsigned (and logged). False: the stream broke."""
+        try:
+            offer = credits.check_offer(done["receipt"], requester=self.ledger.peer_id, worker=peer_id.to_base58(), done=done)
+        except credits.InvalidReceipt as exc:
+            log.warning("not countersigning the receipt of %s: %s", peer_id, exc)
+            return True
+        reply = await self.ledger.countersign(offer)
+        done["credits"] = {"amount_mc": offer["amount"], "params": offer["params"], "record": reply["record"]["seq"]}
+        try:
+            await stream.write(wire.encode_frame(reply))
+        except Exception:
+            return False
+        return True
 
     def _take_idle(self, peer_id: ID) -> _Idle | None:
         """The most recently used idle stream to ``peer_id``, if it is fresh enough."""

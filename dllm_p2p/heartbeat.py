@@ -27,7 +27,7 @@ _FIELDS = {"peer_id": str, "public_key": bytes, "seq": int, "ts": float, "role":
 #: Optional: per model, its fingerprint, whether it is a chat model and which layers it holds (``_parse_meta``);
 #: ``every``, the sender's seconds between heartbeats, so that nodes beating at different
 #: rates judge each other alive by the sender's rate (``Heartbeat.ttl``).
-_OPTIONAL = {"meta": dict, "every": float}
+_OPTIONAL = {"meta": dict, "every": float, "ledger": dict}
 MAX_EVERY_S = 3600.0
 MAX_META_MODELS = 16
 MAX_FINGERPRINT_CHARS = 80
@@ -60,6 +60,10 @@ class Heartbeat:
     every: float = 0.0
     #: When it was sent, on the receiver's clock (set by ``Membership``; 0 until then).
     seen_at: float = 0.0
+    #: The sender's ledger summary (credits.Ledger.summary), checked for shape only.
+    ledger: dict[str, Any] | None = None
+    #: The heartbeat as received: signed, so it is evidence of what the sender claimed.
+    signed: bytes = field(default=b"", repr=False, compare=False)
 
     def ttl(self, default: float) -> float:
         return liveness_ttl(default, self.every)
@@ -87,6 +91,7 @@ def make(
     meta: dict[str, dict[str, Any]] | None = None,
     every: float | None = None,
     now: float | None = None,
+    ledger: dict[str, Any] | None = None,
 ) -> bytes:
     fields: dict[str, Any] = {
         "peer_id": identity.peer_id.to_base58(),
@@ -102,6 +107,8 @@ def make(
         fields["meta"] = meta
     if every is not None:
         fields["every"] = float(every)
+    if ledger is not None:
+        fields["ledger"] = ledger
     return msgpack.packb({**fields, "sig": identity.sign(_body(fields))}, use_bin_type=True)
 
 
@@ -113,7 +120,9 @@ def parse(data: bytes, *, sender: str | None = None, now: float | None = None) -
         message = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as exc:
         raise InvalidHeartbeat(f"not msgpack: {exc}") from None
-    if not isinstance(message, dict) or not set(_FIELDS) | {"sig"} <= set(message) <= set(_FIELDS) | set(_OPTIONAL) | {"sig"}:
+    # Unknown keys are allowed (and signed): a newer sender's fields must not make an older
+    # receiver drop its heartbeats.
+    if not isinstance(message, dict) or not set(_FIELDS) | {"sig"} <= set(message) or len(message) > 32:
         raise InvalidHeartbeat("wrong fields")
     for key, kind in _FIELDS.items():
         value = message[key]
@@ -152,7 +161,10 @@ def parse(data: bytes, *, sender: str | None = None, now: float | None = None) -
         every = float(every)
     if not isinstance(every, float) or not 0 <= every <= MAX_EVERY_S:
         raise InvalidHeartbeat(f"'every' must be a number of seconds from 0 to {MAX_EVERY_S:g}")
+    ledger = _parse_ledger(message["ledger"]) if "ledger" in message else None
     return Heartbeat(
+        ledger=ledger,
+        signed=data,
         meta=meta,
         every=every,
         peer_id=owner,
@@ -208,6 +220,26 @@ def _span_facts(name: str, facts: dict[str, Any]) -> dict[str, Any]:
             raise InvalidHeartbeat(f"meta[{name!r}].forward must be a boolean")
         out["forward"] = facts["forward"]
     return out
+
+
+MAX_LEDGER_RECENT = 8
+
+
+def _parse_ledger(summary: Any) -> dict[str, Any]:
+    """``ledger``: the sender's ledger head and totals (credits.Ledger.summary)."""
+    def digest(value: Any) -> bool:
+        return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+    if not isinstance(summary, dict) or not {"seq", "head", "earned", "spent", "recent"} <= set(summary):
+        raise InvalidHeartbeat("'ledger' needs seq, head, earned, spent and recent")
+    if not all(_whole(summary[k]) and 0 <= summary[k] < 2**62 for k in ("seq", "earned", "spent")) or not digest(summary["head"]):
+        raise InvalidHeartbeat("'ledger' seq, earned and spent must be whole numbers >= 0 and head a sha256")
+    recent = summary["recent"]
+    if not isinstance(recent, list) or len(recent) > MAX_LEDGER_RECENT or not all(
+        isinstance(r, list) and len(r) == 2 and _whole(r[0]) and 0 < r[0] <= summary["seq"] and digest(r[1]) for r in recent
+    ):
+        raise InvalidHeartbeat(f"'ledger.recent' must be at most {MAX_LEDGER_RECENT} [seq, sha256] pairs")
+    return {k: summary[k] for k in ("seq", "head", "earned", "spent")} | {"recent": [list(r) for r in recent]}
 
 
 def _whole(value: Any) -> bool:

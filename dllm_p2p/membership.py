@@ -152,6 +152,7 @@ class Membership:
         on_chain: Callable[[Chain], None] | None = None,
         publisher: Publisher | None = None,
         on_bad_heartbeat: Callable[[str, str], None] | None = None,
+        ledger: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.identity = identity
         self.config = config
@@ -162,6 +163,8 @@ class Membership:
         self.on_heartbeat = on_heartbeat
         self.on_chain = on_chain
         self.on_bad_heartbeat = on_bad_heartbeat
+        #: Our ledger summary for heartbeats (credits.Ledger.summary), when we keep one.
+        self.ledger = ledger
         self.publisher = publisher
         #: Bitswap and the DHT, while ``run`` runs with a publisher (registry/exchange.py).
         self.ipfs: exchange.IpfsPeer | None = None
@@ -777,6 +780,7 @@ class Membership:
                     load=self.load(),
                     meta=self.model_info(),
                     every=self.config.heartbeat_interval,
+                    ledger=self.ledger() if self.ledger is not None else None,
                 )
                 await self.pubsub.publish(heartbeat.TOPIC, data)
             except Exception as exc:

@@ -20,6 +20,7 @@ GENERATE_PROTOCOL = "/dllm/generate/1.0.0"
 INFO_PROTOCOL = "/dllm/info/1.0.0"
 SCORE_PROTOCOL = "/dllm/score/1.0.0"
 FORWARD_PROTOCOL = "/dllm/forward/1.0.0"
+LEDGER_PROTOCOL = "/dllm/ledger/1.0.0"
 
 #: Largest request frame a worker reads. The length prefix is checked before the body is
 #: read, so a peer announcing a gigabyte frame costs us nothing.
@@ -35,7 +36,7 @@ MAX_TOP_K = 1_000_000
 KEEP_ALIVE_IDLE = 30.0
 _MAX_VARINT_BYTES = 10
 
-ERROR_CODES = frozenset({"bad_request", "too_large", "unknown_model", "busy", "timeout", "internal"})
+ERROR_CODES = frozenset({"bad_request", "too_large", "unknown_model", "busy", "payment_required", "timeout", "internal"})
 
 
 class WireError(Exception):
@@ -219,6 +220,8 @@ class Request:
     keep_alive: bool = False
     #: Ask for the generated token ids in the ``done`` frame (audits score them).
     return_tokens: bool = False
+    #: Ask for a receipt in the ``done`` frame, to countersign on the stream (credits.py).
+    receipt: bool = False
     messages: tuple[dict[str, str], ...] | None = None
     stop: tuple[str, ...] = ()
 
@@ -248,6 +251,7 @@ _DEFAULTS = {
     "id": None,
     "keep_alive": False,
     "return_tokens": False,
+    "receipt": False,
 }
 
 
@@ -304,6 +308,7 @@ def parse_request(message: dict[str, Any]) -> Request:
         "id": lambda v: _str("id", v, 128),
         "keep_alive": lambda v: _bool("keep_alive", v),
         "return_tokens": lambda v: _bool("return_tokens", v),
+        "receipt": lambda v: _bool("receipt", v),
     }
     for key, check in checks.items():
         value = message.get(key)

@@ -20,7 +20,7 @@ import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 
-from . import __version__, answers, wire
+from . import __version__, answers, credits, wire
 from .engine import Engine, EngineBusy, EngineError, GenerationParams, RequestTooLarge
 from .engine.scoring import score_tokens
 from .engine.spans import SpanEngine
@@ -28,6 +28,7 @@ from .forwarding import DEFAULT_SESSION_TTL, ForwardService
 from .fsutil import write_json_atomic
 from .host import host_addrs, make_host, parse_multiaddr, reset_quietly
 from .identity import Identity
+from .ledger_service import LedgerService
 from .memory import resident_mib
 
 log = logging.getLogger("dllm_p2p.worker")
@@ -57,6 +58,9 @@ class WorkerConfig:
     #: The process's resident memory (MiB) before its model loaded, when known: heartbeats
     #: then report the model's share (``model_rss_mib``) beside the whole (``rss_mib``).
     baseline_rss_mib: float | None = None
+    #: Millicredits: a requester whose verified balance is below this is refused with
+    #: ``payment_required`` while others wait in the queue (never while the node is idle).
+    credit_floor: int = -credits.ALLOWANCE_MC
 
 
 class Worker:
@@ -79,6 +83,8 @@ class Worker:
         self.failed = 0
         #: Extra long-running services (registry sync, heartbeats) started beside the host.
         self.services: list[Callable[[IHost], Awaitable[None]]] = []
+        #: Receipts and balances (credits); None: this worker keeps no ledger.
+        self.ledger: LedgerService | None = None
         self._scoring = trio.Lock()
         #: ``DLLM_FAULT=wrong-answers``: a lying worker, for tests of the audits;
         #: ``wrong-answers:N`` lies in its first N answers only, then reforms;
@@ -182,6 +188,7 @@ class Worker:
                 "max_new_tokens": self.config.max_new_tokens,
             },
             "load": self.load(),
+            **({"credits": self.ledger.brief()} if self.ledger is not None else {}),
         }
 
     async def _on_info(self, stream: INetStream) -> None:
@@ -308,7 +315,22 @@ class Worker:
         if request.model and request.model not in self.models:
             return await fail("unknown_model", f"this node serves {self.models}, not {request.model!r}")
 
+        requester = _remote_peer(stream)
+        priority = 0
+        if self.ledger is not None and requester is not None:
+            fork = self.ledger.fork(requester)
+            if fork is not None:
+                return await fail("payment_required", f"your ledger forked at record {fork.seq}: this node does not serve you")
+            self.ledger.note_requester(requester)
+            priority = self.ledger.priority(requester)
+            if priority < self.config.credit_floor and self.engine.stats().get("queued", 0) > 0:
+                return await fail(
+                    "payment_required",
+                    f"your balance is {priority / 1000:.1f} credits, below this node's floor of "
+                    f"{self.config.credit_floor / 1000:.1f} while others wait; serve requests to earn credits",
+                )
         params = GenerationParams(
+            priority=priority,
             prompt=request.prompt,
             max_new_tokens=min(
                 request.max_new_tokens or self.config.default_new_tokens, self.config.max_new_tokens
@@ -366,6 +388,23 @@ class Worker:
         self.served += 1
         usage = {"prompt_tokens": claimed_prompt_tokens or result.prompt_tokens, "completion_tokens": result.completion_tokens}
         text, tokens = result.text, result.token_ids
+        signature = answers.sign(
+            self.identity,
+            request_body=body,
+            request_id=request_id,
+            text=text,
+            token_ids=tokens,
+            model=self.engine.name,
+            fingerprint=self.engine.loaded.fingerprint,
+            finish_reason=result.finish_reason,
+            usage=usage,
+        )
+        offer = None
+        if request.receipt and self.ledger is not None and requester is not None:
+            offer = credits.make_receipt(
+                self.identity, requester=requester, request_id=request_id, request_digest=answers.digest(body),
+                signature=signature, params=self.engine.params,
+            )
         await reply(
             {
                 "type": "done",
@@ -375,17 +414,8 @@ class Worker:
                 "finish_reason": result.finish_reason,
                 "usage": usage,
                 **({"tokens": tokens} if request.return_tokens else {}),
-                "signature": answers.sign(
-                    self.identity,
-                    request_body=body,
-                    request_id=request_id,
-                    text=text,
-                    token_ids=tokens,
-                    model=self.engine.name,
-                    fingerprint=self.engine.loaded.fingerprint,
-                    finish_reason=result.finish_reason,
-                    usage=usage,
-                ),
+                "signature": signature,
+                **({"receipt": offer} if offer is not None else {}),
                 "timing": {
                     "queue_ms": round(result.queue_ms, 2),
                     "first_token_ms": round(result.first_token_ms, 2),
@@ -393,10 +423,43 @@ class Worker:
                 },
             }
         )
+        if offer is not None and not watch.closed and watch.next_request is None:
+            await self._take_countersign(offer, requester, reader, watch)
         if request.keep_alive and not watch.closed:
             return True, watch.next_request if watch.next_request is None else (watch.next_request, watch.next_body)
         await stream.close()
         return False, None
+
+
+    async def _take_countersign(self, offer: dict[str, Any], requester: str, reader: wire.FrameReader, watch: _PeerWatch) -> None:
+        """Read the requester's countersignature of ``offer`` and append the receipt. A
+        request instead (a dialer that does not countersign) is kept as the next one."""
+        assert self.ledger is not None
+        frame = None
+        with trio.move_on_after(self.config.read_timeout):
+            try:
+                frame = await reader.read_frame()
+            except Exception as exc:
+                log.debug("no countersignature from %s: %r", requester, exc)
+                watch.closed = True
+                return
+        if frame is None:
+            watch.closed = True  # closed, or silent for the read timeout: no receipt
+            return
+        if frame.get("type") != "countersign":
+            watch.next_request, watch.next_body = frame, reader.last_body
+            return
+        try:
+            await self.ledger.append(self.ledger.take_countersign(offer, frame, requester))
+        except credits.InvalidReceipt as exc:
+            log.warning("a bad countersignature from %s: %s", requester, exc)
+
+
+def _remote_peer(stream: INetStream) -> str | None:
+    try:
+        return stream.muxed_conn.peer_id.to_base58()
+    except Exception:
+        return None
 
 
 def _wrong_question(params: GenerationParams) -> GenerationParams:

@@ -33,10 +33,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from libp2p.peer.id import ID
 from dllm_p2p import __version__, reach, wire
 from dllm_p2p.client import Client
+from dllm_p2p.ledger_service import LedgerService
 
 from dllm_p2p.registry.ipfs import EmbeddedStore
 
 from . import trustless
+from .accounts import Accounts
 from .audit import Auditor
 from .limits import RateLimiter
 from .nodes import NodeTable
@@ -183,8 +185,13 @@ class Gateway:
         rate_burst: int = 20,
         auditor: Auditor | None = None,
         blocks: EmbeddedStore | None = None,
+        ledger: LedgerService | None = None,
+        accounts: Accounts | None = None,
     ) -> None:
         self.table = table
+        #: The gateway's own credits (it pays the workers), and what each API key spent.
+        self.ledger = ledger
+        self.accounts = accounts
         #: The node's embedded IPFS store, served at /ipfs/ (gateway/trustless.py).
         self.blocks = blocks
         self.auditor = auditor
@@ -205,7 +212,7 @@ class Gateway:
             return mode == "spans"
         return not self.table.candidates(request.model) and self.table.has_spans(request.model)
 
-    async def run(self, request: wire.Request, mode: RouteMode = "auto") -> AsyncIterator[Token | Done]:
+    async def run(self, request: wire.Request, mode: RouteMode = "auto", account: str = "public") -> AsyncIterator[Token | Done]:
         assert self.client is not None, "gateway has no libp2p client"
         start = time.perf_counter()
         first = True
@@ -232,6 +239,9 @@ class Gateway:
                         self.metrics.failovers.inc()
                     if audited and self.auditor is not None:
                         self.auditor.submit(request, event.frame, event.node)
+                    paid = event.frame.get("credits")
+                    if paid is not None and self.accounts is not None:
+                        await self.accounts.charge(account, paid["amount_mc"])
                 yield event
 
 
@@ -301,11 +311,13 @@ class Guard:
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
             return _error(413, "too_large", f"request body over {MAX_BODY} bytes")
         client = scope["client"][0] if scope.get("client") else "unknown"
+        scope.setdefault("state", {})["account"] = "public"
         if gw.api_keys:
             scheme, _, token = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not any(hmac.compare_digest(token, k) for k in gw.api_keys):
                 return _error(401, "unauthorized", "missing or wrong API key (send 'Authorization: Bearer <key>')")
             client = "key:" + hashlib.sha256(token.encode()).hexdigest()[:16]
+            scope["state"]["account"] = client  # what this key's answers cost is kept under it
         # Every POST route takes JSON: accept it whatever the client labelled it
         # (curl -d sends application/x-www-form-urlencoded).
         if "json" not in headers.get("content-type", ""):
@@ -397,12 +409,14 @@ def create_app(gw: Gateway) -> FastAPI:
         shape_final: Callable[[str, Done], Any],
         done_marker: bool,
         mode: RouteMode = "auto",
+        http: Request | None = None,
     ) -> Response:
+        account = getattr(http.state, "account", "public") if http is not None else "public"
         request = wire.Request(**{**request.__dict__, "stream": stream})
         if not stream:
             text: list[str] = []
             try:
-                async with aclosing(gw.run(request, mode)) as events:
+                async with aclosing(gw.run(request, mode, account)) as events:
                     async for event in events:
                         if isinstance(event, Token):
                             text.append(event.text)
@@ -418,7 +432,7 @@ def create_app(gw: Gateway) -> FastAPI:
 
         # Streaming: start the relay before answering, so that "no live node" and errors
         # before the first token still get a proper HTTP status instead of a 200 stream.
-        events = gw.run(request, mode)
+        events = gw.run(request, mode, account)
         try:
             first = await events.__anext__()
         except RelayError as exc:
@@ -449,7 +463,7 @@ def create_app(gw: Gateway) -> FastAPI:
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/api/generate")
-    async def generate(body: GenerateBody) -> Response:
+    async def generate(body: GenerateBody, http: Request) -> Response:
         fields = body.model_dump(exclude={"stream", "stop", "route", "prompt", "messages"})
         text: dict[str, Any] = {"prompt": body.prompt} if body.messages is None else {"messages": chat_messages(body.messages)}
         request = wire.Request(**fields, **text, stop=_stops(body.stop))
@@ -467,6 +481,8 @@ def create_app(gw: Gateway) -> FastAPI:
                 "timing": frame.get("timing", {}),
                 "attempts": done.attempts,
                 "signature": frame.get("signature"),
+                # What the answer cost this gateway (None: no receipt, e.g. a route of spans).
+                "cost": _cost(frame),
             }
 
         return await answer(
@@ -476,6 +492,7 @@ def create_app(gw: Gateway) -> FastAPI:
             shape_final=final,
             done_marker=False,
             mode=body.route,
+            http=http,
         )
 
     def _openai_request(body: _OpenAIBase, max_tokens: int | None, **text: Any) -> wire.Request:
@@ -508,7 +525,7 @@ def create_app(gw: Gateway) -> FastAPI:
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody) -> Response:
+    async def completions(body: CompletionBody, http: Request) -> Response:
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def chunk(text: str, finish: str | None = None, model: str | None = None) -> dict[str, Any]:
@@ -527,10 +544,11 @@ def create_app(gw: Gateway) -> FastAPI:
             shape_done=lambda d: {**chunk("", d.frame.get("finish_reason", "stop"), d.frame.get("model")), **_provenance(d), "usage": _usage(d.frame), **_signed(d)},
             shape_final=final,
             done_marker=True,
+            http=http,
         )
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatBody) -> Response:
+    async def chat_completions(body: ChatBody, http: Request) -> Response:
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         sent_role = False
 
@@ -572,7 +590,7 @@ def create_app(gw: Gateway) -> FastAPI:
         max_tokens = body.max_completion_tokens or body.max_tokens
         return await answer(
             "chat", _openai_request(body, max_tokens, messages=chat_messages(body.messages)), body.stream,
-            shape_chunk=chunk, shape_done=last_chunk, shape_final=final, done_marker=True,
+            shape_chunk=chunk, shape_done=last_chunk, shape_final=final, done_marker=True, http=http,
         )
 
     @app.get("/v1/models")
@@ -585,7 +603,21 @@ def create_app(gw: Gateway) -> FastAPI:
             ],
         }
 
+    def _cost(frame: dict[str, Any]) -> dict[str, Any] | None:
+        paid = frame.get("credits")
+        if paid is None:
+            return None
+        return {"credits": paid["amount_mc"] / 1000, "millicredits": paid["amount_mc"], "receipt": paid["record"]}
+
     # --- network state ------------------------------------------------------------------
+
+    @app.get("/api/credits")
+    async def credits_info() -> dict[str, Any]:
+        """This gateway's balance and receipts, what each API key spent, and what it knows
+        of its peers' ledgers (gossiped totals, verified balances, forks)."""
+        if gw.ledger is None:
+            return {"enabled": False}
+        return {"enabled": True, **gw.ledger.describe(), "accounts": gw.accounts.describe() if gw.accounts is not None else {}}
 
     @app.get("/api/nodes")
     async def nodes() -> dict[str, Any]:
@@ -594,6 +626,8 @@ def create_app(gw: Gateway) -> FastAPI:
         for node in described:
             # How this gateway reaches the node now: direct, relayed, or not connected.
             node["path"] = _path(host, node["peer_id"])
+            if gw.ledger is not None:
+                node["credits"] = gw.ledger.peer_credits(node["peer_id"])
         return {"nodes": described, "online": sum(1 for n in described if n["online"]), "ttl_s": gw.table.ttl}
 
     @app.get("/api/spans")

@@ -22,12 +22,14 @@ from dllm_p2p.identity import DataDirLock, DataDirLocked, load_or_create
 from dllm_p2p.lifeline import watch_parent
 from dllm_p2p.membership import Membership, MembershipConfig, deregistered
 from dllm_p2p.lan import LanDiscovery
+from dllm_p2p.ledger_service import LedgerService
 from dllm_p2p.reach import Reach
 from dllm_p2p.registry.ipfs import IpfsError
 from dllm_p2p.registry.chain import DEFAULT_POW_BITS
 from dllm_p2p.registry.publish import Publisher
 from dllm_p2p.registry.store import ChainStore
 
+from .accounts import Accounts
 from .app import Gateway, create_app
 from .audit import PROBATION_PASSES, PROBE_INTERVAL, Auditor
 from .nodes import NodeTable
@@ -81,7 +83,10 @@ async def run_gateway(
     table = NodeTable(ttl=membership_config.effective_ttl, policy=args.policy, allow=args.allow_peer)
     api_keys = list(args.api_key or []) + [k for k in os.environ.get("DLLM_API_KEYS", "").split(",") if k]
 
+    ledger = LedgerService(identity, args.data_dir)
+
     def on_heartbeat(beat: Heartbeat) -> None:
+        ledger.on_heartbeat(beat)
         if beat.role == "worker":
             # When it was sent, on our clock (Membership._stamp): a node with a slow clock
             # is live, a late or replayed heartbeat counts from when it was sent.
@@ -98,13 +103,15 @@ async def run_gateway(
     membership = Membership(
         identity, membership_config, store,
         on_heartbeat=on_heartbeat, on_chain=on_chain, publisher=publisher, on_bad_heartbeat=table.bad_heartbeat,
+        ledger=ledger.summary,
     )
     host = make_host(identity, psk=args.psk)
     reach = Reach(
         host, psk=args.psk, relays=relay_candidates(args.bootstrap, store), hop=False if args.no_relay else "auto",
         hole_punch=not args.no_hole_punch,
     )
-    client = Client(host, keep_alive=True)  # reuse streams to workers: no setup per request
+    # Reuse streams to workers (no setup per request); pay for every answer with a receipt.
+    client = Client(host, keep_alive=True, ledger=ledger)
     auditor = Auditor(table, client, rate=args.audit_rate, evidence_dir=Path(args.data_dir).expanduser() / "audits", probe_interval=args.probe_interval)
     gw = Gateway(
         table,
@@ -117,6 +124,8 @@ async def run_gateway(
         rate_burst=args.rate_burst,
         auditor=auditor,
         blocks=publisher.store,
+        ledger=ledger,
+        accounts=Accounts(args.data_dir),
     )
     app = create_app(gw)
     config = Config()
@@ -127,6 +136,7 @@ async def run_gateway(
         async with host.run([parse_multiaddr(args.p2p_listen)]):
             async with trio.open_nursery() as nursery:
                 await nursery.start(reach.run)
+                await nursery.start(ledger.run, host)
                 await nursery.start(membership.run, host)
                 if not args.no_mdns:
                     nursery.start_soon(LanDiscovery(host, membership.meet, args.psk).run)

@@ -80,6 +80,8 @@ class Engine(SchedulerThread):
         self.loaded = loaded
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
+        #: The model's parameter count (tied weights once): what receipts price by.
+        self.params = sum(p.numel() for p in loaded.model.parameters())
         self._runner = make_runner(loaded.model, dtype)
         self.vocab_size = int(loaded.model.config.vocab_size)
         if not keep_model and isinstance(self._runner, LeanRunner):
@@ -224,7 +226,12 @@ class Engine(SchedulerThread):
         with self._lock:
             if self._state != "running":
                 raise EngineClosed("engine is closed")
-            self._queue.append(request)
+            # After every queued request of the same or a higher priority: the queue is
+            # short (max_queue), a scan from the back is cheaper than a heap's bookkeeping.
+            at = len(self._queue)
+            while at > 0 and self._queue[at - 1].params.priority < request.params.priority:
+                at -= 1
+            self._queue.insert(at, request)
             self._wakeup.notify()
 
     def _cancel(self, request: Request) -> None:

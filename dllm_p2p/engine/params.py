@@ -35,6 +35,9 @@ class GenerationParams:
     seed: int | None = None
     messages: list[dict[str, str]] | None = None
     stop: list[str] = field(default_factory=list)
+    #: Queue order: a higher number is admitted first, equal numbers in arrival order
+    #: (the worker passes the requester's credit balance).
+    priority: int = 0
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field."""

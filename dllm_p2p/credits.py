@@ -1,0 +1,552 @@
+"""Credits without a blockchain: bilateral receipts in per-peer hash-chained ledgers.
+
+The design follows Tribler's TrustChain: nothing global is agreed on. Every completed
+request yields a **receipt** that the worker signs (in its ``done`` frame) and the
+requester countersigns (on the same stream). Each of the two appends the receipt to its
+own **ledger**, a hash chain of records signed by its owner (``<data-dir>/ledger.json``).
+A balance is computed from the receipts alone, by anyone holding them. A peer that signs
+two different records with the same sequence number has **forked** its ledger: whoever
+sees both (in gossiped heartbeat summaries, or a record it got in an exchange) holds a
+transferable proof and stops trusting it.
+
+Amounts are whole **millicredits** (mc). One credit is one generated token of a model of
+one billion parameters; a prompt token costs a quarter of a generated one. See
+docs/CREDITS.md for the rules and the threats considered.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from libp2p.peer.id import ID
+
+from .fsutil import write_atomic
+from .identity import Identity, verify
+
+log = logging.getLogger("dllm_p2p.credits")
+
+RECEIPT_DOMAIN = b"dllm-receipt/1\n"
+RECORD_DOMAIN = b"dllm-ledger/1\n"
+LEDGER_FILE = "ledger.json"
+ARCHIVE_FILE = "ledger-archive.jsonl"
+GENESIS = "0" * 64
+#: Every new identity starts with this many millicredits (1,000 credits: about 7,400
+#: generated tokens of a 135M-parameter model).
+ALLOWANCE_MC = 1_000_000
+#: A generated token weighs this many prompt tokens.
+COMPLETION_WEIGHT = 4
+#: A checkpoint of the balances is written after this many receipts; the records before
+#: it move to ``ledger-archive.jsonl`` (kept, never deleted), so ``ledger.json`` stays small.
+CHECKPOINT_EVERY = 200
+#: A receipt's time may differ from the countersigner's clock by this much.
+MAX_RECEIPT_SKEW_S = 600
+#: Bounds of what a receipt may claim (far above any real request).
+MAX_TOKENS = 1_000_000
+MAX_PARAMS = 10**13
+MAX_ID_CHARS = 128
+MAX_TEXT_CHARS = 256
+
+RECEIPT_FIELDS = (
+    "worker", "requester", "id", "request", "answer", "model", "fingerprint", "params",
+    "prompt_tokens", "completion_tokens", "amount", "time",
+)
+
+
+class InvalidReceipt(ValueError):
+    """A receipt that does not verify or breaks the rules."""
+
+
+class InvalidLedger(ValueError):
+    """A ledger whose chain, signatures or receipts do not hold; names the first bad record."""
+
+    def __init__(self, message: str, seq: int | None = None) -> None:
+        super().__init__(message if seq is None else f"record {seq}: {message}")
+        self.seq = seq
+
+
+def amount_mc(params: int, prompt_tokens: int, completion_tokens: int) -> int:
+    """The price of one request, in millicredits: (prompt + 4 x completion tokens) x
+    params / 4,000,000, rounded up, at least 1. A generated token of a 1B model costs
+    1,000 mc (one credit); of SmolLM2-135M (134,515,008 parameters) about 135 mc."""
+    weight = prompt_tokens + COMPLETION_WEIGHT * completion_tokens
+    return max(1, -(-weight * params // (COMPLETION_WEIGHT * 1_000_000)))
+
+
+def canonical(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+
+
+def public_key_of(peer_id: str) -> bytes:
+    """The protobuf public key an Ed25519 peer id carries inline (an identity multihash)."""
+    raw = ID.from_base58(peer_id).to_bytes()
+    if len(raw) < 3 or raw[0] != 0x00 or raw[1] != len(raw) - 2:
+        raise ValueError(f"{peer_id[:60]} does not carry its public key (not an Ed25519 peer id)")
+    return raw[2:]
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: Any, what: str) -> bytes:
+    if not isinstance(text, str) or len(text) > 200:
+        raise InvalidReceipt(f"{what} must be base64 text")
+    try:
+        return base64.b64decode(text, validate=True)
+    except Exception:
+        raise InvalidReceipt(f"{what} is not base64") from None
+
+
+def _whole(value: Any, top: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= top
+
+
+# --- receipts ------------------------------------------------------------------------
+
+
+def make_receipt(
+    identity: Identity,
+    *,
+    requester: str,
+    request_id: str | None,
+    request_digest: str,
+    signature: dict[str, Any],
+    params: int,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """The worker's half: the statement about an answer it signed, with ``worker_sig``."""
+    usage = signature["usage"]
+    statement = {
+        "worker": identity.peer_id.to_base58(),
+        "requester": requester,
+        "id": request_id,
+        "request": request_digest,
+        "answer": answer_digest(signature),
+        "model": signature["model"],
+        "fingerprint": signature["fingerprint"],
+        "params": int(params),
+        "prompt_tokens": int(usage["prompt_tokens"]),
+        "completion_tokens": int(usage["completion_tokens"]),
+        "amount": amount_mc(int(params), int(usage["prompt_tokens"]), int(usage["completion_tokens"])),
+        "time": int(time.time() if now is None else now),
+    }
+    return {**statement, "worker_sig": _b64(identity.sign(RECEIPT_DOMAIN + canonical(statement)))}
+
+
+def answer_digest(signature: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of a ``done`` frame's whole ``signature`` object."""
+    return hashlib.sha256(canonical(signature)).hexdigest()
+
+
+def statement_of(receipt: dict[str, Any]) -> dict[str, Any]:
+    return {key: receipt[key] for key in RECEIPT_FIELDS}
+
+
+def receipt_id(receipt: dict[str, Any]) -> str:
+    return hashlib.sha256(RECEIPT_DOMAIN + canonical(statement_of(receipt))).hexdigest()
+
+
+def check_receipt(receipt: Any, *, countersigned: bool = True) -> dict[str, Any]:
+    """Check a receipt's shape, the pricing rule and its signatures (the requester's too,
+    unless ``countersigned`` is False: the worker's half, before countersigning).
+    Returns it; raises ``InvalidReceipt`` naming the first problem."""
+    if not isinstance(receipt, dict):
+        raise InvalidReceipt("a receipt must be a map")
+    allowed = set(RECEIPT_FIELDS) | {"worker_sig", "requester_sig"}
+    required = allowed if countersigned else allowed - {"requester_sig"}
+    if not required <= set(receipt) <= allowed:
+        missing, extra = required - set(receipt), set(receipt) - allowed
+        raise InvalidReceipt(f"receipt fields: missing {sorted(missing)}, unknown {sorted(extra)}")
+    for key in ("worker", "requester", "model", "request", "answer"):
+        if not isinstance(receipt[key], str) or not 0 < len(receipt[key]) <= MAX_TEXT_CHARS:
+            raise InvalidReceipt(f"{key} must be a string of 1 to {MAX_TEXT_CHARS} characters")
+    for key in ("id", "fingerprint"):
+        if receipt[key] is not None and (not isinstance(receipt[key], str) or len(receipt[key]) > MAX_TEXT_CHARS):
+            raise InvalidReceipt(f"{key} must be null or a short string")
+    for key, top in (("params", MAX_PARAMS), ("prompt_tokens", MAX_TOKENS), ("completion_tokens", MAX_TOKENS), ("time", 2**40)):
+        if not _whole(receipt[key], top):
+            raise InvalidReceipt(f"{key} must be a whole number from 0 to {top}")
+    if receipt["params"] < 1:
+        raise InvalidReceipt("params must be at least 1")
+    rule = amount_mc(receipt["params"], receipt["prompt_tokens"], receipt["completion_tokens"])
+    if receipt["amount"] != rule:
+        raise InvalidReceipt(f"amount {receipt['amount']!r} mc, the rule gives {rule} mc")
+    if receipt["worker"] == receipt["requester"]:
+        raise InvalidReceipt("a node cannot pay itself")
+    body = RECEIPT_DOMAIN + canonical(statement_of(receipt))
+    signers = [("worker", "worker_sig")] + ([("requester", "requester_sig")] if countersigned else [])
+    for who, field in signers:
+        try:
+            key = public_key_of(receipt[who])
+        except Exception as exc:
+            raise InvalidReceipt(f"{who}: {exc}") from None
+        if not verify(key, body, _unb64(receipt[field], field)):
+            raise InvalidReceipt(f"{field} does not verify")
+    return receipt
+
+
+def countersign(identity: Identity, receipt: dict[str, Any]) -> dict[str, Any]:
+    """The requester's half: the receipt with ``requester_sig`` added."""
+    body = RECEIPT_DOMAIN + canonical(statement_of(receipt))
+    return {**statement_of(receipt), "worker_sig": receipt["worker_sig"], "requester_sig": _b64(identity.sign(body))}
+
+
+def check_offer(
+    receipt: Any, *, requester: str, worker: str, done: dict[str, Any], params: int | None = None,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """What a requester checks before countersigning the receipt in a ``done`` frame: it
+    is about this answer, to us, from the worker we dialed, for the tokens it reported,
+    priced by the rule (and, when the requester knows the model's size, at that size)."""
+    receipt = check_receipt(receipt, countersigned=False)
+    if receipt["requester"] != requester:
+        raise InvalidReceipt(f"the receipt names requester {receipt['requester']}, not us")
+    if receipt["worker"] != worker:
+        raise InvalidReceipt("the receipt is not from the worker we asked")
+    signature = done.get("signature")
+    if not isinstance(signature, dict) or receipt["answer"] != answer_digest(signature):
+        raise InvalidReceipt("the receipt is about another answer")
+    usage = done.get("usage") or {}
+    if (receipt["prompt_tokens"], receipt["completion_tokens"]) != (usage.get("prompt_tokens"), usage.get("completion_tokens")):
+        raise InvalidReceipt("the receipt counts other tokens than the answer's usage")
+    if receipt["fingerprint"] != done.get("fingerprint") or receipt["model"] != done.get("model"):
+        raise InvalidReceipt("the receipt names another model")
+    if params is not None and receipt["params"] != params:
+        raise InvalidReceipt(f"the receipt prices a model of {receipt['params']} parameters, this one has {params}")
+    now = time.time() if now is None else now
+    if abs(receipt["time"] - now) > MAX_RECEIPT_SKEW_S:
+        raise InvalidReceipt(f"the receipt's time is more than {MAX_RECEIPT_SKEW_S} s from ours")
+    return receipt
+
+
+# --- ledger records ------------------------------------------------------------------
+
+
+def record_hash(record: dict[str, Any]) -> str:
+    body = {k: v for k, v in record.items() if k != "sig"}
+    return hashlib.sha256(RECORD_DOMAIN + canonical(body)).hexdigest()
+
+
+def sign_record(identity: Identity, body: dict[str, Any]) -> dict[str, Any]:
+    return {**body, "sig": _b64(identity.sign(RECORD_DOMAIN + canonical(body)))}
+
+
+def check_record_signature(record: Any, owner: str | None = None) -> dict[str, Any]:
+    """A record's shape and owner's signature (not its place in a chain)."""
+    if not isinstance(record, dict) or not {"owner", "seq", "prev", "kind", "sig"} <= set(record):
+        raise InvalidReceipt("a ledger record needs owner, seq, prev, kind and sig")
+    if owner is not None and record["owner"] != owner:
+        raise InvalidReceipt(f"record of {record['owner']!r}, not of {owner}")
+    if not isinstance(record["owner"], str) or not _whole(record["seq"], 2**53) or not isinstance(record["prev"], str):
+        raise InvalidReceipt("owner, seq or prev has the wrong type")
+    try:
+        key = public_key_of(record["owner"])
+    except Exception as exc:
+        raise InvalidReceipt(f"owner: {exc}") from None
+    body = {k: v for k, v in record.items() if k != "sig"}
+    try:
+        data = RECORD_DOMAIN + canonical(body)
+    except (TypeError, ValueError):
+        raise InvalidReceipt("a record must be plain JSON") from None
+    if not verify(key, data, _unb64(record["sig"], "sig")):
+        raise InvalidReceipt("the owner's signature does not verify")
+    return record
+
+
+@dataclass
+class Totals:
+    earned: int = 0
+    spent: int = 0
+    receipts: int = 0
+
+    @property
+    def balance(self) -> int:
+        return ALLOWANCE_MC + self.earned - self.spent
+
+    def add(self, owner: str, receipt: dict[str, Any]) -> None:
+        if receipt["worker"] == owner:
+            self.earned += receipt["amount"]
+        else:
+            self.spent += receipt["amount"]
+        self.receipts += 1
+
+    def to_json(self) -> dict[str, int]:
+        return {"earned": self.earned, "spent": self.spent, "receipts": self.receipts, "balance": self.balance}
+
+
+def verify_records(records: list[Any], owner: str | None = None) -> Totals:
+    """Check a ledger's records in order: each signed by the one owner, numbered 1, 2, ...
+    (or on from a first checkpoint), each ``prev`` the hash of the one before, every
+    receipt valid, countersigned, naming the owner and held once; checkpoints equal to
+    the totals so far. Returns the totals; raises ``InvalidLedger`` at the first bad record."""
+    totals = Totals()
+    prev, seq, seen = GENESIS, 0, set()
+    for index, record in enumerate(records):
+        at = record.get("seq") if isinstance(record, dict) else None
+        at = at if isinstance(at, int) else None
+        try:
+            check_record_signature(record, owner)
+        except InvalidReceipt as exc:
+            raise InvalidLedger(str(exc), at if at is not None else index + 1) from None
+        owner = record["owner"]
+        if index == 0 and record["kind"] == "checkpoint":
+            totals = _checkpoint_totals(record)  # a trimmed ledger: its start is the owner's word
+        else:
+            if record["seq"] != seq + 1:
+                raise InvalidLedger(f"expected sequence number {seq + 1}", record["seq"])
+            if record["prev"] != prev:
+                raise InvalidLedger("prev is not the hash of the record before it", record["seq"])
+            if record["kind"] == "receipt":
+                try:
+                    receipt = check_receipt(record.get("receipt"))
+                except InvalidReceipt as exc:
+                    raise InvalidLedger(f"bad receipt: {exc}", record["seq"]) from None
+                if owner not in (receipt["worker"], receipt["requester"]):
+                    raise InvalidLedger("a receipt that does not name the ledger's owner", record["seq"])
+                rid = receipt_id(receipt)
+                if rid in seen:
+                    raise InvalidLedger("the same receipt twice (a replay)", record["seq"])
+                seen.add(rid)
+                totals.add(owner, receipt)
+            elif record["kind"] == "checkpoint":
+                if _checkpoint_totals(record) != totals:
+                    raise InvalidLedger("a checkpoint whose totals are not those of the records before it", record["seq"])
+            else:
+                raise InvalidLedger(f"unknown kind {record['kind']!r}", record["seq"])
+        prev, seq = record_hash(record), record["seq"]
+    return totals
+
+
+def _checkpoint_totals(record: dict[str, Any]) -> Totals:
+    values = [record.get(k) for k in ("earned", "spent", "receipts")]
+    if not all(_whole(v, 2**62) for v in values):
+        raise InvalidLedger("a checkpoint needs whole earned, spent and receipts", record.get("seq"))
+    return Totals(*values)
+
+
+def load_ledger_file(path: str | Path) -> dict[str, Any]:
+    """Read a ledger file: ``{"version": 1, "owner": ..., "records": [...]}``."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise InvalidLedger(f"cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise InvalidLedger(f"{path} is not JSON: {exc}") from None
+    if not isinstance(data, dict) or data.get("version") != 1 or not isinstance(data.get("records"), list):
+        raise InvalidLedger(f"{path} is not a dllm ledger (version 1 with records)")
+    if not isinstance(data.get("owner"), str):
+        raise InvalidLedger(f"{path} names no owner")
+    return data
+
+
+def verify_file(path: str | Path) -> tuple[str, Totals, list[dict[str, Any]]]:
+    data = load_ledger_file(path)
+    return data["owner"], verify_records(data["records"], data["owner"]), data["records"]
+
+
+class Ledger:
+    """This node's own ledger, kept in ``<data-dir>/ledger.json``. Thread-safe; every
+    change is written atomically before it is acknowledged."""
+
+    def __init__(self, data_dir: str | Path, identity: Identity) -> None:
+        self.dir = Path(data_dir).expanduser()
+        self.path = self.dir / LEDGER_FILE
+        self.identity = identity
+        self.owner = identity.peer_id.to_base58()
+        self._lock = threading.Lock()
+        self.records: list[dict[str, Any]] = []
+        self.totals = Totals()
+        self._ids: set[str] = set()
+        self._load()
+
+    def _load(self) -> None:
+        if not self.path.exists():
+            return
+        try:
+            owner, totals, records = verify_file(self.path)
+            if owner != self.owner:
+                raise InvalidLedger(f"it belongs to {owner}, not to this node ({self.owner})")
+        except InvalidLedger as exc:
+            aside = self.path.with_name(f"{LEDGER_FILE}.invalid-{int(time.time())}")
+            self.path.rename(aside)
+            log.error("%s does not verify (%s): kept as %s; starting a new ledger", self.path, exc, aside.name)
+            return
+        self.records, self.totals = records, totals
+        self._ids = {receipt_id(r["receipt"]) for r in records if r["kind"] == "receipt"}
+
+    @property
+    def seq(self) -> int:
+        return self.records[-1]["seq"] if self.records else 0
+
+    @property
+    def head(self) -> str:
+        return record_hash(self.records[-1]) if self.records else GENESIS
+
+    def append(self, receipt: dict[str, Any]) -> dict[str, Any]:
+        """Append a countersigned receipt naming this node; returns the new record. A
+        receipt already held is not appended again (its record is returned)."""
+        check_receipt(receipt)
+        if self.owner not in (receipt["worker"], receipt["requester"]):
+            raise InvalidReceipt("the receipt does not name this node")
+        rid = receipt_id(receipt)
+        with self._lock:
+            if rid in self._ids:
+                return next(r for r in self.records if r["kind"] == "receipt" and receipt_id(r["receipt"]) == rid)
+            record = self._next({"kind": "receipt", "receipt": receipt})
+            self.records.append(record)
+            self._ids.add(rid)
+            self.totals.add(self.owner, receipt)
+            since = sum(1 for r in self.records if r["kind"] == "receipt")
+            if since >= CHECKPOINT_EVERY:
+                self._checkpoint()
+            self._save()
+            return record
+
+    def _next(self, body: dict[str, Any]) -> dict[str, Any]:
+        return sign_record(self.identity, {"owner": self.owner, "seq": self.seq + 1, "prev": self.head, **body})
+
+    def _checkpoint(self) -> None:
+        """Sign the totals so far, move the records before it to the archive (one JSON
+        line each, appended and fsynced first: nothing is lost if we die in between)."""
+        point = self._next({"kind": "checkpoint", "time": int(time.time()), **{
+            "earned": self.totals.earned, "spent": self.totals.spent, "receipts": self.totals.receipts}})
+        archive = self.dir / ARCHIVE_FILE
+        with open(archive, "a", encoding="ascii") as f:
+            for record in self.records:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.records = [point]
+        self._ids = set()
+
+    def _save(self) -> None:
+        data = {"version": 1, "owner": self.owner, "records": self.records}
+        write_atomic(self.path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
+
+    def summary(self, recent: int = 4) -> dict[str, Any]:
+        """What heartbeats carry: the head, the totals, and the hashes of the last records
+        (so a peer that held another record at one of those numbers sees the fork)."""
+        with self._lock:
+            tail = self.records[-recent:]
+            return {
+                "seq": self.seq, "head": self.head, "earned": self.totals.earned, "spent": self.totals.spent,
+                "recent": [[r["seq"], record_hash(r)] for r in tail],
+            }
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self.records)
+
+
+# --- what a node knows of its peers --------------------------------------------------
+
+
+#: Peers remembered, and record numbers remembered per peer. A commitment's evidence is
+#: the signed heartbeat (about 1.5 KB, shared by the 5 numbers it commits to): at most
+#: about 1024 x 64 / 5 heartbeats, 20 MB, when every bound is reached.
+MAX_PEERS = 1024
+MAX_SEEN_PER_PEER = 64
+
+
+@dataclass
+class Fork:
+    """Proof that ``peer`` signed two records with the same ``seq``: two signed objects
+    (heartbeats or ledger records, as received) that each commit to one of the hashes."""
+
+    peer: str
+    seq: int
+    hashes: tuple[str, str]
+    evidence: tuple[Any, Any]
+    found_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"peer": self.peer, "seq": self.seq, "hashes": list(self.hashes), "found_at": round(self.found_at, 1)}
+
+
+class PeerLedgers:
+    """Per peer: the ledger hashes it committed to (in signed heartbeats and records), its
+    latest gossiped totals, its balance as verified from its records, and forks."""
+
+    def __init__(self, data_dir: str | Path | None = None) -> None:
+        self._seen: OrderedDict[str, OrderedDict[int, tuple[str, Any]]] = OrderedDict()
+        self.summaries: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.verified: OrderedDict[str, tuple[Totals, str, float]] = OrderedDict()
+        self.forks: dict[str, Fork] = {}
+        self.path = None if data_dir is None else Path(data_dir).expanduser() / "forks.json"
+        self._lock = threading.Lock()
+
+    def commit(self, peer: str, seq: int, digest: str, evidence: Any) -> Fork | None:
+        """Note that ``peer`` committed (signed) hash ``digest`` at ``seq``; return the
+        fork if it had committed another."""
+        with self._lock:
+            seen = self._seen.pop(peer, None) or OrderedDict()
+            self._seen[peer] = seen
+            while len(self._seen) > MAX_PEERS:
+                self._seen.popitem(last=False)
+            held = seen.get(seq)
+            if held is None:
+                seen[seq] = (digest, evidence)
+                while len(seen) > MAX_SEEN_PER_PEER:
+                    seen.popitem(last=False)
+                return None
+            if held[0] == digest or peer in self.forks:
+                return self.forks.get(peer) if held[0] != digest else None
+            fork = Fork(peer, seq, (held[0], digest), (held[1], evidence), time.time())
+            self.forks[peer] = fork
+        log.warning("peer %s forked its ledger: two different records numbered %d", peer, seq)
+        self._save_forks()
+        return fork
+
+    def take_summary(self, peer: str, summary: dict[str, Any], evidence: Any) -> Fork | None:
+        """A verified heartbeat's ``ledger`` summary."""
+        self.summaries[peer] = summary
+        self.summaries.move_to_end(peer)
+        while len(self.summaries) > MAX_PEERS:
+            self.summaries.popitem(last=False)
+        fork = None
+        for seq, digest in summary.get("recent", []):
+            fork = self.commit(peer, seq, digest, evidence) or fork
+        if summary["seq"] > 0:
+            fork = self.commit(peer, summary["seq"], summary["head"], evidence) or fork
+        return fork
+
+    def take_record(self, record: dict[str, Any]) -> Fork | None:
+        """A peer's signed ledger record (checked by the caller)."""
+        return self.commit(record["owner"], record["seq"], record_hash(record), record)
+
+    def set_verified(self, peer: str, totals: Totals, head: str) -> None:
+        self.verified[peer] = (totals, head, time.time())
+        self.verified.move_to_end(peer)
+        while len(self.verified) > MAX_PEERS:
+            self.verified.popitem(last=False)
+
+    def balance(self, peer: str) -> int | None:
+        """The peer's balance as verified from its ledger (None: not verified yet);
+        a forked peer has none worth anything."""
+        if peer in self.forks:
+            return -(2**62)
+        held = self.verified.get(peer)
+        return None if held is None else held[0].balance
+
+    def _save_forks(self) -> None:
+        if self.path is None:
+            return
+        try:
+            data = [{**f.to_json(), "evidence": [_evidence_json(e) for e in f.evidence]} for f in self.forks.values()]
+            write_atomic(self.path, (json.dumps(data, indent=1) + "\n").encode())
+        except Exception as exc:
+            log.warning("could not write %s: %r", self.path, exc)
+
+
+def _evidence_json(evidence: Any) -> Any:
+    return {"heartbeat": _b64(evidence)} if isinstance(evidence, bytes) else evidence

@@ -1,0 +1,222 @@
+"""A node's credits on the network: its ledger, what it knows of its peers' ledgers, and
+``/dllm/ledger/1.0.0``, which serves its ledger to anyone who wants to check a balance.
+
+Every node that keeps a ledger (workers and gateways) runs one ``LedgerService``:
+
+* its heartbeats carry ``ledger.summary()``; the summaries it hears are checked for forks
+  (``PeerLedgers``), and the ledgers of peers whose head changed are fetched and verified
+  (at most one fetch per peer per ``REFETCH_S``, a few at a time), so ``balance(peer)``
+  is computed from receipts, not from what the peer says of itself;
+* a worker orders its queue by ``priority(requester)`` and appends countersigned
+  receipts with ``append``; a client countersigns with ``countersign``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
+
+from . import credits, wire
+from .heartbeat import Heartbeat
+from .host import reset_quietly
+from .identity import Identity
+
+log = logging.getLogger("dllm_p2p.ledger")
+
+#: Seconds between two fetches of one peer's ledger.
+REFETCH_S = 10.0
+#: Ledger fetches at a time.
+MAX_FETCHES = 4
+#: Peers waiting for a fetch (others are dropped until their next heartbeat).
+MAX_WANTED = 256
+FETCH_TIMEOUT_S = 10.0
+
+
+class LedgerService:
+    def __init__(self, identity: Identity, data_dir: str | Path) -> None:
+        self.identity = identity
+        self.peer_id = identity.peer_id.to_base58()
+        self.ledger = credits.Ledger(data_dir, identity)
+        self.peers = credits.PeerLedgers(data_dir)
+        self._wanted: dict[str, tuple[list[str], str]] = {}
+        #: Peers that asked us for work lately: whose balances we need (besides gateways').
+        self._requesters: OrderedDict[str, None] = OrderedDict()
+        self._fetched_at: dict[str, float] = {}
+        self._wake = trio.Event()
+        self.host: IHost | None = None
+
+    # --- what heartbeats carry and bring ------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        return self.ledger.summary()
+
+    def on_heartbeat(self, beat: Heartbeat) -> None:
+        if beat.ledger is None or beat.peer_id == self.peer_id:
+            return
+        self.peers.take_summary(beat.peer_id, beat.ledger, beat.signed)
+        verified = self.peers.verified.get(beat.peer_id)
+        if beat.ledger["seq"] == 0:
+            if verified is None:
+                self.peers.set_verified(beat.peer_id, credits.Totals(), credits.GENESIS)
+        elif (verified is None or verified[1] != beat.ledger["head"]) and beat.addrs and (
+            beat.role == "gateway" or beat.peer_id in self._requesters
+        ):
+            if len(self._wanted) < MAX_WANTED or beat.peer_id in self._wanted:
+                self._wanted[beat.peer_id] = (list(beat.addrs), beat.ledger["head"])
+                self._wake.set()
+
+    def note_requester(self, peer: str) -> None:
+        """``peer`` asked us for work: keep its verified balance up to date."""
+        self._requesters[peer] = None
+        self._requesters.move_to_end(peer)
+        while len(self._requesters) > MAX_WANTED:
+            self._requesters.popitem(last=False)
+
+    def priority(self, peer: str) -> int:
+        """The peer's balance as we verified it; a peer we have not checked yet has the
+        allowance of a new identity; a forked one the lowest priority there is."""
+        balance = self.peers.balance(peer)
+        return credits.ALLOWANCE_MC if balance is None else balance
+
+    def fork(self, peer: str) -> credits.Fork | None:
+        return self.peers.forks.get(peer)
+
+    # --- receipts ----------------------------------------------------------------------
+
+    async def append(self, receipt: dict[str, Any]) -> dict[str, Any]:
+        """Append a countersigned receipt to our ledger (off the event loop: it writes)."""
+        return await trio.to_thread.run_sync(self.ledger.append, receipt)
+
+    async def countersign(self, receipt: dict[str, Any]) -> dict[str, Any]:
+        """The requester's side: countersign a checked offer, append it, and return what
+        to send back: ``{"type": "countersign", "requester_sig", "record"}``."""
+        full = credits.countersign(self.identity, receipt)
+        record = await self.append(full)
+        return {"type": "countersign", "requester_sig": full["requester_sig"], "record": record}
+
+    def take_countersign(self, offer: dict[str, Any], frame: Any, requester: str) -> dict[str, Any]:
+        """The worker's side: the receipt countersigned by ``frame``, checked (the
+        requester's record, when sent, is kept as evidence of its chain)."""
+        if not isinstance(frame, dict) or frame.get("type") != "countersign":
+            raise credits.InvalidReceipt("expected a countersign frame")
+        full = credits.check_receipt({**offer, "requester_sig": frame.get("requester_sig")})
+        record = frame.get("record")
+        if record is not None:
+            credits.check_record_signature(record, owner=requester)
+            if record.get("kind") != "receipt" or not isinstance(record.get("receipt"), dict) or (
+                credits.receipt_id(record["receipt"]) != credits.receipt_id(full)
+            ):
+                raise credits.InvalidReceipt("the requester's record holds another receipt")
+            self.peers.take_record(record)
+        return full
+
+    # --- /dllm/ledger/1.0.0 ------------------------------------------------------------
+
+    async def handle(self, stream: INetStream) -> None:
+        """Serve our ledger: one frame, ``{"type": "ledger", "owner", "records"}``."""
+        try:
+            frame = {"type": "ledger", "owner": self.peer_id, "records": self.ledger.snapshot()}
+            with trio.move_on_after(FETCH_TIMEOUT_S):
+                await stream.write(wire.encode_frame(frame))
+                await stream.close()
+        except Exception as exc:  # never let a peer's stream kill the host
+            log.debug("ledger stream failed: %r", exc)
+            await reset_quietly(stream)
+
+    async def fetch(self, client: Any, peer: str, addrs: list[str]) -> credits.Totals:
+        """Fetch ``peer``'s ledger and verify it; raises on any failure."""
+        await client.connect_any(addrs)
+        stream = await client.open_stream(addrs[0], wire.LEDGER_PROTOCOL)
+        try:
+            with trio.fail_after(FETCH_TIMEOUT_S):
+                frame = await wire.FrameReader(stream, wire.MAX_RESPONSE_FRAME).read_frame()
+        finally:
+            await reset_quietly(stream)
+        if not isinstance(frame, dict) or frame.get("owner") != peer or not isinstance(frame.get("records"), list):
+            raise credits.InvalidLedger("not a ledger frame of this peer")
+        totals = credits.verify_records(frame["records"], peer)
+        for record in frame["records"][-credits.CHECKPOINT_EVERY:]:
+            self.peers.take_record(record)
+        head = credits.record_hash(frame["records"][-1]) if frame["records"] else credits.GENESIS
+        self.peers.set_verified(peer, totals, head)
+        return totals
+
+    async def run(self, host: IHost, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        from .client import Client
+
+        self.host = host
+        host.set_stream_handler(TProtocol(wire.LEDGER_PROTOCOL), self.handle)
+        client = Client(host, connect_timeout=FETCH_TIMEOUT_S)
+        limit = trio.Semaphore(MAX_FETCHES)
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                now = time.monotonic()
+                for peer, (addrs, head) in list(self._wanted.items()):
+                    if now - self._fetched_at.get(peer, -REFETCH_S) < REFETCH_S:
+                        continue
+                    del self._wanted[peer]
+                    self._fetched_at[peer] = now
+                    nursery.start_soon(self._fetch_guarded, limit, client, peer, addrs)
+                if self._wanted:
+                    nursery.start_soon(self._wake_later, REFETCH_S / 2)
+                if len(self._fetched_at) > 4 * MAX_WANTED:
+                    self._fetched_at = {p: t for p, t in self._fetched_at.items() if now - t < REFETCH_S}
+
+    async def _wake_later(self, seconds: float) -> None:
+        await trio.sleep(seconds)
+        self._wake.set()
+
+    async def _fetch_guarded(self, limit: trio.Semaphore, client: Any, peer: str, addrs: list[str]) -> None:
+        async with limit:
+            try:
+                totals = await self.fetch(client, peer, addrs)
+                log.debug("ledger of %s verified: %s", peer, totals)
+            except credits.InvalidLedger as exc:
+                log.warning("the ledger of %s does not verify: %s", peer, exc)
+            except Exception as exc:  # unreachable, slow, or gone: try at its next change
+                log.debug("fetching the ledger of %s failed: %r", peer, exc)
+
+    def peer_credits(self, peer: str) -> dict[str, Any] | None:
+        """What we know of one peer's credits: its gossiped totals, the balance we verified."""
+        summary = self.peers.summaries.get(peer)
+        if summary is None:
+            return None
+        verified = self.peers.verified.get(peer)
+        return {
+            "earned_mc": summary["earned"], "spent_mc": summary["spent"], "seq": summary["seq"],
+            "verified_balance_mc": None if verified is None else verified[0].balance, "forked": peer in self.peers.forks,
+        }
+
+    def brief(self) -> dict[str, Any]:
+        """For the info frame: our totals, and the balances we verified lately (32 at most)."""
+        verified = list(self.peers.verified.items())[-32:]
+        return {
+            **{f"{k}_mc" if k != "receipts" else k: v for k, v in self.ledger.totals.to_json().items()},
+            "seq": self.ledger.seq, "verified_mc": {peer: held[0].balance for peer, held in verified},
+            "forked": sorted(self.peers.forks)[:32],
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """For the page and the CLI: our totals and what we know of others."""
+        peers = []
+        for peer, summary in list(self.peers.summaries.items())[-256:]:
+            verified = self.peers.verified.get(peer)
+            peers.append({
+                "peer_id": peer, "seq": summary["seq"], "earned": summary["earned"], "spent": summary["spent"],
+                "verified_balance": None if verified is None else verified[0].balance,
+                "forked": peer in self.peers.forks,
+            })
+        return {
+            "peer_id": self.peer_id, "unit": "millicredits", **self.ledger.totals.to_json(), "seq": self.ledger.seq,
+            "peers": peers, "forks": [f.to_json() for f in self.peers.forks.values()],
+        }
