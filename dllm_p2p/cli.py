@@ -330,7 +330,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     )
     worker = Worker(engine, identity, config)
     if args.layers is None:  # a span's work is priced with its route's answer: not yet (docs/CREDITS.md)
-        worker.ledger = LedgerService(identity, args.data_dir)
+        worker.ledger = LedgerService(identity, args.data_dir, pow_bits=args.pow_bits)
     store = ChainStore(args.data_dir)
     reach = Reach(
         worker.host, psk=args.psk, relays=relay_candidates(args.bootstrap, store), hop=False if args.no_relay else "auto",
@@ -625,24 +625,29 @@ def cmd_answer(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger(args: argparse.Namespace) -> int:
-    from .credits import InvalidLedger, verify_file
+    from .credits import InvalidLedger, allowance_holds, load_ledger_file, verify_file
 
     path = args.file if args.file is not None else Path(args.data_dir).expanduser() / "ledger.json"
     try:
         owner, totals, records = verify_file(path)
+        proof = load_ledger_file(path).get("pow")
     except InvalidLedger as exc:
         return _fail(f"{path}: does not verify: {exc}", 1)
+    # The allowance is the price of a proof of work; the file carries its owner's.
+    allowance = allowance_holds(owner, proof)
+    balance = totals.balance if allowance else totals.net
     if args.ledger_command == "verify":
-        print(f"{path}: valid ledger of {owner}: {len(records)} records, balance {totals.balance / 1000:.3f} credits")
+        print(f"{path}: valid ledger of {owner}: {len(records)} records, balance {balance / 1000:.3f} credits")
         return 0
     receipts = [r for r in records if r["kind"] == "receipt"][-max(0, args.recent):] if args.recent else []
     if args.json:
-        json.dump({"owner": owner, "unit": "millicredits", **totals.to_json(), "records": len(records),
+        json.dump({"owner": owner, "unit": "millicredits", **totals.to_json(), "balance": balance, "allowance": allowance, "records": len(records),
                    "recent": [r["receipt"] | {"seq": r["seq"]} for r in receipts]}, sys.stdout, indent=2)
         print()
         return 0
     print(f"ledger of {owner} ({path})")
-    print(f"balance {totals.balance / 1000:.3f} credits = allowance 1000 + earned {totals.earned / 1000:.3f} - spent {totals.spent / 1000:.3f}")
+    grant = f"allowance 1000 (proof of work of {proof['bits']} bits)" if allowance else "no allowance (no proof of work in the file yet)"
+    print(f"balance {balance / 1000:.3f} credits = {grant} + earned {totals.earned / 1000:.3f} - spent {totals.spent / 1000:.3f}")
     print(f"{totals.receipts} receipts, {len(records)} records in this file")
     for record in receipts:
         r = record["receipt"]

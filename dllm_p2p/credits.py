@@ -271,7 +271,12 @@ class Totals:
 
     @property
     def balance(self) -> int:
-        return ALLOWANCE_MC + self.earned - self.spent
+        """With the allowance: what an identity with a proof of work holds (``net`` without)."""
+        return ALLOWANCE_MC + self.net
+
+    @property
+    def net(self) -> int:
+        return self.earned - self.spent
 
     def add(self, owner: str, receipt: dict[str, Any]) -> None:
         if receipt["worker"] == owner:
@@ -349,6 +354,19 @@ def load_ledger_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def allowance_holds(owner: str, proof: Any, bits: int | None = None) -> bool:
+    """Whether ``proof`` (``{"bits", "nonce"}``) is ``owner``'s proof of work of at least
+    ``bits`` bits (of the bits it claims, when ``bits`` is None): the allowance's price."""
+    from .registry.chain import pow_ok
+
+    if not isinstance(proof, dict) or not isinstance(proof.get("bits"), int) or isinstance(proof.get("bits"), bool):
+        return False
+    claimed = proof["bits"]
+    if not 0 <= claimed <= 64 or (bits is not None and claimed < bits):
+        return False
+    return pow_ok(owner, proof.get("nonce"), claimed)
+
+
 def verify_file(path: str | Path) -> tuple[str, Totals, list[dict[str, Any]]]:
     data = load_ledger_file(path)
     return data["owner"], verify_records(data["records"], data["owner"]), data["records"]
@@ -359,6 +377,9 @@ class Ledger:
     change is written atomically before it is acknowledged."""
 
     def __init__(self, data_dir: str | Path, identity: Identity) -> None:
+        #: This identity's proof of work (``{"bits", "nonce"}``), saved with the ledger
+        #: once known: it is what earns the allowance (``allowance_holds``).
+        self.pow: dict[str, Any] | None = None
         self.dir = Path(data_dir).expanduser()
         self.path = self.dir / LEDGER_FILE
         self.identity = identity
@@ -382,6 +403,8 @@ class Ledger:
             log.error("%s does not verify (%s): kept as %s; starting a new ledger", self.path, exc, aside.name)
             return
         self.records, self.totals = records, totals
+        pow_ = load_ledger_file(self.path).get("pow")
+        self.pow = pow_ if isinstance(pow_, dict) else None
         self._ids = {receipt_id(r["receipt"]) for r in records if r["kind"] == "receipt"}
 
     @property
@@ -430,8 +453,13 @@ class Ledger:
         self._ids = set()
 
     def _save(self) -> None:
-        data = {"version": 1, "owner": self.owner, "records": self.records}
+        data = {"version": 1, "owner": self.owner, "records": self.records, **({"pow": self.pow} if self.pow else {})}
         write_atomic(self.path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
+
+    def set_pow(self, proof: dict[str, Any]) -> None:
+        with self._lock:
+            self.pow = proof
+            self._save()
 
     def summary(self, recent: int = 4) -> dict[str, Any]:
         """What heartbeats carry: the head, the totals, and the hashes of the last records
@@ -480,7 +508,8 @@ class PeerLedgers:
     def __init__(self, data_dir: str | Path | None = None) -> None:
         self._seen: OrderedDict[str, OrderedDict[int, tuple[str, Any]]] = OrderedDict()
         self.summaries: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self.verified: OrderedDict[str, tuple[Totals, str, float]] = OrderedDict()
+        #: peer -> (totals, head, when, whether its proof of work earns it the allowance)
+        self.verified: OrderedDict[str, tuple[Totals, str, float, bool]] = OrderedDict()
         self.forks: dict[str, Fork] = {}
         self.path = None if data_dir is None else Path(data_dir).expanduser() / "forks.json"
         self._lock = threading.Lock()
@@ -524,8 +553,8 @@ class PeerLedgers:
         """A peer's signed ledger record (checked by the caller)."""
         return self.commit(record["owner"], record["seq"], record_hash(record), record)
 
-    def set_verified(self, peer: str, totals: Totals, head: str) -> None:
-        self.verified[peer] = (totals, head, time.time())
+    def set_verified(self, peer: str, totals: Totals, head: str, allowance: bool = True) -> None:
+        self.verified[peer] = (totals, head, time.time(), allowance)
         self.verified.move_to_end(peer)
         while len(self.verified) > MAX_PEERS:
             self.verified.popitem(last=False)
@@ -536,7 +565,9 @@ class PeerLedgers:
         if peer in self.forks:
             return -(2**62)
         held = self.verified.get(peer)
-        return None if held is None else held[0].balance
+        if held is None:
+            return None
+        return held[0].balance if held[3] else held[0].net
 
     def _save_forks(self) -> None:
         if self.path is None:

@@ -511,7 +511,7 @@ def create_app(gw: Gateway) -> FastAPI:
         """Who answered: ``system_fingerprint`` is the model's fingerprint (OpenAI's field
         for "which backend configuration"), ``node`` the worker's peer id, ``attempts`` how
         many workers were tried; for an answer made by spans, ``route`` (and no node)."""
-        out = {"system_fingerprint": done.frame.get("fingerprint"), "node": done.node, "attempts": done.attempts}
+        out = {"system_fingerprint": done.frame.get("fingerprint"), "node": done.node, "attempts": done.attempts, "cost": _cost(done.frame)}
         if done.route is not None:
             out["route"] = done.route
         return out

@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audit-rate", type=float, default=0.05, metavar="R", help="fraction of answers re-checked on another worker with the same weights (default 0.05; 0 = off)")
     p.add_argument("--probe-interval", type=float, default=PROBE_INTERVAL, metavar="S", help=f"seconds between probe audits of a quarantined worker; {PROBATION_PASSES} passes in a row free it (default {PROBE_INTERVAL:g})")
     p.add_argument("--allow-peer", action="append", default=None, metavar="PEER_ID", help="route only to these worker peer ids (repeatable)")
+    p.add_argument("--no-credits", action="store_true", help="do not ask workers for receipts: no ledger, no per-key accounts; workers then treat this gateway as a new identity (docs/CREDITS.md)")
     p.add_argument("--psk", default=None, help="private network key (64 hex chars)")
     p.add_argument("--no-mdns", action="store_true", help="do not look for peers on the LAN with mDNS (on by default)")
     p.add_argument("--no-hole-punch", action="store_true", help="stay relayed: never upgrade a relayed connection to a direct one (DCUtR)")
@@ -83,10 +84,11 @@ async def run_gateway(
     table = NodeTable(ttl=membership_config.effective_ttl, policy=args.policy, allow=args.allow_peer)
     api_keys = list(args.api_key or []) + [k for k in os.environ.get("DLLM_API_KEYS", "").split(",") if k]
 
-    ledger = LedgerService(identity, args.data_dir)
+    ledger = None if args.no_credits else LedgerService(identity, args.data_dir, pow_bits=args.pow_bits)
 
     def on_heartbeat(beat: Heartbeat) -> None:
-        ledger.on_heartbeat(beat)
+        if ledger is not None:
+            ledger.on_heartbeat(beat)
         if beat.role == "worker":
             # When it was sent, on our clock (Membership._stamp): a node with a slow clock
             # is live, a late or replayed heartbeat counts from when it was sent.
@@ -103,7 +105,7 @@ async def run_gateway(
     membership = Membership(
         identity, membership_config, store,
         on_heartbeat=on_heartbeat, on_chain=on_chain, publisher=publisher, on_bad_heartbeat=table.bad_heartbeat,
-        ledger=ledger.summary,
+        ledger=ledger.summary if ledger is not None else None,
     )
     host = make_host(identity, psk=args.psk)
     reach = Reach(
@@ -125,7 +127,7 @@ async def run_gateway(
         auditor=auditor,
         blocks=publisher.store,
         ledger=ledger,
-        accounts=Accounts(args.data_dir),
+        accounts=Accounts(args.data_dir) if ledger is not None else None,
     )
     app = create_app(gw)
     config = Config()
@@ -136,7 +138,8 @@ async def run_gateway(
         async with host.run([parse_multiaddr(args.p2p_listen)]):
             async with trio.open_nursery() as nursery:
                 await nursery.start(reach.run)
-                await nursery.start(ledger.run, host)
+                if ledger is not None:
+                    await nursery.start(ledger.run, host)
                 await nursery.start(membership.run, host)
                 if not args.no_mdns:
                     nursery.start_soon(LanDiscovery(host, membership.meet, args.psk).run)

@@ -180,6 +180,24 @@ def test_two_records_with_one_number_are_a_fork() -> None:
     assert fork is not None and fork.seq == 1 and peers.balance(owner) < -(10**15)
 
 
+def test_the_allowance_is_the_price_of_a_proof_of_work() -> None:
+    from dllm_p2p.registry.chain import solve_pow
+
+    me, other = identity.generate(), identity.generate()
+    owner = me.peer_id.to_base58()
+    proof = {"bits": 8, "nonce": solve_pow(owner, 8)}
+    assert credits.allowance_holds(owner, proof, 8) and credits.allowance_holds(owner, proof)
+    assert not credits.allowance_holds(owner, proof, 12)  # the network asks for more
+    assert not credits.allowance_holds(other.peer_id.to_base58(), proof, 8)  # another key's
+    assert not credits.allowance_holds(owner, None) and not credits.allowance_holds(owner, {"bits": True, "nonce": "0"})
+    peers = credits.PeerLedgers()
+    spent = credits.Totals(earned=0, spent=300_000, receipts=1)
+    peers.set_verified(owner, spent, credits.GENESIS, allowance=True)
+    peers.set_verified("without", spent, credits.GENESIS, allowance=False)
+    assert peers.balance(owner) == credits.ALLOWANCE_MC - 300_000 and peers.balance("without") == -300_000
+    assert peers.balance("unknown") is None
+
+
 # --- priority in the engine ----------------------------------------------------------------
 
 
