@@ -62,6 +62,7 @@
     nodesSummary: $("nodes-summary"),
     nodesError: $("nodes-error"),
     nodesUpdated: $("nodes-updated"),
+    gatewayCredits: $("gateway-credits"),
     registryHead: $("registry-head"),
     registryCid: $("registry-cid"),
     registryBlocks: $("registry-blocks"),
@@ -115,6 +116,31 @@
 
   const isNum = (v) => typeof v === "number" && Number.isFinite(v);
   const dash = "–";
+
+  // --- credits: amounts come as integer millicredits (1 credit = 1000) ---------------------
+
+  /** A count of millicredits from the network: a number from 0 up, else null. */
+  const millicredits = (v) => (isNum(v) && v >= 0 && v <= Number.MAX_SAFE_INTEGER ? v : null);
+
+  /** What one answer cost, compactly: 3 decimals below 10 credits, fewer above. */
+  function costText(mc) {
+    const credits = mc / 1000;
+    const decimals = credits < 10 ? 3 : credits < 1000 ? 2 : credits < 100000 ? 1 : 0;
+    return credits.toFixed(decimals);
+  }
+
+  /** A ledger total, exactly (millicredits are whole, so 3 decimals lose nothing). */
+  const totalText = (mc) => (mc / 1000).toFixed(3);
+
+  /** An answer's "cost" field (untrusted): {mc, receipt} with numbers only, or null. */
+  function answerCost(cost) {
+    if (!cost || typeof cost !== "object" || Array.isArray(cost)) return null;
+    let mc = millicredits(cost.millicredits);
+    if (mc === null && millicredits(cost.credits) !== null) mc = Math.round(cost.credits * 1000);
+    if (mc === null) return null;
+    const receipt = Number.isSafeInteger(cost.receipt) && cost.receipt >= 0 ? cost.receipt : null;
+    return { mc, receipt };
+  }
 
   function shortId(id) {
     if (typeof id !== "string" || !id) return dash;
@@ -770,6 +796,7 @@
     entry.attempts = isNum(final.attempts) ? final.attempts : null;
     entry.finish = typeof final.finish_reason === "string" ? final.finish_reason : null;
     entry.route = routeHops(final.route);
+    entry.cost = answerCost(final.cost);
     entry.status = "ok";
   }
 
@@ -792,6 +819,7 @@
     if (entry.latency !== null) parts.push(`total ${entry.latency} ms`);
     if (entry.finish) parts.push(`finish: ${entry.finish}`);
     if (entry.attempts && entry.attempts > 1) parts.push(`${entry.attempts} attempts`);
+    if (entry.cost) parts.push(`cost ${costText(entry.cost.mc)} credits`);
     return parts.join(" · ");
   }
 
@@ -998,6 +1026,7 @@
     entry.latency = Math.round(performance.now() - started);
     entry.firstToken = firstTokenMs !== null ? Math.round(firstTokenMs) : null;
     entry.finish = typeof choice?.finish_reason === "string" ? choice.finish_reason : null;
+    entry.cost = answerCost(final?.cost);  // when the gateway reports it for chat answers too
     entry.status = "ok";
   }
 
@@ -1059,7 +1088,21 @@
         entry.latency === null || entry.latency === undefined ? dash : `${entry.latency} ms`),
       el("td", { "data-label": "Status", "data-testid": "log-status", class: "status-cell" },
         el("span", { class: `status ${statusClass}`, title: entry.code || null }, statusText)),
+      costCell(entry),
     );
+  }
+
+  /** What the answer cost this gateway, in credits, from its receipt; a dash without one.
+   * The unit is in the column's header (the log shares its row with the prompt: no room
+   * for "credits" in every row), in the cell's title and in its label on narrow screens. */
+  function costCell(entry) {
+    const cost = entry.cost || null;
+    const title = cost
+      ? `${costText(cost.mc)} credits: ${cost.mc} millicredits paid by this gateway to the node` +
+        (cost.receipt !== null ? ` (receipt #${cost.receipt} in its ledger)` : "")
+      : entry.status === "ok" ? "no receipt for this answer (a route of spans, or a gateway without credits)" : null;
+    return el("td", { "data-label": "Cost (credits)", class: "num", "data-testid": "entry-cost", "data-millicredits": cost ? cost.mc : null, title },
+      cost ? costText(cost.mc) : dash);
   }
 
   // --- the node explorer -----------------------------------------------------------------
@@ -1115,7 +1158,31 @@
       el("td", { "data-label": "Success", class: "num" }, rate + requests),
       el("td", { "data-label": "Reputation", class: "num", "data-testid": "node-reputation", title: "observed by this gateway: errors and stalls lower it, successes raise it" },
         isNum(node.reputation) ? node.reputation.toFixed(2) : dash),
+      creditsCell(node.credits),
     );
+  }
+
+  /** A node's credits as its heartbeats gossip them: "+earned / -spent", and "forked" when
+   * it was caught signing two different ledgers. Absent for a node whose heartbeat has none. */
+  function creditsCell(info) {
+    const credits = info && typeof info === "object" && !Array.isArray(info) ? info : null;
+    const earned = millicredits(credits?.earned_mc);
+    const spent = millicredits(credits?.spent_mc);
+    const forked = credits?.forked === true;
+    const known = earned !== null && spent !== null;
+    const lines = ["credits earned serving / spent asking (millicredits/1000), from the node's gossiped ledger summary"];
+    if (known) {
+      lines.push(`${earned} millicredits earned, ${spent} spent` + (millicredits(credits.seq) !== null ? `, ${credits.seq} ledger records` : ""));
+      const verified = credits.verified_balance_mc;
+      lines.push(isNum(verified) ? `balance checked by this gateway against the ledger: ${totalText(verified)} credits` : "balance not checked by this gateway yet");
+    } else {
+      lines.push("this node's heartbeats carry no ledger");
+    }
+    if (forked) lines.push("FORKED: it signed two different ledgers; its credits cannot be trusted");
+    return el("td", { "data-label": "Credits", class: "num credits", "data-testid": "node-credits", title: lines.join("\n"),
+      "data-earned-mc": earned, "data-spent-mc": spent, "data-forked": forked ? "true" : null },
+    el("span", { class: "cell" }, ...(known ? [el("span", { class: "nowrap" }, `+${totalText(earned)}`), " / ", el("span", { class: "nowrap" }, `-${totalText(spent)}`)] : [dash]),
+      forked ? el("span", { class: "badge forked", "data-testid": "node-forked" }, "forked") : null));
   }
 
   // --- spans: models served in parts ------------------------------------------------------
@@ -1250,6 +1317,29 @@
       ". Workers pick their model at start: python -m dllm_p2p --model SPEC.";
   }
 
+  /** This gateway's own ledger, from /api/credits: one small line under the nodes. */
+  function renderGatewayCredits(info) {
+    const on = info && typeof info === "object" && info.enabled === true;
+    const balance = on && isNum(info.balance) ? info.balance : null;
+    const spent = on ? millicredits(info.spent) : null;
+    const receipts = on ? millicredits(info.receipts) : null;
+    if (balance === null || spent === null) {
+      ui.gatewayCredits.hidden = true;
+      ui.gatewayCredits.replaceChildren();
+      return;
+    }
+    const over = receipts !== null && Number.isInteger(receipts) ? ` over ${receipts} paid answer${receipts === 1 ? "" : "s"}` : "";
+    const earned = millicredits(info.earned);
+    const forks = Array.isArray(info.forks) ? info.forks.length : 0;
+    ui.gatewayCredits.textContent = `This gateway: balance ${totalText(balance)} credits, spent ${totalText(spent)}${over}` +
+      (earned ? `, earned ${totalText(earned)}` : "") + (forks ? ` · ${forks} forked ledger${forks === 1 ? "" : "s"} seen` : "") + ".";
+    ui.gatewayCredits.title = "From this gateway's own signed ledger (/api/credits): it pays the node for every answer, " +
+      "with a receipt both sign. Amounts in credits (millicredits/1000).";
+    ui.gatewayCredits.dataset.balanceMc = String(balance);
+    ui.gatewayCredits.dataset.spentMc = String(spent);
+    ui.gatewayCredits.hidden = false;
+  }
+
   function renderHealth(kind, text) {
     ui.health.textContent = text;
     ui.health.className = `pill ${kind}`;
@@ -1264,13 +1354,16 @@
     state.polling = true;
     const gateway = state.gateway;
     try {
-      const [nodes, registry, models, health, spans] = await Promise.allSettled([
+      const [nodes, registry, models, health, spans, credits] = await Promise.allSettled([
         getJson("/api/nodes"), getJson("/api/registry"), getJson("/v1/models"), getJson("/healthz"), getJson("/api/spans"),
+        getJson("/api/credits"),
       ]);
       if (gateway !== state.gateway) return;  // the URL changed meanwhile
       if (nodes.status === "fulfilled") renderNodes(nodes.value);
       // A gateway from before spans has no /api/spans: nothing to show, nothing wrong.
       renderSpans(spans.status === "fulfilled" ? spans.value : null);
+      // Nor has one from before credits /api/credits: the line just stays hidden.
+      renderGatewayCredits(credits.status === "fulfilled" ? credits.value : null);
       if (registry.status === "fulfilled") renderRegistry(registry.value);
       if (models.status === "fulfilled") renderModels(models.value);
       const failed = [nodes, registry, models, health].find((r) => r.status === "rejected");
