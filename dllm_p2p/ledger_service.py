@@ -54,6 +54,7 @@ class LedgerService:
         self._requesters: OrderedDict[str, None] = OrderedDict()
         self._fetched_at: dict[str, float] = {}
         self._wake = trio.Event()
+        self._unsaved = trio.Event()
         self.host: IHost | None = None
 
     # --- what heartbeats carry and bring ------------------------------------------------
@@ -94,8 +95,11 @@ class LedgerService:
     # --- receipts ----------------------------------------------------------------------
 
     async def append(self, receipt: dict[str, Any]) -> dict[str, Any]:
-        """Append a countersigned receipt to our ledger (off the event loop: it writes)."""
-        return await trio.to_thread.run_sync(self.ledger.append, receipt)
+        """Append a countersigned receipt to our ledger: in memory now (about 0.5 ms: two
+        signatures checked, one made), on disk within moments (``_write_loop``)."""
+        record = self.ledger.append(receipt, save=False)
+        self._unsaved.set()
+        return record
 
     async def countersign(self, receipt: dict[str, Any]) -> dict[str, Any]:
         """The requester's side: countersign a checked offer, append it, and return what
@@ -168,6 +172,7 @@ class LedgerService:
             nonce = await trio.to_thread.run_sync(proof_of_work, self.data_dir, self.peer_id, self.pow_bits)
             self.ledger.set_pow({"bits": self.pow_bits, "nonce": nonce})
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._write_loop)
             while True:
                 await self._wake.wait()
                 self._wake = trio.Event()
@@ -182,6 +187,26 @@ class LedgerService:
                     nursery.start_soon(self._wake_later, REFETCH_S / 2)
                 if len(self._fetched_at) > 4 * MAX_WANTED:
                     self._fetched_at = {p: t for p, t in self._fetched_at.items() if now - t < REFETCH_S}
+
+    async def _write_loop(self) -> None:
+        """Write the ledger whenever receipts arrived: one write for all that came while
+        the last one ran. On the way out (cancelled), what is left is written at once."""
+        try:
+            while True:
+                await self._unsaved.wait()
+                self._unsaved = trio.Event()
+                try:
+                    await trio.to_thread.run_sync(self.ledger.flush)
+                except OSError as exc:
+                    log.error("could not write %s: %s; retrying in 1 s", self.ledger.path, exc)
+                    await trio.sleep(1)
+                    self._unsaved.set()
+        finally:
+            if self.ledger.dirty:
+                try:
+                    self.ledger.flush()
+                except OSError as exc:
+                    log.error("could not write %s at exit: %s", self.ledger.path, exc)
 
     async def _wake_later(self, seconds: float) -> None:
         await trio.sleep(seconds)

@@ -241,7 +241,7 @@ class Gateway:
                         self.auditor.submit(request, event.frame, event.node)
                     paid = event.frame.get("credits")
                     if paid is not None and self.accounts is not None:
-                        await self.accounts.charge(account, paid["amount_mc"])
+                        self.accounts.charge(account, paid["amount_mc"])
                 yield event
 
 

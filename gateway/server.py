@@ -112,6 +112,7 @@ async def run_gateway(
         host, psk=args.psk, relays=relay_candidates(args.bootstrap, store), hop=False if args.no_relay else "auto",
         hole_punch=not args.no_hole_punch,
     )
+    accounts = Accounts(args.data_dir) if ledger is not None else None
     # Reuse streams to workers (no setup per request); pay for every answer with a receipt.
     client = Client(host, keep_alive=True, ledger=ledger)
     auditor = Auditor(table, client, rate=args.audit_rate, evidence_dir=Path(args.data_dir).expanduser() / "audits", probe_interval=args.probe_interval)
@@ -127,7 +128,7 @@ async def run_gateway(
         auditor=auditor,
         blocks=publisher.store,
         ledger=ledger,
-        accounts=Accounts(args.data_dir) if ledger is not None else None,
+        accounts=accounts,
     )
     app = create_app(gw)
     config = Config()
@@ -140,6 +141,8 @@ async def run_gateway(
                 await nursery.start(reach.run)
                 if ledger is not None:
                     await nursery.start(ledger.run, host)
+                if accounts is not None:
+                    nursery.start_soon(accounts.run)
                 await nursery.start(membership.run, host)
                 if not args.no_mdns:
                     nursery.start_soon(LanDiscovery(host, membership.meet, args.psk).run)
