@@ -4,18 +4,32 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from dllm_p2p.localnet import Child, LocalNetwork, child_env, get_json, start_gateway, start_worker, wait_online
 
 ROOT = Path(__file__).resolve().parent.parent
 
-__all__ = ["Child", "LocalNetwork", "fast_network", "get_json", "run_cli", "start_gateway", "start_worker", "offline_env", "wait_online"]
+__all__ = ["Child", "LocalNetwork", "fast_network", "get_json", "run_cli", "start_gateway", "start_worker", "offline_env", "wait_for", "wait_online"]
 
 #: Heartbeat interval of ``fast_network``'s nodes, in seconds; a node then counts as
 #: offline 4 s (3 intervals + 1) after its last heartbeat.
 HEARTBEAT = "1"
 TTL = 4.0
+
+
+def wait_for(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` every 0.1 s until it returns something true, and return that;
+    fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)
 
 
 def offline_env() -> dict[str, str]:

@@ -21,7 +21,7 @@ import pytest
 from dllm_p2p import credits, identity
 from dllm_p2p.identity import load_or_create
 
-from .procs import HEARTBEAT, LocalNetwork, get_json, run_cli, start_gateway, start_worker, wait_online
+from .procs import HEARTBEAT, LocalNetwork, get_json, run_cli, start_gateway, start_worker, wait_for, wait_online
 
 
 def _offer(worker: identity.Identity, requester: identity.Identity, *, completion: int = 16, prompt: int = 3, params: int = 1000, now: float | None = None, rid: str | None = None) -> dict[str, Any]:
@@ -236,17 +236,6 @@ async def test_the_queue_admits_higher_balances_first() -> None:
 # --- real processes --------------------------------------------------------------------------
 
 
-def _wait(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
-
-
 def _receipts(path: Path) -> list[dict[str, Any]]:
     try:
         return [r["receipt"] for r in json.loads(path.read_text())["records"] if r["kind"] == "receipt"]
@@ -281,7 +270,7 @@ def test_twenty_requests_pay_each_worker_what_it_served(paid_net: LocalNetwork) 
     # The worker appends once our countersignature arrives, just after the answer.
     for peer, path in dirs.items():
         count = sum(1 for a in answers if a["node"] == peer)
-        _wait(lambda: len(_receipts(path / "ledger.json")) == count, 30, f"{count} receipts in {peer}'s ledger")
+        wait_for(lambda: len(_receipts(path / "ledger.json")) == count, 30, f"{count} receipts in {peer}'s ledger")
     params = _receipts(gateway_dir / "ledger.json")[0]["params"]
     for peer, path in dirs.items():
         mine = [a for a in answers if a["node"] == peer]
@@ -299,7 +288,7 @@ def test_twenty_requests_pay_each_worker_what_it_served(paid_net: LocalNetwork) 
         result = run_cli("ledger", "verify", str(path / "ledger.json"))
         assert result.returncode == 0, result.stderr
     # The nodes' gossiped totals reach the gateway's node table.
-    _wait(
+    wait_for(
         lambda: all((n.get("credits") or {}).get("earned_mc") == credits.verify_file(dirs[n["peer_id"]] / "ledger.json")[1].earned
                     for n in get_json(f"{paid_net.url}/api/nodes")["nodes"] if n["peer_id"] in dirs),
         10, "the workers' earned credits in /api/nodes",
@@ -326,7 +315,7 @@ def test_a_forked_ledger_is_detected_within_a_gossip_round(paid_net: LocalNetwor
     args = ["--bootstrap", paid_net.worker_addrs[0], "--heartbeat-interval", HEARTBEAT]
     child, _ = start_worker(data_dir, *args, name="forker")
     try:
-        _wait(lambda: any(p["peer_id"] == peer and p["seq"] == 2 for p in get_json(f"{paid_net.url}/api/credits")["peers"]), 30, "the gateway to hear the first ledger")
+        wait_for(lambda: any(p["peer_id"] == peer and p["seq"] == 2 for p in get_json(f"{paid_net.url}/api/credits")["peers"]), 30, "the gateway to hear the first ledger")
     finally:
         child.stop()
     (data_dir / credits.LEDGER_FILE).unlink()
@@ -335,7 +324,7 @@ def test_a_forked_ledger_is_detected_within_a_gossip_round(paid_net: LocalNetwor
     child, _ = start_worker(data_dir, *args, name="forker-again")
     try:
         started = time.monotonic()
-        forks = _wait(lambda: [f for f in get_json(f"{paid_net.url}/api/credits")["forks"] if f["peer"] == peer], 30, "the fork to be detected")
+        forks = wait_for(lambda: [f for f in get_json(f"{paid_net.url}/api/credits")["forks"] if f["peer"] == peer], 30, "the fork to be detected")
         detected_in = time.monotonic() - started
         assert forks[0]["seq"] == 2 and set(forks[0]["hashes"]) == {first.head, second.head}
         print(f"fork detected {detected_in:.1f} s after the forked node listened (heartbeats every {HEARTBEAT} s)")
@@ -376,7 +365,7 @@ def test_a_richer_gateway_waits_less_and_neither_starves(tmp_path: Path) -> None
             known = json.loads(result.stdout).get("credits", {}).get("verified_mc", {})
             return all(known.get(ids[n]) is not None and abs(known[ids[n]] - balances[n]) < 200_000 for n in ids)
 
-        _wait(verified, 60, "the worker to verify both gateways' ledgers")
+        wait_for(verified, 60, "the worker to verify both gateways' ledgers")
 
         def ask(name: str, n: int) -> dict[str, Any]:
             with httpx.Client(base_url=urls[name], timeout=120) as http:

@@ -15,7 +15,7 @@ import pytest
 
 from dllm_p2p.registry.chain import verify_chain
 
-from .procs import HEARTBEAT, TTL, LocalNetwork, fast_network, get_json, run_cli, start_worker
+from .procs import HEARTBEAT, TTL, LocalNetwork, fast_network, get_json, run_cli, start_worker, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -28,17 +28,6 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNetwork]:
 
 def peer_of(addr: str) -> str:
     return addr.rsplit("/", 1)[1]
-
-
-def wait_for(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def online_peers(net: LocalNetwork) -> set[str]:
