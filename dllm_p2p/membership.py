@@ -387,6 +387,9 @@ class Membership:
     async def _append_own(self, op: str, *, announce: bool = True) -> None:
         assert self.host is not None
         extra: dict[str, Any] = {"role": self.config.role}
+        spans = record_spans(self.model_info()) if self.config.role == "worker" else {}
+        if spans:
+            extra["spans"] = spans  # span workers only: a full worker's record is as before
         if self.config.gateway_url:
             extra["gateway_url"] = self.config.gateway_url
         if self.chain.pow_bits:
@@ -902,6 +905,15 @@ class _Pubsub(Pubsub):
                 self._handle_dead_peer(peer_id)
             except Exception:
                 pass
+
+
+def record_spans(model_info: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The ``spans`` of our registry record: the models we serve as a span of layers."""
+    return {
+        name: {"fingerprint": facts["fingerprint"], "span": list(facts["span"]), "layers": facts["layers"]}
+        for name, facts in model_info.items()
+        if facts.get("forward") and facts.get("fingerprint") and facts.get("span") and facts.get("layers")
+    }
 
 
 def _remember(memory: OrderedDict[Any, Any], key: Any, value: Any, limit: int) -> None:

@@ -205,6 +205,14 @@ class NodeTable:
         node = self._get(record["peer_id"])
         node.addrs = list(record.get("addrs", []))
         node.models = list(record.get("models", []))
+        for name, facts in (record.get("spans") or {}).items():
+            # Until its heartbeats say more (load, hidden size), a span worker's record
+            # already says which layers of which weights it serves.
+            known = node.model_info.setdefault(name, {"chat": False})
+            known.setdefault("fingerprint", facts["fingerprint"])
+            known.setdefault("span", list(facts["span"]))
+            known.setdefault("layers", facts["layers"])
+            known.setdefault("forward", True)
         node.expires = float(record.get("expires", 0))
         node.registered = True
         return node.peer_id

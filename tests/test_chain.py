@@ -654,3 +654,21 @@ def test_documented_example_is_valid_and_current() -> None:
     assert set(verify_chain(text).nodes(EXAMPLE_T + 400)) == {
         ident("example worker").peer_id.to_base58(), ident("example gateway").peer_id.to_base58()}
     assert text.strip() in (ROOT / "docs" / "REGISTRY.md").read_text()
+
+
+def test_a_span_workers_record_says_which_layers_of_which_weights() -> None:
+    spans = {"smollm2": {"fingerprint": "sha256:" + "ab" * 32, "span": [10, 20], "layers": 30}}
+    record = rec(A, 1, models=["smollm2"], spans=spans)
+    chain = Chain().append(record)
+    assert verify_chain(chain.to_json()).nodes(now=1001)[A.peer_id.to_base58()]["spans"] == spans
+    bad = [
+        {"gpt2": spans["smollm2"]},  # a model the record does not serve
+        {"smollm2": {**spans["smollm2"], "span": [20, 10]}},
+        {"smollm2": {**spans["smollm2"], "span": [0, 31]}},  # past the last layer
+        {"smollm2": {**spans["smollm2"], "layers": True}},
+        {"smollm2": {**spans["smollm2"], "extra": 1}},
+        {},
+    ]
+    for spans_ in bad:
+        with pytest.raises(InvalidRecord):
+            rec(A, 1, models=["smollm2"], spans=spans_)

@@ -87,10 +87,10 @@ Record = dict[str, Any]
 _REQUIRED_FIELDS = (
     "op", "peer_id", "public_key", "addrs", "models", "seq", "issued", "expires", "signature",
 )
-_OPTIONAL_FIELDS = ("role", "gateway_url", "pow")
+_OPTIONAL_FIELDS = ("role", "gateway_url", "pow", "spans")
 #: Order of a record's keys in the file (for people; hashing sorts keys anyway).
 _FIELD_ORDER = (
-    "op", "peer_id", "role", "addrs", "models", "gateway_url",
+    "op", "peer_id", "role", "addrs", "models", "spans", "gateway_url",
     "seq", "issued", "expires", "pow", "public_key", "signature",
 )
 _HEX = frozenset("0123456789abcdef")
@@ -291,6 +291,8 @@ def _check_shape(record: Any) -> None:
         raise InvalidRecord(f"unknown role {_show(role)}")
     if "pow" in record:
         _check_str("pow", record["pow"], MAX_POW_CHARS)
+    if "spans" in record:
+        _check_spans(record["spans"], record["models"])
     if "gateway_url" in record:
         url = _check_str("gateway_url", record["gateway_url"], MAX_URL_CHARS)
         if not url.startswith(("http://", "https://")) or " " in url:
@@ -299,6 +301,33 @@ def _check_shape(record: Any) -> None:
             raise InvalidRecord("gateway_url is only allowed with role 'gateway'")
     if len(canonical(record)) > MAX_RECORD_BYTES:
         raise InvalidRecord(f"record is larger than {MAX_RECORD_BYTES} bytes")
+
+
+#: Longest model fingerprint in a record's ``spans`` ("sha256:" and 64 hex digits, with room).
+MAX_FINGERPRINT_CHARS = 80
+MAX_LAYERS = 10_000
+
+
+def _check_spans(spans: Any, models: list[str]) -> None:
+    """``spans``: per model this node serves as a span of layers (``--layers``), which
+    layers of how many, of which weights: ``{"<model>": {"fingerprint": "sha256:...",
+    "span": [start, end], "layers": total}}``."""
+    if not isinstance(spans, dict) or not spans or len(spans) > MAX_MODELS:
+        raise InvalidRecord(f"spans must be a map of 1 to {MAX_MODELS} models")
+    for name, facts in spans.items():
+        if name not in models:
+            raise InvalidRecord(f"spans names {_show(name)}, which is not in models")
+        if not isinstance(facts, dict) or _check_fields(facts, ("fingerprint", "span", "layers"), ()):
+            raise InvalidRecord("each spans entry must be {fingerprint, span, layers}")
+        _check_str("spans fingerprint", facts["fingerprint"], MAX_FINGERPRINT_CHARS)
+        layers, span = facts["layers"], facts["span"]
+        if type(layers) is not int or not 1 <= layers <= MAX_LAYERS:
+            raise InvalidRecord(f"spans layers must be a whole number from 1 to {MAX_LAYERS}")
+        if (
+            not isinstance(span, list) or len(span) != 2 or not all(type(v) is int for v in span)
+            or not 0 <= span[0] < span[1] <= layers
+        ):
+            raise InvalidRecord("spans span must be [start, end] with 0 <= start < end <= layers")
 
 
 _verified: OrderedDict[bytes, None] = OrderedDict()
@@ -347,12 +376,12 @@ def make_record(
     seq: int,
     ttl: float,
     now: float | None = None,
-    **extra: str,
+    **extra: Any,
 ) -> Record:
     """A record about ``identity``'s node, signed with its key.
 
     ``addrs`` may be multiaddr objects (they are turned into strings). ``extra`` takes the
-    optional fields, ``role`` and ``gateway_url``. The record lives from ``now`` (default:
+    optional fields: ``role``, ``gateway_url``, ``pow`` and ``spans``. The record lives from ``now`` (default:
     the clock) for ``ttl`` seconds. Raises ``InvalidRecord`` when the result would not
     verify, so a node finds out here rather than from its peers.
     """
