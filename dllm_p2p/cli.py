@@ -24,6 +24,7 @@ import trio
 
 from . import __version__, wire
 from .registry.chain import DEFAULT_POW_BITS
+from .registry.sinks import PUBLISH_TO_HELP, sink_argument
 
 SUBCOMMANDS = {"worker", "relay", "query", "info", "model", "registry", "nodes", "deregister", "up", "answer", "ledger"}
 
@@ -39,6 +40,7 @@ def _add_node_args(p: argparse.ArgumentParser, *, data_dir: str, heartbeat: floa
     p.add_argument("--pow-bits", type=int, default=DEFAULT_POW_BITS, help=f"proof of work each registry record carries, the same on every node of a network (default {DEFAULT_POW_BITS}: about a second, once per identity)")
     p.add_argument("--registry", default=None, metavar="SOURCE", help="seed the registry from a file, CID or /ipns/ name")
     p.add_argument("--ipfs-api", default=None, metavar="URL", help="Kubo RPC API to publish the registry (default http://127.0.0.1:5001 when it answers; else an embedded store)")
+    p.add_argument("--publish-to", action="append", default=[], type=sink_argument, metavar="SINK", help=PUBLISH_TO_HELP)
     p.add_argument("--psk", default=None, help="private network key (64 hex chars); peers without it can't connect")
     p.add_argument("--no-mdns", action="store_true", help="do not look for peers on the LAN with mDNS (on by default)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -260,6 +262,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from .membership import Membership, MembershipConfig
     from .lan import LanDiscovery
     from .reach import Reach
+    from .registry.sinks import make_sinks
     from .registry.store import ChainStore
     from .ledger_service import LedgerService
     from .worker import Worker, WorkerConfig
@@ -345,6 +348,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         model_info=worker.model_info,
         ledger=worker.ledger.summary if worker.ledger is not None else None,
         on_heartbeat=worker.ledger.on_heartbeat if worker.ledger is not None else None,
+        sinks=make_sinks(args.publish_to, identity, args.data_dir),
     )
     if worker.ledger is not None:
         worker.services.append(worker.ledger.run)
@@ -404,6 +408,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
     from .membership import Membership, MembershipConfig
     from .reach import Reach
     from .registry.ipfs import IpfsError
+    from .registry.sinks import make_sinks
     from .registry.store import ChainStore
 
     try:
@@ -423,7 +428,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
     host = make_host(identity, announce=args.announce, psk=args.psk, relay=True)
     reach = Reach(host, psk=args.psk, hop=True)
     store = ChainStore(args.data_dir)
-    membership = Membership(identity, membership_config, store)
+    membership = Membership(identity, membership_config, store, sinks=make_sinks(args.publish_to, identity, args.data_dir))
 
     async def serve() -> None:
         async with trio.open_nursery() as outer:

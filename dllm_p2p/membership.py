@@ -153,6 +153,7 @@ class Membership:
         publisher: Publisher | None = None,
         on_bad_heartbeat: Callable[[str, str], None] | None = None,
         ledger: Callable[[], dict[str, Any]] | None = None,
+        sinks: Any = None,
     ) -> None:
         self.identity = identity
         self.config = config
@@ -166,6 +167,8 @@ class Membership:
         #: Our ledger summary for heartbeats (credits.Ledger.summary), when we keep one.
         self.ledger = ledger
         self.publisher = publisher
+        #: Where each new CID is pushed after a publication (registry/sinks.py ``Sinks``).
+        self.sinks = sinks
         #: Bitswap and the DHT, while ``run`` runs with a publisher (registry/exchange.py).
         self.ipfs: exchange.IpfsPeer | None = None
         self._unpublished = trio.Event()
@@ -271,6 +274,8 @@ class Membership:
                     await nursery.start(self._run_ipfs, self.publisher)
                     self._unpublished.set()
                     nursery.start_soon(self._publish_loop)
+                    if self.sinks is not None:
+                        nursery.start_soon(self.sinks.run)
                 task_status.started()
                 await trio.sleep_forever()
 
@@ -750,8 +755,11 @@ class Membership:
                 await self._unpublished.wait()
             self._unpublished = trio.Event()
             try:
-                cid = await self.publisher.publish(self.chain)
+                chain = self.chain
+                cid = await self.publisher.publish(chain)
                 log.info("registry published: %s (%s)", cid, self.publisher.mode)
+                if self.sinks is not None:
+                    self.sinks.published(cid, chain.head)
                 if self.ipfs is not None:
                     self.ipfs.published(self.publisher.recent)
                 now = trio.current_time()

@@ -27,6 +27,7 @@ from dllm_p2p.reach import Reach
 from dllm_p2p.registry.ipfs import IpfsError
 from dllm_p2p.registry.chain import DEFAULT_POW_BITS
 from dllm_p2p.registry.publish import Publisher
+from dllm_p2p.registry.sinks import PUBLISH_TO_HELP, make_sinks, sink_argument
 from dllm_p2p.registry.store import ChainStore
 
 from .accounts import Accounts
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR", help="a node to join the network through (repeatable)")
     p.add_argument("--registry", default=None, metavar="SOURCE", help="seed the registry from a file, CID or /ipns/ name")
     p.add_argument("--ipfs-api", default=None, metavar="URL", help="Kubo RPC API for CIDs and IPNS names (default http://127.0.0.1:5001 when reachable)")
+    p.add_argument("--publish-to", action="append", default=[], type=sink_argument, metavar="SINK", help=PUBLISH_TO_HELP)
     p.add_argument("--data-dir", default="~/.dllm/gateway", type=Path, help="gateway key and registry copy (default ~/.dllm/gateway)")
     p.add_argument("--policy", choices=["p2c", "random"], default="p2c", help="node choice: power of two choices on load and latency (default) or random")
     p.add_argument("--heartbeat-interval", type=float, default=2.0, help="seconds between heartbeats (default 2)")
@@ -106,6 +108,7 @@ async def run_gateway(
         identity, membership_config, store,
         on_heartbeat=on_heartbeat, on_chain=on_chain, publisher=publisher, on_bad_heartbeat=table.bad_heartbeat,
         ledger=ledger.summary if ledger is not None else None,
+        sinks=make_sinks(getattr(args, "publish_to", None), identity, args.data_dir),
     )
     host = make_host(identity, psk=args.psk)
     reach = Reach(
