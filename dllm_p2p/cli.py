@@ -722,6 +722,8 @@ def cmd_registry(args: argparse.Namespace) -> int:
         print(f"live nodes: {len(live)}")
         for rec in live.values():
             print(f"  {rec['peer_id']}  {rec.get('role', 'worker'):<7} {','.join(rec['models']) or '-':<12} {' '.join(rec['addrs'][:1])}")
+        for line in _publication_lines(args.source):
+            print(line)
         return 0
 
     async def publish() -> int:
@@ -745,6 +747,35 @@ def cmd_registry(args: argparse.Namespace) -> int:
         return 0
 
     return trio.run(show if args.registry_command == "show" else publish)
+
+
+def _publication_lines(source: str) -> list[str]:
+    """For a node's own blockchain.json (or its data dir): what it last published and
+    where its IPNS name points, with their ages, from ``publication.json`` beside it."""
+    from .registry.publish import STATE_FILE
+
+    path = Path(source).expanduser()
+    state_file = (path if path.is_dir() else path.parent) / STATE_FILE
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(state, dict):
+        return []
+
+    def ago(when: Any) -> str:
+        return f"{max(0.0, time.time() - when):.0f} s ago" if isinstance(when, (int, float)) else "never"
+
+    lines = [f"published /ipfs/{state.get('cid')} {ago(state.get('published_at'))} ({state.get('mode')})"]
+    via = state.get("ipns_via")
+    if via == "off":
+        lines.append("IPNS: off (no daemon and no network: nothing points a name at this registry)")
+    elif state.get("ipns"):
+        where = "Kubo" if via == "kubo" else "the network's DHT (dllm nodes resolve it; public IPFS gateways do not)"
+        lines.append(f"IPNS: /ipns/{state['ipns']} -> /ipfs/{state.get('ipns_cid')}, signed {ago(state.get('ipns_at'))}, through {where}")
+    else:
+        lines.append("IPNS: no name published yet")
+    return lines
 
 
 async def _load_through_peers(source: str, publisher: Any, bootstrap: list[str], psk: str | None) -> Any:

@@ -289,6 +289,7 @@ class Membership:
             on_dialed=self._dialed, crowd=lambda: len(self.chain.nodes()),
         )
         publisher.network = self.ipfs
+        self.ipfs.on_named = publisher.save_state
         async with trio.open_nursery() as nursery:
             await nursery.start(self.ipfs.run)
             task_status.started()

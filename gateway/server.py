@@ -33,6 +33,7 @@ from dllm_p2p.registry.store import ChainStore
 from .accounts import Accounts
 from .app import Gateway, create_app
 from .audit import PROBATION_PASSES, PROBE_INTERVAL, Auditor
+from .history import CAPACITY as HISTORY_SAMPLES, DEFAULT_INTERVAL as HISTORY_INTERVAL, History, metrics_figures
 from .nodes import NodeTable
 
 log = logging.getLogger("gateway")
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pow-bits", type=int, default=DEFAULT_POW_BITS, help=f"proof of work of the network's registry records (default {DEFAULT_POW_BITS}; the same on every node)")
     p.add_argument("--audit-rate", type=float, default=0.05, metavar="R", help="fraction of answers re-checked on another worker with the same weights (default 0.05; 0 = off)")
     p.add_argument("--probe-interval", type=float, default=PROBE_INTERVAL, metavar="S", help=f"seconds between probe audits of a quarantined worker; {PROBATION_PASSES} passes in a row free it (default {PROBE_INTERVAL:g})")
+    p.add_argument("--history-interval", type=float, default=HISTORY_INTERVAL, metavar="S", help=f"seconds between samples of the nodes for /api/history and the page's charts; the last {HISTORY_SAMPLES} are kept (default {HISTORY_INTERVAL:g})")
     p.add_argument("--allow-peer", action="append", default=None, metavar="PEER_ID", help="route only to these worker peer ids (repeatable)")
     p.add_argument("--no-credits", action="store_true", help="do not ask workers for receipts: no ledger, no per-key accounts; workers then treat this gateway as a new identity (docs/CREDITS.md)")
     p.add_argument("--psk", default=None, help="private network key (64 hex chars)")
@@ -119,6 +121,8 @@ async def run_gateway(
     # Reuse streams to workers (no setup per request); pay for every answer with a receipt.
     client = Client(host, keep_alive=True, ledger=ledger)
     auditor = Auditor(table, client, rate=args.audit_rate, evidence_dir=Path(args.data_dir).expanduser() / "audits", probe_interval=args.probe_interval)
+    # Samples of the table for /api/history and the page's charts; the last hour at most.
+    history = History(table, interval=args.history_interval, credits=ledger.peer_credits if ledger is not None else None)
     gw = Gateway(
         table,
         client,
@@ -132,7 +136,9 @@ async def run_gateway(
         blocks=publisher.store,
         ledger=ledger,
         accounts=accounts,
+        history=history,
     )
+    history.figures = metrics_figures(gw.metrics)
     app = create_app(gw)
     config = Config()
     config.bind = [args.listen]
@@ -151,6 +157,7 @@ async def run_gateway(
                     nursery.start_soon(LanDiscovery(host, membership.meet, args.psk).run)
                 nursery.start_soon(auditor.run)
                 nursery.start_soon(drop_silent, table, host)
+                nursery.start_soon(history.run)
                 if stop is not None:
                     nursery.start_soon(until_signal, stop, membership.leave)
                 binds = await nursery.start(serve, app, config)
@@ -193,9 +200,7 @@ def describe_registry(store: ChainStore, publisher: Publisher) -> dict[str, Any]
         "blocks": len(chain.blocks),
         "compacted_at": chain.compacted_at,
         "nodes": list(chain.nodes().values()),
-        "cid": publisher.cid,
-        "ipns": publisher.ipns_name,
-        "mode": publisher.mode,
+        **publisher.state(),  # cid, published_at, mode, ipns, ipns_cid, ipns_at, ipns_via
     }
 
 
@@ -207,6 +212,8 @@ def check_args(args: argparse.Namespace) -> str | None:
         return "--rate-limit must be >= 0 and --rate-burst >= 1"
     if not 0 <= args.audit_rate <= 1:
         return f"--audit-rate must be between 0 and 1, not {args.audit_rate:g}"
+    if not args.history_interval > 0:
+        return f"--history-interval must be above 0 seconds, not {args.history_interval:g}"
     if not args.probe_interval > 0:
         return f"--probe-interval must be above 0 seconds, not {args.probe_interval:g}"
     try:

@@ -34,7 +34,11 @@ NODE_B = "12D3KooWBbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"
 NODE_GHOST = "12D3KooWGhostttttttttttttttttttttttttttttttttttttt"
 NODE_OFF = "12D3KooWOffffffffffffffffffffffffffffffffffffffff"
 HOSTILE_MODEL = '<img src=x onerror="window.pwned=1">'
-REGISTRY = {"head": "9f" * 32, "cid": "QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG", "blocks": 7, "mode": "embedded"}
+REGISTRY = {
+    "head": "9f" * 32, "cid": "QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG", "blocks": 7, "mode": "embedded",
+    "published_at": time.time() - 30, "ipns": "k51qzi5uqu5dhg9ze3ku3tttktsumvot7sij7el822gyhz0i4nxq8xsef6zwk7",
+    "ipns_cid": "QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG", "ipns_at": time.time() - 600, "ipns_via": "dht",
+}
 CHAT_MODEL = "smol-chat"
 MODEL_META = {
     CHAT_MODEL: {"fingerprint": "sha256:" + "ab" * 32, "chat": True},
@@ -368,6 +372,9 @@ def test_node_explorer_lists_nodes_and_registry(fake: FakeGateway, page: Any) ->
     assert page.get_by_test_id("registry-mode").inner_text() == "embedded"
     assert page.get_by_test_id("registry-head").get_attribute("title") == REGISTRY["head"]
     assert page.get_by_test_id("registry-cid").locator("a").get_attribute("title") == REGISTRY["cid"]
+    ipns = page.get_by_test_id("registry-ipns")
+    assert ipns.inner_text().endswith("s ago") and "network's DHT" in ipns.get_attribute("title")
+    assert page.get_by_test_id("registry-published").inner_text().endswith("s ago")
     assert page.get_by_test_id("health").inner_text() == "3 live nodes"
 
 

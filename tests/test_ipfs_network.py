@@ -139,6 +139,10 @@ def test_a_peer_that_knows_only_a_cid_or_name_and_one_node_finds_it_through_the_
         assert Chain.from_json(shown.encode()).head == head
         assert not (tmp_path / "relay" / "ipfs" / "blocks" / cid).exists()  # it came from the worker
         name = ipns_name(addr.rsplit("/", 1)[1])
+        # The node's own registry file says where its name points, and since when.
+        local = run_cli("registry", "show", str(tmp_path / "w" / "blockchain.json"))
+        assert local.returncode == 0, local.stderr
+        assert f"IPNS: /ipns/{name} -> /ipfs/{cid}, signed " in local.stdout and "the network's DHT" in local.stdout, local.stdout
         shown = show(f"/ipns/{name}", "--bootstrap", relay_addr)
         assert Chain.from_json(shown.encode()).head == head
         # A node started with only the name and the relay loads the chain, no daemon.

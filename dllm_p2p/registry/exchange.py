@@ -111,6 +111,8 @@ class IpfsPeer:
         self.provided: str | None = None
         self._considered: str | None = None
         self.named: tuple[str, float] | None = None  # (cid, when signed)
+        #: Called after our name moved (the publisher records it for `registry show`).
+        self.on_named: Callable[[], None] | None = None
         self._changed = trio.Event()
         self._ready = trio.Event()
 
@@ -204,6 +206,8 @@ class IpfsPeer:
             await self.dht.put_value(ipns.dht_key(self.host.get_id()), record)
         self.named = (cid, now)
         log.info("IPNS name /ipns/%s -> /ipfs/%s", self.name, cid)
+        if self.on_named is not None:
+            self.on_named()
 
     # --- fetching ---
 

@@ -8,8 +8,11 @@ Kubo would, so a later ``ipfs add -r`` of that folder gives the same address.
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -22,6 +25,8 @@ log = logging.getLogger("dllm_p2p.registry.publish")
 
 IPNS_KEY = "dllm-registry"
 CID_FILE = "current_cid.txt"
+#: What the last publication was and where the IPNS name points, for `registry show`.
+STATE_FILE = "publication.json"
 #: Publications whose blocks the embedded store keeps (the current one and a few before
 #: it, for readers that resolved a slightly older CID); the rest are removed.
 KEEP_PUBLICATIONS = 4
@@ -36,7 +41,10 @@ class Publisher:
         self.ipns_key = ipns_key
         self.store = EmbeddedStore(self.data_dir / "ipfs")
         self.cid: str | None = None
+        #: When the last publication finished (unix seconds).
+        self.published_at: float | None = None
         self._kubo_name: str | None = None
+        self._kubo_named: tuple[str, float] | None = None  # (cid, when) of Kubo's name
         #: The latest publications' CIDs, newest last.
         self.recent: list[str] = []
         self._key_ready = False
@@ -94,9 +102,29 @@ class Publisher:
             if kubo_cid != cid:
                 log.warning("Kubo computed %s for the registry, the embedded store %s", kubo_cid, cid)
             cid = kubo_cid
+        self.cid, self.published_at = cid, time.time()
         await trio.to_thread.run_sync(write_atomic, self.data_dir / CID_FILE, (cid + "\n").encode())
-        self.cid = cid
+        await trio.to_thread.run_sync(self.save_state)
         return cid
+
+    def save_state(self) -> None:
+        """Write ``publication.json`` (what ``state`` says); a failure is logged, not raised."""
+        try:
+            write_atomic(self.data_dir / STATE_FILE, (json.dumps(self.state(), indent=1, sort_keys=True) + "\n").encode())
+        except OSError as exc:
+            log.warning("could not write %s: %s", self.data_dir / STATE_FILE, exc)
+
+    def state(self) -> dict[str, Any]:
+        """The last publication and the IPNS name: which CID, since when, and through
+        what (``ipns_via``: ``kubo``, ``dht`` (our own records on the network's DHT,
+        which dllm nodes resolve but public IPFS gateways do not), or ``off``)."""
+        named = self._kubo_named if self.kubo is not None else getattr(self.network, "named", None)
+        via = "kubo" if self.kubo is not None else "dht" if self.network is not None else "off"
+        return {
+            "cid": self.cid, "published_at": self.published_at, "mode": self.mode,
+            "ipns": self.ipns_name, "ipns_cid": named[0] if named else None, "ipns_at": named[1] if named else None,
+            "ipns_via": via,
+        }
 
     def _add_embedded(self, folder: Path, chain: Chain) -> str:
         """Always add to the embedded store (it lets us serve and check the CID locally),
@@ -118,6 +146,8 @@ class Publisher:
                 await self.kubo.key_gen(self.ipns_key)
             self._key_ready = True
         self._kubo_name = await self.kubo.name_publish(self.cid, key=self.ipns_key)
+        self._kubo_named = (self.cid, time.time())
+        await trio.to_thread.run_sync(self.save_state)
         return self._kubo_name
 
     async def aclose(self) -> None:
