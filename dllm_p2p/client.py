@@ -32,6 +32,8 @@ log = logging.getLogger("dllm_p2p.client")
 #: Idle kept-alive streams are reused for this long: well inside the worker's own idle
 #: limit (``wire.KEEP_ALIVE_IDLE``), so a reused stream is not one the worker is closing.
 IDLE_REUSE_SECONDS = wire.KEEP_ALIVE_IDLE / 3
+#: Seconds a countersignature may wait for our ledger to reach the disk.
+RECEIPT_WRITE_TIMEOUT = 10.0
 #: Idle streams kept per worker; more concurrent requests than this open new streams.
 MAX_IDLE_PER_PEER = 8
 
@@ -178,6 +180,7 @@ class Client:
                     raise WorkerError(str(frame.get("code", "internal")), str(frame.get("message", "")))
                 if kind == "done":
                     finished = True
+                    frame.pop("credits", None)  # ours to say (below), never the worker's
                     if self.verify_answers:
                         try:
                             answers.check(frame.get("signature"), text=frame["text"], request_body=body, peer_id=peer_id.to_base58())
@@ -185,7 +188,7 @@ class Client:
                             raise ProtocolError(f"{addr} sent an answer whose signature does not hold: {exc}") from None
                     reusable = True
                     if self.ledger is not None and "receipt" in frame:
-                        reusable = await self._countersign(frame, peer_id, stream)
+                        reusable = await self._countersign(frame, peer_id, stream, body)
                     if reusable and self.keep_alive and self._put_idle(peer_id, stream, reader):
                         stream = None  # kept for the next request: neither closed nor reset
                     yield frame
@@ -198,16 +201,25 @@ class Client:
                 else:
                     await reset_quietly(stream)
 
-    async def _countersign(self, done: dict[str, Any], peer_id: ID, stream: Any) -> bool:
+    async def _countersign(self, done: dict[str, Any], peer_id: ID, stream: Any, body: bytes) -> bool:
         """Check the worker's receipt, countersign it, keep it in our ledger and send the
         countersignature back; ``done["credits"]`` then says what the answer cost. A
-        receipt we do not accept is left unsigned (and logged). False: the stream broke."""
+        receipt we do not accept is left unsigned (and logged). Returns whether the
+        stream may carry another request (not after a refusal: the worker still waits
+        for a countersignature there)."""
         try:
-            offer = credits.check_offer(done["receipt"], requester=self.ledger.peer_id, worker=peer_id.to_base58(), done=done)
+            offer = credits.check_offer(
+                done["receipt"], requester=self.ledger.peer_id, worker=peer_id.to_base58(), done=done,
+                request_digest=answers.digest(body),
+            )
+            with trio.fail_after(RECEIPT_WRITE_TIMEOUT):
+                reply = await self.ledger.countersign(offer)
         except credits.InvalidReceipt as exc:
             log.warning("not countersigning the receipt of %s: %s", peer_id, exc)
-            return True
-        reply = await self.ledger.countersign(offer)
+            return False
+        except trio.TooSlowError:
+            log.error("our ledger was not written within %g s: no countersignature sent", RECEIPT_WRITE_TIMEOUT)
+            return False
         done["credits"] = {"amount_mc": offer["amount"], "params": offer["params"], "record": reply["record"]["seq"]}
         try:
             await stream.write(wire.encode_frame(reply))

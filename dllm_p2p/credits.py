@@ -48,6 +48,8 @@ COMPLETION_WEIGHT = 4
 #: A checkpoint of the balances is written after this many receipts; the records before
 #: it move to ``ledger-archive.jsonl`` (kept, never deleted), so ``ledger.json`` stays small.
 CHECKPOINT_EVERY = 200
+#: Receipt ids a ledger remembers to refuse replays, across checkpoints.
+MAX_IDS = 10_000
 #: A receipt's time may differ from the countersigner's clock by this much.
 MAX_RECEIPT_SKEW_S = 600
 #: Bounds of what a receipt may claim (far above any real request).
@@ -64,6 +66,10 @@ RECEIPT_FIELDS = (
 
 class InvalidReceipt(ValueError):
     """A receipt that does not verify or breaks the rules."""
+
+
+class DuplicateReceipt(InvalidReceipt):
+    """A receipt the ledger holds already (a replay)."""
 
 
 class InvalidLedger(ValueError):
@@ -203,7 +209,7 @@ def countersign(identity: Identity, receipt: dict[str, Any]) -> dict[str, Any]:
 
 def check_offer(
     receipt: Any, *, requester: str, worker: str, done: dict[str, Any], params: int | None = None,
-    now: float | None = None,
+    now: float | None = None, request_digest: str | None = None,
 ) -> dict[str, Any]:
     """What a requester checks before countersigning the receipt in a ``done`` frame: it
     is about this answer, to us, from the worker we dialed, for the tokens it reported,
@@ -213,8 +219,14 @@ def check_offer(
         raise InvalidReceipt(f"the receipt names requester {receipt['requester']}, not us")
     if receipt["worker"] != worker:
         raise InvalidReceipt("the receipt is not from the worker we asked")
+    if request_digest is not None and receipt["request"] != request_digest:
+        raise InvalidReceipt("the receipt is about another request")
     signature = done.get("signature")
-    if not isinstance(signature, dict) or receipt["answer"] != answer_digest(signature):
+    try:
+        answered = isinstance(signature, dict) and receipt["answer"] == answer_digest(signature)
+    except (TypeError, ValueError, RecursionError):  # a signature object that is not plain JSON
+        answered = False
+    if not answered:
         raise InvalidReceipt("the receipt is about another answer")
     usage = done.get("usage") or {}
     if (receipt["prompt_tokens"], receipt["completion_tokens"]) != (usage.get("prompt_tokens"), usage.get("completion_tokens")):
@@ -241,10 +253,20 @@ def sign_record(identity: Identity, body: dict[str, Any]) -> dict[str, Any]:
     return {**body, "sig": _b64(identity.sign(RECORD_DOMAIN + canonical(body)))}
 
 
+#: A record's fields besides owner, seq, prev, kind and sig, by kind.
+RECORD_KINDS = {"receipt": ("receipt",), "checkpoint": ("time", "earned", "spent", "receipts")}
+#: Largest record (canonical JSON): a receipt record is about 1.1 KB.
+MAX_RECORD_BYTES = 4096
+
+
 def check_record_signature(record: Any, owner: str | None = None) -> dict[str, Any]:
-    """A record's shape and owner's signature (not its place in a chain)."""
-    if not isinstance(record, dict) or not {"owner", "seq", "prev", "kind", "sig"} <= set(record):
-        raise InvalidReceipt("a ledger record needs owner, seq, prev, kind and sig")
+    """A record's shape (exactly its kind's fields, at most ``MAX_RECORD_BYTES``) and its
+    owner's signature (not its place in a chain)."""
+    base = {"owner", "seq", "prev", "kind", "sig"}
+    if not isinstance(record, dict) or not base <= set(record) or record["kind"] not in RECORD_KINDS:
+        raise InvalidReceipt("a ledger record needs owner, seq, prev, a known kind and sig")
+    if set(record) != base | set(RECORD_KINDS[record["kind"]]):
+        raise InvalidReceipt(f"a {record['kind']} record has exactly the fields {sorted(base | set(RECORD_KINDS[record['kind']]))}")
     if owner is not None and record["owner"] != owner:
         raise InvalidReceipt(f"record of {record['owner']!r}, not of {owner}")
     if not isinstance(record["owner"], str) or not _whole(record["seq"], 2**53) or not isinstance(record["prev"], str):
@@ -256,8 +278,10 @@ def check_record_signature(record: Any, owner: str | None = None) -> dict[str, A
     body = {k: v for k, v in record.items() if k != "sig"}
     try:
         data = RECORD_DOMAIN + canonical(body)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         raise InvalidReceipt("a record must be plain JSON") from None
+    if len(data) > MAX_RECORD_BYTES:
+        raise InvalidReceipt(f"a record of {len(data)} bytes, over {MAX_RECORD_BYTES}")
     if not verify(key, data, _unb64(record["sig"], "sig")):
         raise InvalidReceipt("the owner's signature does not verify")
     return record
@@ -289,11 +313,16 @@ class Totals:
         return {"earned": self.earned, "spent": self.spent, "receipts": self.receipts, "balance": self.balance}
 
 
-def verify_records(records: list[Any], owner: str | None = None) -> Totals:
+def verify_records(records: list[Any], owner: str | None = None, *, trust_checkpoint: bool = True) -> Totals:
     """Check a ledger's records in order: each signed by the one owner, numbered 1, 2, ...
     (or on from a first checkpoint), each ``prev`` the hash of the one before, every
     receipt valid, countersigned, naming the owner and held once; checkpoints equal to
-    the totals so far. Returns the totals; raises ``InvalidLedger`` at the first bad record."""
+    the totals so far. Returns the totals; raises ``InvalidLedger`` at the first bad record.
+
+    A ledger that starts at a checkpoint (its older records archived) starts from the
+    checkpoint's totals, which are its owner's word. With ``trust_checkpoint`` False (a
+    peer's ledger) only the debt in them counts: credit older than the checkpoint is
+    not believed, debt is."""
     totals = Totals()
     prev, seq, seen = GENESIS, 0, set()
     for index, record in enumerate(records):
@@ -306,6 +335,8 @@ def verify_records(records: list[Any], owner: str | None = None) -> Totals:
         owner = record["owner"]
         if index == 0 and record["kind"] == "checkpoint":
             totals = _checkpoint_totals(record)  # a trimmed ledger: its start is the owner's word
+            if not trust_checkpoint:
+                totals = Totals(0, max(0, totals.spent - totals.earned), totals.receipts)
         else:
             if record["seq"] != seq + 1:
                 raise InvalidLedger(f"expected sequence number {seq + 1}", record["seq"])
@@ -354,6 +385,18 @@ def load_ledger_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _last_archived(path: Path) -> int:
+    """The number of the last record in an archive file (0 when there is none)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 8192))
+            lines = [line for line in f.read().splitlines() if line.strip()]
+        return int(json.loads(lines[-1])["seq"]) if lines else 0
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return 0
+
+
 def allowance_holds(owner: str, proof: Any, bits: int | None = None) -> bool:
     """Whether ``proof`` (``{"bits", "nonce"}``) is ``owner``'s proof of work of at least
     ``bits`` bits (of the bits it claims, when ``bits`` is None): the allowance's price."""
@@ -390,7 +433,13 @@ class Ledger:
         self._lock = threading.Lock()
         self.records: list[dict[str, Any]] = []
         self.totals = Totals()
-        self._ids: set[str] = set()
+        #: Receipts held (by id), across checkpoints: the last MAX_IDS, oldest first.
+        self._ids: dict[str, None] = {}
+        #: The highest record number in the archive (records are archived once).
+        self._archived = 0
+        #: ``summary()`` as of the last write: peers hear only of records on disk, so a
+        #: node that crashes never told anyone of a record it lost (that would be a fork).
+        self._durable: dict[str, Any] = {}
         #: Records to append to the archive at the next flush (after a checkpoint).
         self._to_archive: list[dict[str, Any]] = []
         #: Each record's JSON text, made once: a flush joins them instead of encoding the
@@ -399,8 +448,10 @@ class Ledger:
         self._dirty = False
         self._flushing = threading.Lock()  # one writer at a time, writes in order
         self._load()
+        self._durable = self._summary_now()
 
     def _load(self) -> None:
+        self._archived = _last_archived(self.dir / ARCHIVE_FILE)
         if not self.path.exists():
             return
         try:
@@ -415,7 +466,7 @@ class Ledger:
         self.records, self.totals = records, totals
         pow_ = load_ledger_file(self.path).get("pow")
         self.pow = pow_ if isinstance(pow_, dict) else None
-        self._ids = {receipt_id(r["receipt"]) for r in records if r["kind"] == "receipt"}
+        self._ids = {receipt_id(r["receipt"]): None for r in records if r["kind"] == "receipt"}
 
     @property
     def seq(self) -> int:
@@ -427,18 +478,20 @@ class Ledger:
 
     def append(self, receipt: dict[str, Any], save: bool = True) -> dict[str, Any]:
         """Append a countersigned receipt naming this node; returns the new record. A
-        receipt already held is not appended again (its record is returned). Written to
-        disk before returning, unless ``save`` is False (then by ``flush``)."""
+        receipt already held raises ``DuplicateReceipt``. Written to disk before
+        returning, unless ``save`` is False (then by ``flush``)."""
         check_receipt(receipt)
         if self.owner not in (receipt["worker"], receipt["requester"]):
             raise InvalidReceipt("the receipt does not name this node")
         rid = receipt_id(receipt)
         with self._lock:
             if rid in self._ids:
-                return next(r for r in self.records if r["kind"] == "receipt" and receipt_id(r["receipt"]) == rid)
+                raise DuplicateReceipt("this receipt is in the ledger already")
             record = self._next({"kind": "receipt", "receipt": receipt})
             self.records.append(record)
-            self._ids.add(rid)
+            self._ids[rid] = None
+            while len(self._ids) > MAX_IDS:
+                del self._ids[next(iter(self._ids))]
             self.totals.add(self.owner, receipt)
             since = sum(1 for r in self.records if r["kind"] == "receipt")
             if since >= CHECKPOINT_EVERY:
@@ -458,7 +511,6 @@ class Ledger:
             "earned": self.totals.earned, "spent": self.totals.spent, "receipts": self.totals.receipts}})
         self._to_archive.extend(self.records)
         self.records = [point]
-        self._ids = set()
 
     def flush(self) -> None:
         """Write what changed since the last flush (archive lines first, then the file)."""
@@ -467,25 +519,30 @@ class Ledger:
                 if not self._dirty:
                     return
                 archive, self._to_archive = self._to_archive, []
-                lines = [self._line(r) for r in self.records]
-                self._lines = {r["seq"]: line for r, line in zip(self.records, lines)}
+                records = list(self.records)
                 head = {"version": 1, "owner": self.owner, **({"pow": self.pow} if self.pow else {})}
+                summary = self._summary_now()
                 self._dirty = False
+            lines = [self._line(r) for r in records]  # off the lock: appends go on meanwhile
             # One record per line, keys sorted: the same JSON as json.dumps, cheaper.
             text = json.dumps(head, sort_keys=True)[:-1] + ', "records": [\n' + ",\n".join(lines) + "\n]}\n"
             try:
-                if archive:
+                fresh = [r for r in archive if r["seq"] > self._archived]  # never twice, even after a failure
+                if fresh:
                     with open(self.dir / ARCHIVE_FILE, "a", encoding="ascii") as f:
-                        for record in archive:
+                        for record in fresh:
                             f.write(json.dumps(record, sort_keys=True) + "\n")
                         f.flush()
                         os.fsync(f.fileno())
+                    self._archived = fresh[-1]["seq"]
                 write_atomic(self.path, text.encode("ascii"))
             except BaseException:
                 with self._lock:  # try again at the next flush
                     self._to_archive[:0] = archive
                     self._dirty = True
                 raise
+            self._lines = {r["seq"]: line for r, line in zip(records, lines)}
+            self._durable = summary
 
     def _line(self, record: dict[str, Any]) -> str:
         line = self._lines.get(record["seq"])
@@ -496,20 +553,27 @@ class Ledger:
         return self._dirty
 
     def set_pow(self, proof: dict[str, Any]) -> None:
+        """Keep our proof of work in the file (written at the next flush)."""
         with self._lock:
             self.pow = proof
             self._dirty = True
-        self.flush()
 
-    def summary(self, recent: int = 4) -> dict[str, Any]:
+    @property
+    def durable_seq(self) -> int:
+        return self._durable.get("seq", 0)
+
+    def summary(self) -> dict[str, Any]:
         """What heartbeats carry: the head, the totals, and the hashes of the last records
-        (so a peer that held another record at one of those numbers sees the fork)."""
-        with self._lock:
-            tail = self.records[-recent:]
-            return {
-                "seq": self.seq, "head": self.head, "earned": self.totals.earned, "spent": self.totals.spent,
-                "recent": [[r["seq"], record_hash(r)] for r in tail],
-            }
+        (so a peer that held another record at one of those numbers sees the fork), as
+        of the last write."""
+        return dict(self._durable)
+
+    def _summary_now(self, recent: int = 4) -> dict[str, Any]:
+        tail = self.records[-recent:]
+        return {
+            "seq": self.seq, "head": self.head, "earned": self.totals.earned, "spent": self.totals.spent,
+            "recent": [[r["seq"], record_hash(r)] for r in tail],
+        }
 
     def snapshot(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -519,17 +583,26 @@ class Ledger:
 # --- what a node knows of its peers --------------------------------------------------
 
 
-#: Peers remembered, and record numbers remembered per peer. A commitment's evidence is
-#: the signed heartbeat (about 1.5 KB, shared by the 5 numbers it commits to): at most
-#: about 1024 x 64 / 5 heartbeats, 20 MB, when every bound is reached.
+#: Peers remembered, and record numbers remembered per peer (a hash each). Evidence (the
+#: signed heartbeat or record that committed to a hash, at most 8 KB) is kept for a
+#: peer's last EVIDENCE_PER_PEER commitments only: about 32 MB when every bound is reached.
 MAX_PEERS = 1024
 MAX_SEEN_PER_PEER = 64
+EVIDENCE_PER_PEER = 4
+#: Forks remembered (the oldest are forgotten first; a forked peer stays refused while remembered).
+MAX_FORKS = 256
+#: A peer that countersigned with a record numbered N and still says, this long after,
+#: that its ledger ends before N, withheld the record from its own ledger.
+WITHHELD_GRACE_S = 120.0
 
 
 @dataclass
 class Fork:
     """Proof that ``peer`` signed two records with the same ``seq``: two signed objects
-    (heartbeats or ledger records, as received) that each commit to one of the hashes."""
+    (heartbeats or ledger records, as received) that each commit to one of the hashes;
+    or (``hashes[1] == "withheld"``) that it signed a record numbered ``seq`` and then
+    kept publishing a ledger that ends before it. Evidence of an older commitment may
+    have been forgotten (``None``)."""
 
     peer: str
     seq: int
@@ -543,16 +616,31 @@ class Fork:
 
 class PeerLedgers:
     """Per peer: the ledger hashes it committed to (in signed heartbeats and records), its
-    latest gossiped totals, its balance as verified from its records, and forks."""
+    latest gossiped totals, its balance as verified from its records, and forks. Every
+    table is bounded. Thread-safe."""
 
     def __init__(self, data_dir: str | Path | None = None) -> None:
-        self._seen: OrderedDict[str, OrderedDict[int, tuple[str, Any]]] = OrderedDict()
+        #: peer -> seq -> (hash, evidence key or None); peer -> evidence key -> evidence
+        self._seen: OrderedDict[str, OrderedDict[int, tuple[str, int | None]]] = OrderedDict()
+        self._evidence: dict[str, OrderedDict[int, Any]] = {}
+        #: peer -> (highest seq of a record it gave us directly, when)
+        self._given: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self.summaries: OrderedDict[str, dict[str, Any]] = OrderedDict()
         #: peer -> (totals, head, when, whether its proof of work earns it the allowance)
         self.verified: OrderedDict[str, tuple[Totals, str, float, bool]] = OrderedDict()
-        self.forks: dict[str, Fork] = {}
+        self.forks: OrderedDict[str, Fork] = OrderedDict()
         self.path = None if data_dir is None else Path(data_dir).expanduser() / "forks.json"
+        self.forks_dirty = False
+        self._counter = 0
         self._lock = threading.Lock()
+
+    def _keep(self, peer: str, evidence: Any) -> int:
+        self._counter += 1
+        kept = self._evidence.setdefault(peer, OrderedDict())
+        kept[self._counter] = evidence
+        while len(kept) > EVIDENCE_PER_PEER:
+            kept.popitem(last=False)
+        return self._counter
 
     def commit(self, peer: str, seq: int, digest: str, evidence: Any) -> Fork | None:
         """Note that ``peer`` committed (signed) hash ``digest`` at ``seq``; return the
@@ -561,43 +649,70 @@ class PeerLedgers:
             seen = self._seen.pop(peer, None) or OrderedDict()
             self._seen[peer] = seen
             while len(self._seen) > MAX_PEERS:
-                self._seen.popitem(last=False)
+                gone, _ = self._seen.popitem(last=False)
+                self._evidence.pop(gone, None)
             held = seen.get(seq)
             if held is None:
-                seen[seq] = (digest, evidence)
+                seen[seq] = (digest, self._keep(peer, evidence))
                 while len(seen) > MAX_SEEN_PER_PEER:
                     seen.popitem(last=False)
                 return None
-            if held[0] == digest or peer in self.forks:
-                return self.forks.get(peer) if held[0] != digest else None
-            fork = Fork(peer, seq, (held[0], digest), (held[1], evidence), time.time())
-            self.forks[peer] = fork
+            if held[0] == digest:
+                return None
+            if peer in self.forks:
+                return self.forks[peer]
+            earlier = self._evidence.get(peer, {}).get(held[1]) if held[1] is not None else None
+            fork = self._add_fork(Fork(peer, seq, (held[0], digest), (earlier, evidence), time.time()))
         log.warning("peer %s forked its ledger: two different records numbered %d", peer, seq)
-        self._save_forks()
+        return fork
+
+    def _add_fork(self, fork: Fork) -> Fork:
+        self.forks[fork.peer] = fork
+        while len(self.forks) > MAX_FORKS:
+            self.forks.popitem(last=False)
+        self.forks_dirty = True
         return fork
 
     def take_summary(self, peer: str, summary: dict[str, Any], evidence: Any) -> Fork | None:
         """A verified heartbeat's ``ledger`` summary."""
-        self.summaries[peer] = summary
-        self.summaries.move_to_end(peer)
-        while len(self.summaries) > MAX_PEERS:
-            self.summaries.popitem(last=False)
+        with self._lock:
+            self.summaries[peer] = summary
+            self.summaries.move_to_end(peer)
+            while len(self.summaries) > MAX_PEERS:
+                self.summaries.popitem(last=False)
         fork = None
         for seq, digest in summary.get("recent", []):
             fork = self.commit(peer, seq, digest, evidence) or fork
         if summary["seq"] > 0:
             fork = self.commit(peer, summary["seq"], summary["head"], evidence) or fork
+        given = self._given.get(peer)
+        if fork is None and given is not None and summary["seq"] < given[0] and time.time() - given[1] > WITHHELD_GRACE_S:
+            with self._lock:
+                if peer not in self.forks:
+                    held = self._seen.get(peer, {}).get(given[0])
+                    record = self._evidence.get(peer, {}).get(held[1]) if held and held[1] is not None else None
+                    fork = self._add_fork(Fork(peer, given[0], (held[0] if held else "?", "withheld"), (record, evidence), time.time()))
+                    log.warning("peer %s countersigned with record %d and never published it", peer, given[0])
         return fork
 
-    def take_record(self, record: dict[str, Any]) -> Fork | None:
-        """A peer's signed ledger record (checked by the caller)."""
-        return self.commit(record["owner"], record["seq"], record_hash(record), record)
+    def take_record(self, record: dict[str, Any], given: bool = False) -> Fork | None:
+        """A peer's signed ledger record (checked by the caller); ``given``: it came to us
+        in a countersign frame, so the peer must publish it."""
+        peer = record["owner"]
+        if given:
+            with self._lock:
+                previous = self._given.pop(peer, (0, 0.0))
+                self._given[peer] = (record["seq"], time.time()) if record["seq"] > previous[0] else previous
+                while len(self._given) > MAX_PEERS:
+                    self._given.popitem(last=False)
+        return self.commit(peer, record["seq"], record_hash(record), record)
 
     def set_verified(self, peer: str, totals: Totals, head: str, allowance: bool = True) -> None:
-        self.verified[peer] = (totals, head, time.time(), allowance)
-        self.verified.move_to_end(peer)
-        while len(self.verified) > MAX_PEERS:
-            self.verified.popitem(last=False)
+        with self._lock:
+            self.verified[peer] = (totals, head, time.time(), allowance)
+            self.verified.move_to_end(peer)
+            while len(self.verified) > MAX_PEERS:
+                self.verified.popitem(last=False)
 
     def balance(self, peer: str) -> int | None:
         """The peer's balance as verified from its ledger (None: not verified yet);
@@ -609,15 +724,22 @@ class PeerLedgers:
             return None
         return held[0].balance if held[3] else held[0].net
 
-    def _save_forks(self) -> None:
-        if self.path is None:
+    def save_forks(self) -> None:
+        """Write ``forks.json`` when forks changed (blocking: call it from a thread)."""
+        if self.path is None or not self.forks_dirty:
             return
+        self.forks_dirty = False
+        with self._lock:
+            forks = list(self.forks.values())
+        data = [{**f.to_json(), "evidence": [_evidence_json(e) for e in f.evidence]} for f in forks]
         try:
-            data = [{**f.to_json(), "evidence": [_evidence_json(e) for e in f.evidence]} for f in self.forks.values()]
             write_atomic(self.path, (json.dumps(data, indent=1) + "\n").encode())
-        except Exception as exc:
+        except OSError as exc:
+            self.forks_dirty = True
             log.warning("could not write %s: %r", self.path, exc)
 
 
 def _evidence_json(evidence: Any) -> Any:
-    return {"heartbeat": _b64(evidence)} if isinstance(evidence, bytes) else evidence
+    if isinstance(evidence, bytes):
+        return {"heartbeat": _b64(evidence)}
+    return evidence if evidence is None else {"record": evidence}

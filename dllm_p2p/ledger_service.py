@@ -13,6 +13,7 @@ Every node that keeps a ledger (workers and gateways) runs one ``LedgerService``
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -55,6 +56,9 @@ class LedgerService:
         self._fetched_at: dict[str, float] = {}
         self._wake = trio.Event()
         self._unsaved = trio.Event()
+        self._flushed = trio.Event()
+        #: Our ledger frame as last encoded, by the (seq, proof) it was made at.
+        self._frame: tuple[tuple[int, Any], bytes] | None = None
         self.host: IHost | None = None
 
     # --- what heartbeats carry and bring ------------------------------------------------
@@ -69,8 +73,10 @@ class LedgerService:
         verified = self.peers.verified.get(beat.peer_id)
         # Fetched again when its head moved, or when it served no valid proof of work yet
         # (a node solves it after it starts): at most every REFETCH_S.
+        # Only peers that asked us for work lately: a heartbeat costs nothing to send,
+        # a ledger verification up to 600 signature checks.
         if (verified is None or verified[1] != beat.ledger["head"] or not verified[3]) and beat.addrs and (
-            beat.role == "gateway" or beat.peer_id in self._requesters
+            beat.peer_id in self._requesters
         ):
             if len(self._wanted) < MAX_WANTED or beat.peer_id in self._wanted:
                 self._wanted[beat.peer_id] = (list(beat.addrs), beat.ledger["head"])
@@ -96,32 +102,44 @@ class LedgerService:
 
     async def append(self, receipt: dict[str, Any]) -> dict[str, Any]:
         """Append a countersigned receipt to our ledger: in memory now (about 0.5 ms: two
-        signatures checked, one made), on disk within moments (``_write_loop``)."""
+        signatures checked, one made), on disk within moments (``_write_loop``). Raises
+        ``DuplicateReceipt`` for a receipt we hold."""
         record = self.ledger.append(receipt, save=False)
         self._unsaved.set()
         return record
 
+    async def durable(self, seq: int) -> None:
+        """Wait until our ledger is on disk up to record ``seq``."""
+        while self.ledger.durable_seq < seq:
+            self._unsaved.set()
+            await self._flushed.wait()
+
     async def countersign(self, receipt: dict[str, Any]) -> dict[str, Any]:
-        """The requester's side: countersign a checked offer, append it, and return what
-        to send back: ``{"type": "countersign", "requester_sig", "record"}``."""
+        """The requester's side: countersign a checked offer, append it, wait until it is
+        on disk (the record goes to the worker: we must never sign another record with
+        its number, even after a crash), and return what to send back:
+        ``{"type": "countersign", "requester_sig", "record"}``."""
         full = credits.countersign(self.identity, receipt)
         record = await self.append(full)
+        await self.durable(record["seq"])
         return {"type": "countersign", "requester_sig": full["requester_sig"], "record": record}
 
     def take_countersign(self, offer: dict[str, Any], frame: Any, requester: str) -> dict[str, Any]:
-        """The worker's side: the receipt countersigned by ``frame``, checked (the
-        requester's record, when sent, is kept as evidence of its chain)."""
+        """The worker's side: the receipt countersigned by ``frame``, checked, with the
+        requester's own ledger record of it (kept: the requester must publish it, and a
+        different record with its number is a fork). Raises ``InvalidReceipt``."""
         if not isinstance(frame, dict) or frame.get("type") != "countersign":
             raise credits.InvalidReceipt("expected a countersign frame")
-        full = credits.check_receipt({**offer, "requester_sig": frame.get("requester_sig")})
-        record = frame.get("record")
-        if record is not None:
-            credits.check_record_signature(record, owner=requester)
-            if record.get("kind") != "receipt" or not isinstance(record.get("receipt"), dict) or (
-                credits.receipt_id(record["receipt"]) != credits.receipt_id(full)
-            ):
+        try:
+            full = credits.check_receipt({**offer, "requester_sig": frame.get("requester_sig")})
+            record = credits.check_record_signature(frame.get("record"), owner=requester)
+            if record["kind"] != "receipt" or credits.receipt_id(credits.check_receipt(record["receipt"])) != credits.receipt_id(full):
                 raise credits.InvalidReceipt("the requester's record holds another receipt")
-            self.peers.take_record(record)
+        except credits.InvalidReceipt:
+            raise
+        except Exception as exc:  # anything else a peer's frame can raise is its fault too
+            raise credits.InvalidReceipt(f"a malformed countersignature: {type(exc).__name__}") from None
+        self.peers.take_record(record, given=True)
         return full
 
     # --- /dllm/ledger/1.0.0 ------------------------------------------------------------
@@ -129,9 +147,12 @@ class LedgerService:
     async def handle(self, stream: INetStream) -> None:
         """Serve our ledger: one frame, ``{"type": "ledger", "owner", "records"}``."""
         try:
-            frame = {"type": "ledger", "owner": self.peer_id, "records": self.ledger.snapshot(), "pow": self.ledger.pow}
-            with trio.move_on_after(FETCH_TIMEOUT_S):
-                await stream.write(wire.encode_frame(frame))
+            at = (self.ledger.seq, self.ledger.pow)
+            if self._frame is None or self._frame[0] != at:  # encoded once per change (180 KB at most)
+                frame = {"type": "ledger", "owner": self.peer_id, "records": self.ledger.snapshot(), "pow": self.ledger.pow}
+                self._frame = (at, wire.encode_frame(frame))
+            with trio.fail_after(FETCH_TIMEOUT_S):
+                await stream.write(self._frame[1])
                 await stream.close()
         except Exception as exc:  # never let a peer's stream kill the host
             log.debug("ledger stream failed: %r", exc)
@@ -148,8 +169,13 @@ class LedgerService:
             await reset_quietly(stream)
         if not isinstance(frame, dict) or frame.get("owner") != peer or not isinstance(frame.get("records"), list):
             raise credits.InvalidLedger("not a ledger frame of this peer")
-        # 200 records take about 90 ms to verify (600 signatures): off the event loop.
-        totals = await trio.to_thread.run_sync(credits.verify_records, frame["records"], peer)
+        if len(frame["records"]) > credits.CHECKPOINT_EVERY + 1:
+            raise credits.InvalidLedger(f"{len(frame['records'])} records: a ledger holds at most {credits.CHECKPOINT_EVERY + 1} after a checkpoint")
+        # 200 records take about 90 ms to verify (600 signatures): off the event loop. A
+        # checkpoint's credit is the owner's word: only its debt counts.
+        totals = await trio.to_thread.run_sync(
+            functools.partial(credits.verify_records, frame["records"], peer, trust_checkpoint=False)
+        )
         for record in frame["records"][-credits.CHECKPOINT_EVERY:]:
             self.peers.take_record(record)
         head = credits.record_hash(frame["records"][-1]) if frame["records"] else credits.GENESIS
@@ -166,13 +192,14 @@ class LedgerService:
         # Started before the proof of work: nothing else of the node may wait for it (a
         # peer that connects before our pubsub runs never gossips with us).
         task_status.started()
-        if self.ledger.pow is None or not credits.allowance_holds(self.peer_id, self.ledger.pow, self.pow_bits):
-            from .membership import proof_of_work  # the registry's: solved once, kept in pow.json
-
-            nonce = await trio.to_thread.run_sync(proof_of_work, self.data_dir, self.peer_id, self.pow_bits)
-            self.ledger.set_pow({"bits": self.pow_bits, "nonce": nonce})
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._write_loop)
+            if self.ledger.pow is None or not credits.allowance_holds(self.peer_id, self.ledger.pow, self.pow_bits):
+                from .membership import proof_of_work  # the registry's: solved once, kept in pow.json
+
+                nonce = await trio.to_thread.run_sync(proof_of_work, self.data_dir, self.peer_id, self.pow_bits)
+                self.ledger.set_pow({"bits": self.pow_bits, "nonce": nonce})
+                self._unsaved.set()
             while True:
                 await self._wake.wait()
                 self._wake = trio.Event()
@@ -193,14 +220,19 @@ class LedgerService:
         the last one ran. On the way out (cancelled), what is left is written at once."""
         try:
             while True:
-                await self._unsaved.wait()
+                if self.peers.forks_dirty:
+                    await trio.to_thread.run_sync(self.peers.save_forks)
+                with trio.move_on_after(5 if self.peers.forks_dirty else 60):
+                    await self._unsaved.wait()
                 self._unsaved = trio.Event()
                 try:
                     await trio.to_thread.run_sync(self.ledger.flush)
-                except OSError as exc:
-                    log.error("could not write %s: %s; retrying in 1 s", self.ledger.path, exc)
+                except Exception as exc:  # a full disk, a bug: never stop writing later receipts
+                    log.error("could not write %s: %r; retrying in 1 s", self.ledger.path, exc)
                     await trio.sleep(1)
                     self._unsaved.set()
+                self._flushed.set()
+                self._flushed = trio.Event()
         finally:
             if self.ledger.dirty:
                 try:

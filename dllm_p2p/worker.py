@@ -453,6 +453,7 @@ class Worker:
             await self.ledger.append(self.ledger.take_countersign(offer, frame, requester))
         except credits.InvalidReceipt as exc:
             log.warning("a bad countersignature from %s: %s", requester, exc)
+            watch.closed = True  # it broke the protocol: this stream carries nothing more
 
 
 def _remote_peer(stream: INetStream) -> str | None:

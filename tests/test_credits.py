@@ -90,7 +90,8 @@ def test_ledger_balances_come_from_receipts_and_survive_a_restart(tmp_path: Path
     ledger.append(_receipt(b, me, completion=4))
     again = _receipt(me, b, completion=2)
     ledger.append(again)
-    assert ledger.append(again) == ledger.records[-1]  # held once
+    with pytest.raises(credits.DuplicateReceipt):  # held once
+        ledger.append(again)
     amounts = [r["receipt"]["amount"] for r in ledger.records]
     assert ledger.totals.earned == amounts[0] + amounts[2] and ledger.totals.spent == amounts[1]
     assert ledger.totals.balance == credits.ALLOWANCE_MC + amounts[0] + amounts[2] - amounts[1]
@@ -196,6 +197,99 @@ def test_the_allowance_is_the_price_of_a_proof_of_work() -> None:
     peers.set_verified("without", spent, credits.GENESIS, allowance=False)
     assert peers.balance(owner) == credits.ALLOWANCE_MC - 300_000 and peers.balance("without") == -300_000
     assert peers.balance("unknown") is None
+
+
+def test_what_a_hostile_peer_sends_is_refused_cleanly(tmp_path: Path) -> None:
+    from dllm_p2p.ledger_service import LedgerService
+
+    worker, requester = identity.generate(), identity.generate()
+    me, them = requester.peer_id.to_base58(), worker.peer_id.to_base58()
+    offer = _offer(worker, requester)
+    done = {"usage": {"prompt_tokens": 3, "completion_tokens": 16}, "model": "m", "fingerprint": "sha256:ab"}
+    for signature in ({"x": float("nan")}, {"x": b"raw"}, "text", None):  # not plain JSON, or not a map
+        with pytest.raises(credits.InvalidReceipt):
+            credits.check_offer(offer, requester=me, worker=them, done={**done, "signature": signature})
+    service = LedgerService(worker, tmp_path)
+    full = credits.countersign(requester, offer)
+    record = credits.sign_record(requester, {"owner": me, "seq": 1, "prev": credits.GENESIS, "kind": "receipt", "receipt": full})
+    frame = {"type": "countersign", "requester_sig": full["requester_sig"], "record": record}
+    assert service.take_countersign(offer, frame, me) == full
+    padded = credits.sign_record(requester, {**{k: v for k, v in record.items() if k != "sig"}, "pad": "x" * 60_000})
+    stripped = credits.sign_record(requester, {"owner": me, "seq": 1, "prev": credits.GENESIS, "kind": "receipt", "receipt": {"worker": them}})
+    nested: Any = []
+    for _ in range(5000):
+        nested = [nested]
+    for bad in (None, {**record, "receipt": nested}, padded, stripped, {**record, "seq": "1"}):
+        with pytest.raises(credits.InvalidReceipt):
+            service.take_countersign(offer, {**frame, "record": bad}, me)
+    with pytest.raises(credits.InvalidReceipt):  # signed by someone else
+        service.take_countersign(offer, frame, them)
+
+
+def test_a_peers_checkpoint_counts_its_debt_not_its_claimed_credit() -> None:
+    me = identity.generate()
+    owner = me.peer_id.to_base58()
+    boast = credits.sign_record(me, {"owner": owner, "seq": 9, "prev": "ab" * 32, "kind": "checkpoint", "time": 1, "earned": 2**61, "spent": 0, "receipts": 1})
+    debt = credits.sign_record(me, {"owner": owner, "seq": 9, "prev": "ab" * 32, "kind": "checkpoint", "time": 1, "earned": 5, "spent": 900, "receipts": 3})
+    assert credits.verify_records([boast], owner).earned == 2**61  # our own file: our own word
+    assert credits.verify_records([boast], owner, trust_checkpoint=False).net == 0
+    assert credits.verify_records([debt], owner, trust_checkpoint=False).net == -895
+
+
+def test_a_receipt_is_refused_again_after_a_checkpoint_and_archived_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(credits, "CHECKPOINT_EVERY", 3)
+    me, peer = identity.generate(), identity.generate()
+    ledger = credits.Ledger(tmp_path, me)
+    first = _receipt(me, peer, rid="first")
+    ledger.append(first)
+    for n in range(3):
+        ledger.append(_receipt(me, peer, rid=f"n{n}"), save=False)
+    real = credits.write_atomic
+    calls = {"n": 0}
+
+    def failing(*args: Any, **kw: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError("disk full")
+        real(*args, **kw)
+
+    monkeypatch.setattr(credits, "write_atomic", failing)
+    with pytest.raises(OSError):
+        ledger.flush()  # the archive was written, the file was not
+    ledger.flush()
+    seqs = [json.loads(line)["seq"] for line in (tmp_path / credits.ARCHIVE_FILE).read_text().splitlines()]
+    assert seqs == [1, 2, 3], seqs  # once each, though written twice
+    with pytest.raises(credits.DuplicateReceipt):
+        ledger.append(first)  # archived, still remembered
+
+
+def test_heartbeats_tell_only_what_is_on_disk(tmp_path: Path) -> None:
+    me, peer = identity.generate(), identity.generate()
+    ledger = credits.Ledger(tmp_path, me)
+    ledger.append(_receipt(me, peer), save=False)
+    assert ledger.summary()["seq"] == 0 and ledger.seq == 1
+    ledger.flush()
+    assert ledger.summary()["seq"] == 1
+
+
+def test_forks_are_bounded_and_withheld_records_are_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(credits, "MAX_FORKS", 3)
+    peers = credits.PeerLedgers()
+    for n in range(5):
+        peer = f"peer{n}"
+        peers.take_summary(peer, {"seq": 1, "head": "aa" * 32, "earned": 0, "spent": 0, "recent": []}, b"one")
+        assert peers.take_summary(peer, {"seq": 1, "head": "bb" * 32, "earned": 0, "spent": 0, "recent": []}, b"two")
+    assert list(peers.forks) == ["peer2", "peer3", "peer4"]
+    # A requester that countersigned with its record 1, then goes on saying its ledger is empty.
+    me, worker = identity.generate(), identity.generate()
+    owner = me.peer_id.to_base58()
+    record = credits.sign_record(me, {"owner": owner, "seq": 1, "prev": credits.GENESIS, "kind": "receipt", "receipt": _receipt(worker, me)})
+    assert peers.take_record(record, given=True) is None
+    empty = {"seq": 0, "head": credits.GENESIS, "earned": 0, "spent": 0, "recent": []}
+    assert peers.take_summary(owner, empty, b"beat") is None  # within the grace: it may not have written yet
+    monkeypatch.setattr(credits, "WITHHELD_GRACE_S", -1.0)
+    fork = peers.take_summary(owner, empty, b"beat")
+    assert fork is not None and fork.hashes[1] == "withheld" and fork.evidence[0] == record
 
 
 # --- priority in the engine ----------------------------------------------------------------
@@ -328,8 +422,9 @@ def test_a_forked_ledger_is_detected_within_a_gossip_round(paid_net: LocalNetwor
         detected_in = time.monotonic() - started
         assert forks[0]["seq"] == 2 and set(forks[0]["hashes"]) == {first.head, second.head}
         print(f"fork detected {detected_in:.1f} s after the forked node listened (heartbeats every {HEARTBEAT} s)")
-        # The proof is kept: two signed heartbeats, one per head.
-        saved = json.loads((paid_net.data_dir / "gateway" / "forks.json").read_text())
+        # The proof is kept (written within seconds, off the event loop): two signed heartbeats, one per head.
+        forks_file = paid_net.data_dir / "gateway" / "forks.json"
+        saved = json.loads(wait_for(lambda: forks_file.exists() and forks_file.read_text(), 15, "forks.json"))
         assert saved[0]["peer"] == peer and len(saved[0]["evidence"]) == 2
     finally:
         child.stop()
@@ -357,6 +452,11 @@ def test_a_richer_gateway_waits_less_and_neither_starves(tmp_path: Path) -> None
             wait_online(urls[name], 1, children=children)
         balances = {"rich": credits.ALLOWANCE_MC + 3_000_000, "poor": credits.ALLOWANCE_MC - 1_500_000}
         ids = {"rich": rich.peer_id.to_base58(), "poor": poor.peer_id.to_base58()}
+
+        # A worker verifies the ledgers of peers that asked it for work: one request each first.
+        for name in ("rich", "poor"):
+            with httpx.Client(base_url=urls[name], timeout=60) as http:
+                assert http.post("/api/generate", json={"prompt": "hello", "max_new_tokens": 2}).status_code == 200
 
         def verified() -> bool:
             result = run_cli("info", addr, timeout=30)
