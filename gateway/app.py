@@ -1,7 +1,7 @@
 """The gateway's HTTP API (FastAPI on hypercorn's trio worker, one loop with libp2p).
 
 Routes: ``/api/generate`` (JSON or server-sent events), OpenAI-compatible ``/v1/...``,
-``/api/nodes``, ``/api/spans``, ``/api/registry``, ``/ipfs/{cid}`` (trustless gateway, gateway/trustless.py),
+``/api/nodes``, ``/api/history``, ``/api/spans``, ``/api/registry``, ``/ipfs/{cid}`` (trustless gateway, gateway/trustless.py),
 ``/healthz``, ``/metrics`` and the page at ``/``.
 """
 
@@ -40,6 +40,7 @@ from dllm_p2p.registry.ipfs import EmbeddedStore
 from . import trustless
 from .accounts import Accounts
 from .audit import Auditor
+from .history import History
 from .limits import RateLimiter
 from .nodes import NodeTable
 from .relay import Done, RelayError, Token, relay, relay_route
@@ -187,8 +188,11 @@ class Gateway:
         blocks: EmbeddedStore | None = None,
         ledger: LedgerService | None = None,
         accounts: Accounts | None = None,
+        history: History | None = None,
     ) -> None:
         self.table = table
+        #: Samples of the node table over the last hour (gateway/history.py); None: none kept.
+        self.history = history
         #: The gateway's own credits (it pays the workers), and what each API key spent.
         self.ledger = ledger
         self.accounts = accounts
@@ -629,6 +633,22 @@ def create_app(gw: Gateway) -> FastAPI:
             if gw.ledger is not None:
                 node["credits"] = gw.ledger.peer_credits(node["peer_id"])
         return {"nodes": described, "online": sum(1 for n in described if n["online"]), "ttl_s": gw.table.ttl}
+
+    @app.get("/api/history")
+    async def history(since: float | None = None, nodes: bool = True) -> dict[str, Any]:
+        """The last hour of every node and of the gateway, as column arrays (the shape is in
+        gateway/history.py); ``nodes=false``: the gateway's only; ``since``: newer samples only."""
+        if gw.history is None:
+            return History.empty()
+        return gw.history.describe(since=since, nodes=nodes)
+
+    @app.get("/api/history/{peer_id}")
+    async def node_history(peer_id: str, since: float | None = None) -> JSONResponse:
+        """One node's last hour, as in ``/api/history``; 404 for a node without one."""
+        found = gw.history.node(peer_id, since=since) if gw.history is not None else None
+        if found is None:
+            return _error(404, "not_found", f"no history for node {peer_id}")
+        return JSONResponse(found)
 
     @app.get("/api/spans")
     async def spans() -> dict[str, Any]:

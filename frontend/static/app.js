@@ -67,9 +67,14 @@
     registryCid: $("registry-cid"),
     registryBlocks: $("registry-blocks"),
     registryMode: $("registry-mode"),
+    registryIpns: $("registry-ipns"),
+    registryPublished: $("registry-published"),
     spans: $("spans"),
     spansEmpty: $("spans-empty"),
     spansSummary: $("spans-summary"),
+    map: $("map"),
+    nodeDetail: $("node-detail"),
+    explorerSummary: $("explorer-summary"),
   };
 
   const fromDisk = !/^https?:$/.test(location.protocol);
@@ -625,17 +630,19 @@
       const { text, how } = await loadRegistry(target);
       const doc = parseJson(text);
       if (doc === null) throw new ApiError(`the registry at ${target.url} is not JSON`);
-      const { blocks, urls } = liveGateways(doc);
+      // No record is used before every signature and link checks out (verify.js).
+      const { blocks, urls } = liveGateways(await window.dllmVerify.trusted(doc));
       if (!urls.length) {
         throw new ApiError(`the registry (${blocks} blocks; ${how}) lists no live gateway with a public URL`);
       }
-      const pick = urls[Math.floor(Math.random() * urls.length)];
+      const pick = window.dllmVerify.rankGateways(urls)[0];  // gateways that answered before first
       setGateway(pick);
       ui.discoverStatus.textContent = `Found ${urls.length} live gateway${urls.length === 1 ? "" : "s"} in ${blocks} registry blocks (${how}); using ${pick}.`;
       ui.discoverStatus.dataset.verified = String(Boolean(target.cid));
     } catch (err) {
       ui.discoverStatus.textContent = err instanceof ApiError ? err.display : String(err);
       ui.discoverStatus.classList.add("bad");
+      window.dllmVerify?.showUntrusted(ui.discoverStatus, err);
     }
   }
 
@@ -767,6 +774,7 @@
       }
       if (typeof final.text === "string" && !text.data) text.data = final.text;
       finish(entry, final, started, firstTokenMs);
+      noteAnswer(entry);
       updateLogRow(row, entry);
       ui.outputMeta.textContent = describeAnswer(final, entry);
       showRoute(entry.route);
@@ -979,6 +987,7 @@
         if (typeof message?.content === "string") text.data = message.content;
       }
       finishChat(entry, final, started, firstTokenMs);
+      noteAnswer(entry);
       answered = true;
       updateLogRow(row, entry);
       ui.runStatus.textContent = "Done.";
@@ -1142,12 +1151,15 @@
     const seen = isNum(node.seen_ago_s) ? `last seen ${duration(node.seen_ago_s)} ago` : "never seen";
     const addrs = Array.isArray(node.addrs) ? node.addrs.filter((a) => typeof a === "string") : [];
 
-    const peer = el("span", { class: "cell" }, el("span", { class: "mono" }, shortId(node.peer_id)));
+    const peer = el("span", { class: "cell" }, el("button", { type: "button", class: "link mono peer-link", "data-testid": "node-select",
+      "aria-label": `Show the charts of node ${typeof node.peer_id === "string" ? node.peer_id : ""}` }, shortId(node.peer_id)));
     if (typeof node.last_error === "string" && node.last_error) {
       peer.append(el("span", { class: "node-error", title: node.last_error }, node.last_error));
     }
     const peerCell = el("td", { "data-label": "Peer", title: [node.peer_id, ...addrs].join("\n") }, peer);
-    return el("tr", { "data-testid": "node-row", "data-peer-id": typeof node.peer_id === "string" ? node.peer_id : "", "data-online": online ? "true" : "false" },
+    const selected = typeof node.peer_id === "string" && node.peer_id === explorer.selected;
+    return el("tr", { "data-testid": "node-row", "data-peer-id": typeof node.peer_id === "string" ? node.peer_id : "", "data-online": online ? "true" : "false",
+      class: selected ? "selected" : null, "data-selected": selected ? "true" : null },
       el("td", { "data-label": "Status", title: seen }, el("span", { class: "cell" }, ...badges)),
       peerCell,
       el("td", { "data-label": "Models" }, models.length ? models.join(", ") : dash),
@@ -1183,6 +1195,359 @@
       "data-earned-mc": earned, "data-spent-mc": spent, "data-forked": forked ? "true" : null },
     el("span", { class: "cell" }, ...(known ? [el("span", { class: "nowrap" }, `+${totalText(earned)}`), " / ", el("span", { class: "nowrap" }, `-${totalText(spent)}`)] : [dash]),
       forked ? el("span", { class: "badge forked", "data-testid": "node-forked" }, "forked") : null));
+  }
+
+  // --- the network map and per-node charts ---------------------------------------------------
+  //
+  // Drawn as plain SVG. The map: this gateway in the middle, every node it knows around it,
+  // an edge to each coloured by how the gateway reaches it (direct, hole-punched, relayed or
+  // not connected), and the path of the last answer on top. The panel beside it: the
+  // selected node's last hour from /api/history/{peer_id}, or the gateway's own.
+
+  const SVG_NS = "http://www.w3.org/2000/svg";
+  const MAX_MAP_NODES = 300;
+  const PATHS = ["direct", "hole-punched", "relayed"];
+  const PATH_TEXT = { direct: "direct", "hole-punched": "direct (hole-punched)", relayed: "relayed", none: "not connected" };
+  const ROLE = /^[a-z][a-z-]{0,23}$/;
+
+  const explorer = {
+    rows: [],  // the last /api/nodes rows
+    selected: null,  // the peer id whose charts show; null: the gateway's
+    history: null,  // {peer, data, error}: the last history fetched, for the selection it was for
+    answer: null,  // the last answer's path: {node, hops: [peer ids]}
+    width: 0,
+  };
+
+  /** Build an SVG element, like el(): attributes as strings, children as nodes or text. */
+  function svgEl(tag, attrs = {}, ...children) {
+    const node = document.createElementNS(SVG_NS, tag);
+    for (const [key, value] of Object.entries(attrs)) {
+      if (value === null || value === undefined || value === false) continue;
+      node.setAttribute(key, value === true ? "" : String(value));
+    }
+    for (const child of children) {
+      if (child === null || child === undefined) continue;
+      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+    return node;
+  }
+
+  const peerOf = (row) => (typeof row?.peer_id === "string" ? row.peer_id : "");
+  const pathOf = (row) => (PATHS.includes(row?.path) ? row.path : "none");
+  const roleOf = (row) => (typeof row?.role === "string" && ROLE.test(row.role) ? row.role : "worker");
+  const tail = (id) => (id.length > 8 ? `…${id.slice(-6)}` : id);
+
+  /** The history to ask for: the selected node's, else the gateway's alone (small). */
+  const historyPath = (peer) => (peer ? `/api/history/${encodeURIComponent(peer)}` : "/api/history?nodes=false");
+
+  /** Fetch the history of the selection; never throws (the error is kept to be shown). */
+  async function loadHistory() {
+    const peer = explorer.selected;
+    let result;
+    try {
+      result = { peer, data: await getJson(historyPath(peer)), error: null };
+    } catch (err) {
+      const error = err instanceof ApiError && err.status === 404
+        ? (peer ? "No samples of this node yet." : "This gateway keeps no history.")
+        : err instanceof ApiError ? err.display : String(err);
+      result = { peer, data: null, error };
+    }
+    if (peer === explorer.selected) explorer.history = result;
+  }
+
+  function renderExplorer(data) {
+    if (data) explorer.rows = Array.isArray(data.nodes) ? data.nodes.filter((n) => n && typeof n === "object" && peerOf(n)) : [];
+    const rows = explorer.rows;
+    const online = rows.filter((n) => n.online === true);
+    const paths = PATHS.map((p) => [p, online.filter((n) => pathOf(n) === p).length]).filter(([, n]) => n);
+    const hidden = rows.length - renderMap();
+    ui.explorerSummary.textContent = `${online.length} of ${rows.length} online` +
+      (paths.length ? ` · ${paths.map(([p, n]) => `${n} ${p}`).join(", ")}` : "") + (hidden > 0 ? ` · ${hidden} not drawn` : "");
+    renderDetail();
+  }
+
+  /** Points for n nodes on rings around (cx, cy), outer ring first, each ring as full as
+   * its length allows; fewer than n points when they do not all fit. */
+  function ringLayout(n, cx, cy, rx, ry, r) {
+    const points = [];
+    for (let ring = 0; points.length < n; ring++) {
+      const k = 1 - ring * 0.27;
+      if (k < 0.35) break;
+      const a = rx * k, b = ry * k;
+      const around = Math.PI * (3 * (a + b) - Math.sqrt((3 * a + b) * (a + 3 * b)));  // Ramanujan
+      const here = Math.min(n - points.length, Math.max(1, Math.floor(around / (2 * r + 8))));
+      for (let i = 0; i < here; i++) {
+        const angle = -Math.PI / 2 + (2 * Math.PI * (i + (ring % 2) * 0.5)) / here;
+        points.push([cx + a * Math.cos(angle), cy + b * Math.sin(angle)]);
+      }
+    }
+    return points;
+  }
+
+  /** Draw the map at the width it has; returns how many nodes it could draw. */
+  function renderMap() {
+    const svg = ui.map;
+    const width = Math.max(240, Math.round(svg.getBoundingClientRect().width || 600));
+    const height = Math.round(width < 560 ? width * 0.8 : Math.min(460, Math.max(300, width * 0.6)));
+    explorer.width = width;
+    const focused = document.activeElement && svg.contains(document.activeElement) ? document.activeElement.dataset.peerId ?? "" : null;
+    svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+
+    const rows = [...explorer.rows].sort((a, b) => peerOf(a).localeCompare(peerOf(b)));  // stable places
+    const n = Math.min(rows.length, MAX_MAP_NODES);
+    const r = n > 60 ? 5 : n > 24 ? 8 : 12;
+    const labels = n <= 16;
+    const cx = width / 2, cy = height / 2;
+    const points = ringLayout(n, cx, cy, cx - r - (labels ? 30 : 8), cy - r - (labels ? 18 : 8), r);
+    const answer = explorer.answer;
+    const hops = answer ? (answer.hops.length ? answer.hops : answer.node ? [answer.node] : []) : [];
+    const edges = svgEl("g", { class: "edges" });
+    const path = svgEl("g", { class: "answer" });
+    const nodes = svgEl("g", { class: "nodes" });
+
+    points.forEach(([x, y], i) => {
+      const row = rows[i];
+      const peer = peerOf(row), how = pathOf(row), role = roleOf(row);
+      const online = row.online === true, quarantined = row.quarantined === true;
+      const selected = peer === explorer.selected;
+      const hop = hops.indexOf(peer);
+      const [px, py] = [x.toFixed(1), y.toFixed(1)];
+      edges.append(svgEl("line", { class: `edge path-${how}${online ? "" : " offline"}`, x1: cx, y1: cy, x2: px, y2: py,
+        "data-testid": "map-edge", "data-peer-id": peer, "data-path": how }));
+      if (hop >= 0) {
+        path.append(svgEl("line", { class: "answer-path", x1: cx, y1: cy, x2: px, y2: py, "data-testid": "map-answer", "data-peer-id": peer, "data-hop": hop + 1 }));
+      }
+      const status = [online ? "online" : "offline", PATH_TEXT[how], quarantined ? "quarantined" : null, hop >= 0 ? "made the last answer" : null].filter(Boolean);
+      const classes = ["map-node", `role-${role}`, online ? "online" : "offline", quarantined ? "quarantined" : null, selected ? "selected" : null, hop >= 0 ? "answered" : null];
+      nodes.append(svgEl("g", {
+        class: classes.filter(Boolean).join(" "), transform: `translate(${px} ${py})`, tabindex: "0", role: "button",
+        "aria-pressed": String(selected), "aria-label": `${role} ${peer}: ${status.join(", ")}`,
+        "data-testid": "map-node", "data-peer-id": peer, "data-role": role, "data-online": String(online), "data-path": how,
+        "data-quarantined": String(quarantined),
+      },
+      svgEl("title", {}, [`${role} ${peer}`, ...status].join("\n")),
+      svgEl("circle", { class: "hit", r: r + 8 }),
+      selected ? svgEl("circle", { class: "ring", r: r + 5 }) : null,
+      svgEl("circle", { class: `dot role-${role}`, r }),
+      quarantined ? svgEl("path", { class: "q-mark", d: `M${-r / 2} ${-r / 2}L${r / 2} ${r / 2}M${r / 2} ${-r / 2}L${-r / 2} ${r / 2}` }) : null,
+      hop >= 0 && hops.length > 1 ? svgEl("text", { class: "hop-number", x: r + 3, y: -r, "aria-hidden": "true" }, String(hop + 1)) : null,
+      labels ? svgEl("text", { class: "label", y: r + 13, "text-anchor": "middle", "aria-hidden": "true" }, tail(peer)) : null));
+    });
+
+    const center = !explorer.selected;
+    const gateway = svgEl("g", {
+      class: `map-gateway${center ? " selected" : ""}`, transform: `translate(${cx} ${cy})`, tabindex: "0", role: "button",
+      "aria-pressed": String(center), "aria-label": "this gateway: show its charts", "data-testid": "map-gateway", "data-role": "gateway",
+      "data-peer-id": "",
+    },
+    svgEl("title", {}, `this gateway${state.gateway ? ` (${state.gateway})` : ""}`),
+    center ? svgEl("circle", { class: "ring", r: 23 }) : null,
+    svgEl("circle", { class: "dot role-gateway", r: 18 }),
+    svgEl("text", { class: "gw-text", "text-anchor": "middle", dy: "0.35em", "aria-hidden": "true" }, "GW"),
+    svgEl("text", { class: "label", y: 18 + 14, "text-anchor": "middle", "aria-hidden": "true" }, rows.length ? "this gateway" : "this gateway · no nodes yet"));
+    svg.replaceChildren(edges, path, nodes, gateway);
+    if (focused !== null) {
+      const again = svg.querySelector(`[data-peer-id="${CSS.escape(focused)}"]`);
+      if (again) again.focus();
+    }
+    return points.length;
+  }
+
+  function selectNode(peer) {
+    if (peer === explorer.selected) return;
+    explorer.selected = peer || null;
+    explorer.history = null;
+    for (const row of ui.nodes.rows) {
+      const on = Boolean(peer) && row.dataset.peerId === peer;
+      row.classList.toggle("selected", on);
+      if (on) row.dataset.selected = "true"; else delete row.dataset.selected;
+    }
+    renderMap();
+    renderDetail();
+    loadHistory().then(renderDetail);  // at once, not at the next refresh
+  }
+
+  /** The path of the answer just made, for the map. */
+  function noteAnswer(entry) {
+    explorer.answer = { node: entry.node || null, hops: (entry.route || []).map((h) => h.peer) };
+    renderMap();
+  }
+
+  // --- the selection's panel ---------------------------------------------------------------
+
+  /** A series of the history as numbers or null, as long as its times. */
+  function seriesOf(data, name) {
+    const values = Array.isArray(data?.series?.[name]) ? data.series[name] : [];
+    return values.map((v) => (isNum(v) ? v : null));
+  }
+
+  /** Per sample, how much a cumulative count grew since the one before (null: unknown). */
+  const increments = (values) => values.map((v, i) => (i && v !== null && values[i - 1] !== null ? Math.max(0, v - values[i - 1]) : null));
+
+  function niceMax(v) {
+    if (!(v > 0)) return 1;
+    const p = 10 ** Math.floor(Math.log10(v));
+    return [1, 2, 2.5, 5, 10].find((m) => m * p >= v * 0.9999) * p;
+  }
+
+  function fmt(v, unit = "") {
+    if (!isNum(v)) return dash;
+    const text = Math.abs(v) >= 100 || Number.isInteger(v) ? String(Math.round(v)) : v.toFixed(1);
+    return unit ? `${text} ${unit}` : text;
+  }
+
+  /** A small line chart: one SVG stretched to its box (strokes keep their width), its
+   * words in HTML around it. Gaps (unknown values) break the line. */
+  function chart(key, title, t, values, { unit = "", value = null, kind = "" } = {}) {
+    const W = 300, H = 80, PAD = 5;
+    const times = t.filter(isNum);
+    const t0 = times[0], t1 = times[times.length - 1];
+    const points = values.map((v, i) => (isNum(v) && isNum(t[i]) ? [t[i], v] : null));
+    const known = points.filter(Boolean);
+    const top = niceMax(Math.max(0, ...known.map((p) => p[1])));
+    const x = (tt) => (t1 > t0 ? ((tt - t0) / (t1 - t0)) * W : W);
+    const y = (v) => H - PAD - ((H - 2 * PAD) * v) / top;
+    const shapes = [svgEl("line", { class: "grid", x1: 0, y1: H - PAD, x2: W, y2: H - PAD })];
+    let run = [];
+    const flush = () => {
+      if (!run.length) return;
+      const line = run.map(([tt, v]) => `${x(tt).toFixed(1)},${y(v).toFixed(1)}`);
+      if (run.length === 1) line.push(line[0]);  // one sample: a dot
+      shapes.push(svgEl("polygon", { class: "area", points: `${x(run[0][0]).toFixed(1)},${H - PAD} ${line.join(" ")} ${x(run[run.length - 1][0]).toFixed(1)},${H - PAD}` }));
+      shapes.push(svgEl("polyline", { class: "line", points: line.join(" ") }));
+      run = [];
+    };
+    for (const p of points) {
+      if (p) run.push(p); else flush();
+    }
+    flush();
+    const latest = known.length ? known[known.length - 1][1] : null;
+    const max = known.length ? Math.max(...known.map((p) => p[1])) : null;
+    const label = known.length ? `${title}: ${known.length} samples, from ${fmt(Math.min(...known.map((p) => p[1])), unit)} to ${fmt(max, unit)}, now ${fmt(latest, unit)}`
+      : `${title}: no data yet`;
+    return el("figure", { class: `chart${kind ? ` ${kind}` : ""}`, "data-testid": "chart", "data-series": key, "data-points": known.length },
+      el("figcaption", { class: "chart-head" }, el("span", { class: "chart-title" }, title),
+        el("span", { class: "chart-value", "data-testid": "chart-value" }, value ?? fmt(latest, unit))),
+      svgEl("svg", { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none", role: "img", "aria-label": label }, ...shapes),
+      el("div", { class: "chart-foot" },
+        el("span", {}, isNum(t0) ? clock(new Date(t0 * 1000)) : dash),
+        el("span", {}, known.length ? `max ${fmt(max, unit)}` : "no data yet"),
+        el("span", {}, isNum(t1) ? clock(new Date(t1 * 1000)) : dash)));
+  }
+
+  /** Online or offline at each sample, as a strip of coloured cells along time. */
+  function uptimeStrip(t, online, interval) {
+    const W = 1000;
+    const idx = t.map((tt, i) => i).filter((i) => isNum(t[i]));
+    const t0 = t[idx[0]], t1 = t[idx[idx.length - 1]];
+    const step = isNum(interval) && interval > 0 ? interval : 10;
+    const span = Math.max(t1 - t0 + step, step);
+    const x = (tt) => ((tt - t0) / span) * W;
+    const kind = (i) => (online[i] === 1 ? "on" : online[i] === 0 ? "off" : "unknown");
+    const cells = [];
+    idx.forEach((i, k) => {  // one cell per run of samples alike, up to the next sample
+      if (k && kind(i) === kind(idx[k - 1])) return;
+      let last = k;
+      while (last + 1 < idx.length && kind(idx[last + 1]) === kind(i)) last++;
+      const end = last + 1 < idx.length ? t[idx[last + 1]] : t[idx[last]] + step;
+      cells.push(svgEl("rect", { class: kind(i), x: x(t[i]).toFixed(2), y: 0, width: Math.max(0.5, x(end) - x(t[i])).toFixed(2), height: 10,
+        "data-testid": "uptime-cell", "data-state": kind(i) }));
+    });
+    const up = idx.filter((i) => online[i] === 1).length;
+    const share = idx.length ? Math.round((100 * up) / idx.length) : 0;
+    const text = idx.length ? `Online in ${up} of ${idx.length} samples (${share}%) over ${duration(t1 - t0 + step)}` : "No samples yet";
+    return el("div", { class: "uptime", "data-testid": "uptime-strip", "data-samples": idx.length, "data-online": up },
+      el("div", { class: "chart-head" }, el("span", { class: "chart-title" }, "Uptime"), el("span", { class: "chart-value" }, idx.length ? `${share}%` : dash)),
+      svgEl("svg", { viewBox: `0 0 ${W} 10`, preserveAspectRatio: "none", role: "img", "aria-label": text }, ...cells),
+      el("p", { class: "hint" }, text));
+  }
+
+  function facts(items) {
+    return el("dl", { class: "facts" }, ...items.filter(Boolean).map(([label, value, testid]) =>
+      el("div", {}, el("dt", {}, label), el("dd", { "data-testid": testid || null }, value))));
+  }
+
+  function historyNote(hist) {
+    if (hist?.error) return el("p", { class: "hint", "data-testid": "detail-note" }, hist.error);
+    if (!hist) return el("p", { class: "hint", "data-testid": "detail-note" }, "Loading its history…");
+    if (hist.data?.enabled === false) return el("p", { class: "hint", "data-testid": "detail-note" }, "This gateway keeps no history.");
+    const interval = hist.data?.interval_s;
+    return el("p", { class: "hint", "data-testid": "detail-note" },
+      `Sampled by this gateway every ${isNum(interval) ? interval : "?"} s; the last ${isNum(hist.data?.capacity) ? hist.data.capacity : "?"} samples are kept.`);
+  }
+
+  function renderDetail() {
+    const peer = explorer.selected;
+    const hist = explorer.history && explorer.history.peer === peer ? explorer.history : null;
+    ui.nodeDetail.dataset.peerId = peer || "";
+    ui.nodeDetail.replaceChildren(...(peer ? nodeDetail(peer, hist) : gatewayDetail(hist)).filter(Boolean));
+  }
+
+  function gatewayDetail(hist) {
+    const data = hist?.data?.gateway;  // {samples, series}
+    const t = seriesOf(data, "t");
+    return [
+      el("div", { class: "detail-head" }, el("h3", {}, "This gateway")),
+      el("p", { class: "hint" }, "Select a node on the map or in the nodes table to see its last hour."),
+      el("div", { class: "charts", "data-testid": "gateway-charts" },
+        chart("online", "Nodes online", t, seriesOf(data, "online")),
+        chart("requests", "Requests", t, increments(seriesOf(data, "requests")), { unit: "per sample" }),
+        chart("errors", "Errors", t, increments(seriesOf(data, "errors")), { unit: "per sample", kind: "errors" })),
+      historyNote(hist),
+    ];
+  }
+
+  function nodeDetail(peer, hist) {
+    const row = explorer.rows.find((n) => peerOf(n) === peer) || null;
+    const data = hist?.data;
+    const t = seriesOf(data, "t");
+    const online = row?.online === true;
+    const role = roleOf(row ?? data);
+    const badges = [el("span", { class: `badge ${online ? "online" : "offline"}` }, online ? "online" : "offline")];
+    if (role !== "worker") badges.push(el("span", { class: "badge" }, role));
+    if (row?.quarantined === true) {
+      badges.push(el("span", { class: "badge quarantined", title: typeof row.quarantine_reason === "string" ? row.quarantine_reason : null }, "quarantined"));
+    }
+    if (row) badges.push(el("span", { class: "badge" }, PATH_TEXT[pathOf(row)]));
+
+    const load = row?.load && typeof row.load === "object" ? row.load : {};
+    const spans = row?.spans && typeof row.spans === "object" ? row.spans : {};
+    const spanList = Object.entries(spans).filter(([, s]) => Array.isArray(s) && s.length === 2 && s.every(isNum)).map(([m, s]) => `${m} ${spanText(...s)}`);
+    const models = Array.isArray(row?.models) ? row.models.filter((m) => typeof m === "string") : [];
+    const audits = row?.audits && typeof row.audits === "object" ? row.audits : {};
+    const credits = row?.credits && typeof row.credits === "object" ? row.credits : null;
+    const earned = millicredits(credits?.earned_mc), spent = millicredits(credits?.spent_mc);
+    const rate = isNum(row?.success_rate) ? `${Math.round(row.success_rate * 100)}%${isNum(row.requests) ? ` of ${row.requests}` : ""}` : dash;
+    const throughput = seriesOf(data, "tokens_per_s");
+    const tokens = throughput.some(isNum) ? throughput : seriesOf(data, "decode_tokens_per_s");
+    const errors = increments(seriesOf(data, "errors"));
+    const errorsTotal = errors.filter(isNum).reduce((a, b) => a + b, 0);
+    const queued = seriesOf(data, "queued");
+    const running = isNum(load.running) ? load.running : null;
+
+    return [
+      el("div", { class: "detail-head" }, el("h3", {}, role === "worker" ? "Worker" : capitalize(role)),
+        el("button", { type: "button", class: "link", "data-testid": "detail-close" }, "Show the gateway")),
+      el("p", { class: "mono detail-id", "data-testid": "detail-peer" }, peer),
+      el("p", { class: "cell detail-badges" }, ...badges),
+      row ? null : el("p", { class: "hint" }, "Not in this gateway's node table any more."),
+      facts([
+        ["Models", models.length ? models.join(", ") : dash, "detail-models"],
+        spanList.length ? ["Spans (layers)", spanList.join(", "), "detail-spans"] : null,
+        ["Reputation", isNum(row?.reputation) ? row.reputation.toFixed(2) : dash, "detail-reputation"],
+        ["Success", rate, "detail-success"],
+        ["Audits", isNum(audits.passed) || isNum(audits.failed) ? `${audits.passed ?? 0} passed, ${audits.failed ?? 0} failed` : dash, "detail-audits"],
+        ["Credits", earned !== null && spent !== null ? `+${totalText(earned)} / -${totalText(spent)}${credits.forked === true ? " (forked)" : ""}` : dash, "detail-credits"],
+        ["Uptime", duration(row?.uptime_s), "detail-uptime"],
+      ]),
+      uptimeStrip(t, seriesOf(data, "online"), data?.interval_s),
+      el("div", { class: "charts", "data-testid": "node-charts" },
+        chart("tokens_per_s", "Tokens/s", t, tokens, { unit: "tok/s" }),
+        chart("latency_ms", "Latency (first token)", t, seriesOf(data, "latency_ms"), { unit: "ms" }),
+        chart("queued", "Queue", t, queued, { value: `${fmt(queued.filter(isNum).pop() ?? null)} waiting${running !== null ? `, ${running} running` : ""}` }),
+        chart("errors", "Errors", t, errors, { kind: "errors", value: `${errorsTotal} in ${t.length > 1 ? duration(t[t.length - 1] - t[0]) : dash}` })),
+      historyNote(hist),
+    ];
   }
 
   // --- spans: models served in parts ------------------------------------------------------
@@ -1280,6 +1645,28 @@
     const blocks = info?.blocks;
     ui.registryBlocks.textContent = isNum(blocks) ? String(blocks) : Array.isArray(blocks) ? String(blocks.length) : dash;
     ui.registryMode.textContent = typeof info?.mode === "string" ? info.mode : dash;
+    renderIpns(info);
+  }
+
+  /** Where the registry's IPNS name points and since when; "off" said plainly. */
+  function renderIpns(info) {
+    const ago = (t) => (isNum(t) ? `${Math.max(0, Math.round(Date.now() / 1000 - t))} s ago` : "never");
+    const name = typeof info?.ipns === "string" && /^[A-Za-z0-9]+$/.test(info.ipns) ? info.ipns : null;
+    const via = info?.ipns_via;
+    let text;
+    let title = "";
+    if (via === "off") {
+      text = "off (no IPFS daemon, no network)";
+    } else if (name) {
+      const target = typeof info.ipns_cid === "string" && /^[A-Za-z0-9]+$/.test(info.ipns_cid) ? shortHash(info.ipns_cid) : dash;
+      text = `${shortHash(name)} → ${target}, ${ago(info.ipns_at)}`;
+      title = `/ipns/${name}` + (via === "dht" ? "\non the network's DHT: dllm nodes resolve it, public IPFS gateways do not" : "\nthrough Kubo");
+    } else {
+      text = via === "kubo" || via === "dht" ? "not published yet" : dash;
+    }
+    ui.registryIpns.textContent = text;
+    ui.registryIpns.title = title;
+    ui.registryPublished.textContent = isNum(info?.published_at) ? ago(info.published_at) : dash;
   }
 
   function renderModels(data) {
@@ -1356,10 +1743,12 @@
     try {
       const [nodes, registry, models, health, spans, credits] = await Promise.allSettled([
         getJson("/api/nodes"), getJson("/api/registry"), getJson("/v1/models"), getJson("/healthz"), getJson("/api/spans"),
-        getJson("/api/credits"),
+        getJson("/api/credits"), loadHistory(),
       ]);
+      window.dllmVerify?.recordAnswer(gateway, health.status === "fulfilled");  // ranks gateways found later
       if (gateway !== state.gateway) return;  // the URL changed meanwhile
       if (nodes.status === "fulfilled") renderNodes(nodes.value);
+      renderExplorer(nodes.status === "fulfilled" ? nodes.value : null);
       // A gateway from before spans has no /api/spans: nothing to show, nothing wrong.
       renderSpans(spans.status === "fulfilled" ? spans.value : null);
       // Nor has one from before credits /api/credits: the line just stays hidden.
@@ -1451,8 +1840,44 @@
     if (!document.hidden) refresh().catch(() => {});
   });
 
+  // The explorer: a node is chosen on the map (click, Enter or Space) or in the nodes table.
+  const chosen = (target) => target.closest("[data-testid=map-node], [data-testid=map-gateway], [data-testid=node-row]");
+  ui.map.addEventListener("click", (event) => {
+    const node = chosen(event.target);
+    if (node) selectNode(node.dataset.peerId || null);
+  });
+  ui.map.addEventListener("keydown", (event) => {
+    if (event.key !== "Enter" && event.key !== " ") return;
+    const node = chosen(event.target);
+    if (!node) return;
+    event.preventDefault();
+    selectNode(node.dataset.peerId || null);
+  });
+  ui.nodes.addEventListener("click", (event) => {
+    const row = chosen(event.target);
+    if (!row || !row.dataset.peerId || (window.getSelection && String(window.getSelection()))) return;  // not when selecting text
+    selectNode(row.dataset.peerId);
+    const rect = ui.nodeDetail.getBoundingClientRect();  // the charts just below the table: bring them into view
+    if (rect.top < 0 || rect.top > window.innerHeight - 80) {
+      ui.nodeDetail.scrollIntoView({ block: "start", behavior: matchMedia("(prefers-reduced-motion: reduce)").matches ? "auto" : "smooth" });
+    }
+  });
+  ui.nodeDetail.addEventListener("click", (event) => {
+    if (event.target.closest("[data-testid=detail-close]")) selectNode(null);
+  });
+  if (window.ResizeObserver) {
+    let frame = 0;
+    new ResizeObserver(() => {
+      cancelAnimationFrame(frame);
+      frame = requestAnimationFrame(() => {
+        if (Math.round(ui.map.getBoundingClientRect().width) !== explorer.width) renderMap();
+      });
+    }).observe(ui.map);
+  }
+
   function start() {
     applyView();
+    renderExplorer(null);
     const params = new URLSearchParams(location.search);
     ui.registryRef.value = params.get("registry") || storage.get(STORE.registry);
     ui.ipfsGateway.value = params.get("ipfs") || storage.get(STORE.ipfs);
