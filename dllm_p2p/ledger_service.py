@@ -160,7 +160,12 @@ class LedgerService:
 
     async def fetch(self, client: Any, peer: str, addrs: list[str]) -> credits.Totals:
         """Fetch ``peer``'s ledger and verify it; raises on any failure."""
-        await client.connect_any(addrs)
+        # A requester is connected to us already (its requests came that way, perhaps
+        # through a relay): ask on that connection, never dial a path of our own beside it.
+        from libp2p.peer.id import ID
+
+        if not client.host.get_network().get_connections(ID.from_base58(peer)):
+            await client.connect_any(addrs)
         stream = await client.open_stream(addrs[0], wire.LEDGER_PROTOCOL)
         try:
             with trio.fail_after(FETCH_TIMEOUT_S):
