@@ -69,7 +69,8 @@ class LedgerService:
     def on_heartbeat(self, beat: Heartbeat) -> None:
         if beat.ledger is None or beat.peer_id == self.peer_id:
             return
-        self.peers.take_summary(beat.peer_id, beat.ledger, beat.signed)
+        if self.peers.take_summary(beat.peer_id, beat.ledger, beat.signed) is not None:
+            self._unsaved.set()  # the write loop saves forks.json too: wake it now
         verified = self.peers.verified.get(beat.peer_id)
         # Fetched again when its head moved, or when it served no valid proof of work yet
         # (a node solves it after it starts): at most every REFETCH_S.
@@ -139,7 +140,8 @@ class LedgerService:
             raise
         except Exception as exc:  # anything else a peer's frame can raise is its fault too
             raise credits.InvalidReceipt(f"a malformed countersignature: {type(exc).__name__}") from None
-        self.peers.take_record(record, given=True)
+        if self.peers.take_record(record, given=True) is not None:
+            self._unsaved.set()
         return full
 
     # --- /dllm/ledger/1.0.0 ------------------------------------------------------------
@@ -182,7 +184,8 @@ class LedgerService:
             functools.partial(credits.verify_records, frame["records"], peer, trust_checkpoint=False)
         )
         for record in frame["records"][-credits.CHECKPOINT_EVERY:]:
-            self.peers.take_record(record)
+            if self.peers.take_record(record) is not None:
+                self._unsaved.set()
         head = credits.record_hash(frame["records"][-1]) if frame["records"] else credits.GENESIS
         self.peers.set_verified(peer, totals, head, credits.allowance_holds(peer, frame.get("pow"), self.pow_bits))
         return totals
@@ -226,7 +229,10 @@ class LedgerService:
         try:
             while True:
                 if self.peers.forks_dirty:
-                    await trio.to_thread.run_sync(self.peers.save_forks)
+                    try:
+                        await trio.to_thread.run_sync(self.peers.save_forks)
+                    except Exception as exc:  # evidence we cannot write must not stop the node
+                        log.error("could not write forks.json: %r", exc)
                 with trio.move_on_after(5 if self.peers.forks_dirty else 60):
                     await self._unsaved.wait()
                 self._unsaved = trio.Event()

@@ -61,10 +61,12 @@ def test_every_worker_sees_the_others_through_one_bootstrap(net: LocalNetwork) -
 
 def test_generate_json_and_stream(net: LocalNetwork) -> None:
     with httpx.Client(base_url=net.url, timeout=60) as http:
-        body = http.post("/api/generate", json={"prompt": "Hello", "max_new_tokens": 8, "min_new_tokens": 8, "temperature": 0}).json()
-        assert body["usage"]["completion_tokens"] == 8 and body["node"] in {peer_of(a) for a in net.worker_addrs}
+        # 48 tokens: tiny makes one in about 2 ms and a worker sends a token frame at most
+        # every 10 ms, so 8 tokens could all arrive in one frame.
+        body = http.post("/api/generate", json={"prompt": "Hello", "max_new_tokens": 48, "min_new_tokens": 48, "temperature": 0}).json()
+        assert body["usage"]["completion_tokens"] == 48 and body["node"] in {peer_of(a) for a in net.worker_addrs}
         events: list[tuple[str, dict]] = []
-        with http.stream("POST", "/api/generate", json={"prompt": "Hello", "max_new_tokens": 8, "min_new_tokens": 8, "temperature": 0, "stream": True}) as response:
+        with http.stream("POST", "/api/generate", json={"prompt": "Hello", "max_new_tokens": 48, "min_new_tokens": 48, "temperature": 0, "stream": True}) as response:
             assert response.headers["content-type"].startswith("text/event-stream")
             event = None
             for line in response.iter_lines():
