@@ -16,7 +16,11 @@ The answer's shape: column arrays, one list per series, index ``i`` of every lis
 the same sample; ``null`` where a value was unknown (no latency measured yet, no ledger)::
 
     {"enabled": true, "interval_s": 10, "capacity": 360, "max_nodes": 512, "now": 1700000000.0,
-     "gateway": {"samples": 2, "series": {"t": [...], "online": [...], "known": [...], "requests": [...], "errors": [...]}},
+     "gateway": {"samples": 2, "series": {"t": [...], "online": [...], "known": [...], "requests": [...], "errors": [...],
+                                          "blocks": [...], "records": [...]},
+                 "publications": [{"cid": "bafy...", "first_seen": 1699999990.0, "published_at": 1699999989.5,
+                                   "head": "9f2c...", "blocks": 7, "ipns": "k51...", "ipns_cid": "bafy...",
+                                   "named_at": 1699999995.1}, ...]},
      "nodes": {"12D3KooW...": {"peer_id": "12D3KooW...", "role": "worker", "last_seen": 1699999999.2,
                                "samples": 2, "series": {"t": [...], "online": [1, 1], "tokens_per_s": [...], ...}}}}
 
@@ -28,11 +32,22 @@ time to first token; ``running``, ``queued``, ``capacity`` its load; ``requests`
 ``errors`` are cumulative counts of this gateway's requests to it (so a chart of errors
 plots their increase between samples); ``success_rate``, ``reputation``; ``earned_mc`` and
 ``spent_mc`` its gossiped ledger totals. Gateway series (``GATEWAY_SERIES``): ``online``
-and ``known`` nodes, and the cumulative ``requests`` and ``errors`` of its HTTP API.
+and ``known`` nodes, the cumulative ``requests`` and ``errors`` of its HTTP API, and the
+registry as ``/api/registry`` says (the ``registry`` callable, ``describe_registry``):
+its ``blocks`` and its live ``records`` (null without a registry).
+
+``publications``: the registry's publications this gateway saw, one per distinct CID,
+oldest first, the last ``MAX_PUBLICATIONS`` (64) only: the ``cid``, when a sample first
+saw it (``first_seen``) and when the publisher says it published it (``published_at``),
+the chain's ``head`` hash and ``blocks`` at that sample, the registry's IPNS name
+(``ipns``) and the CID that name pointed to then (``ipns_cid``), and ``named_at``: when the
+name was first seen pointing at this CID (the publisher's ``ipns_at``), null until then.
+Fields unknown are null. ``since`` leaves out those first seen up to that time too.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from array import array
@@ -43,17 +58,21 @@ import trio
 
 from .nodes import NodeTable
 
+log = logging.getLogger(__name__)
+
 #: Samples kept per node: an hour at the default interval.
 CAPACITY = 360
 #: Nodes kept at most; the least recently seen are dropped first.
 MAX_NODES = 512
+#: Publications of the registry kept (distinct CIDs); the oldest are dropped first.
+MAX_PUBLICATIONS = 64
 DEFAULT_INTERVAL = 10.0
 
 NODE_SERIES = (
     "t", "online", "tokens_per_s", "decode_tokens_per_s", "latency_ms", "running", "queued", "capacity",
     "requests", "errors", "success_rate", "reputation", "quarantined", "earned_mc", "spent_mc",
 )
-GATEWAY_SERIES = ("t", "online", "known", "requests", "errors")
+GATEWAY_SERIES = ("t", "online", "known", "requests", "errors", "blocks", "records")
 
 Value = float | int | bool | None
 
@@ -132,8 +151,9 @@ class History:
     ``sample()`` takes one sample now (``clock()``, wall time by default); ``run()`` does it
     every ``interval`` seconds, forever. ``credits`` gives a peer's ledger summary (as
     ``LedgerService.peer_credits``) and ``figures`` the gateway's cumulative counts
-    (``{"requests": n, "errors": n}``, see ``metrics_figures``); both are optional.
-    Single-threaded: used from the trio loop, like the table.
+    (``{"requests": n, "errors": n}``, see ``metrics_figures``); ``registry`` the registry's
+    state (as ``/api/registry``: ``head``, ``blocks``, ``nodes``, ``cid``, ``ipns``...); all
+    are optional. Single-threaded: used from the trio loop, like the table.
     """
 
     def __init__(
@@ -146,6 +166,8 @@ class History:
         clock: Callable[[], float] = time.time,
         credits: Callable[[str], dict[str, Any] | None] | None = None,
         figures: Callable[[], dict[str, float]] | None = None,
+        registry: Callable[[], dict[str, Any]] | None = None,
+        max_publications: int = MAX_PUBLICATIONS,
     ) -> None:
         if not interval > 0:
             raise ValueError(f"the history interval must be above 0 seconds, not {interval:g}")
@@ -158,6 +180,10 @@ class History:
         self.clock = clock
         self.credits = credits
         self.figures = figures
+        self.registry = registry
+        self.max_publications = max_publications
+        #: The registry's publications by CID, oldest first (dicts keep their order).
+        self.publications: dict[str, dict[str, Any]] = {}
         self.nodes: dict[str, _Track] = {}
         self.gateway = Ring(capacity, len(GATEWAY_SERIES))
 
@@ -191,7 +217,42 @@ class History:
             track.ring.append(self._node_row(now, row))
         self._drop_expired(now)
         figures = self.figures() if self.figures is not None else {}
-        self.gateway.append((round(now, 3), online, len(rows), figures.get("requests"), figures.get("errors")))
+        registry = self._registry()
+        blocks, records = _count(registry.get("blocks")), _count(registry.get("nodes"))
+        self._note_publication(now, registry, blocks)
+        self.gateway.append((round(now, 3), online, len(rows), figures.get("requests"), figures.get("errors"), blocks, records))
+
+    def _registry(self) -> dict[str, Any]:
+        """The registry's state now; empty without one (or when it cannot be read: a
+        sample is still taken, and the loop goes on)."""
+        if self.registry is None:
+            return {}
+        try:
+            info = self.registry()
+        except Exception:
+            log.warning("history: cannot read the registry's state", exc_info=True)
+            return {}
+        return info if isinstance(info, dict) else {}
+
+    def _note_publication(self, now: float, registry: dict[str, Any], blocks: int | float | None) -> None:
+        """Remember the registry's CID if it is new, and when its IPNS name points at one kept."""
+        cid, target = _text(registry.get("cid")), _text(registry.get("ipns_cid"))
+        if cid is not None and cid not in self.publications:
+            self.publications[cid] = {
+                "cid": cid,
+                "first_seen": round(now, 3),
+                "published_at": _number(registry.get("published_at")),
+                "head": _text(registry.get("head")),
+                "blocks": blocks,
+                "ipns": _text(registry.get("ipns")),
+                "ipns_cid": target,
+                "named_at": None,
+            }
+            while len(self.publications) > self.max_publications:
+                del self.publications[next(iter(self.publications))]
+        named = self.publications.get(target) if target is not None else None
+        if named is not None and named["named_at"] is None:
+            named["named_at"] = _number(registry.get("ipns_at")) or round(now, 3)
 
     def _make_room(self, rows: dict[str, dict[str, Any]]) -> None:
         """Keep the ``max_nodes`` most recently seen of the nodes in the table and those
@@ -255,7 +316,11 @@ class History:
         """Everything (see the module's docstring); ``nodes=False`` leaves the nodes out
         (the gateway's series only), ``since`` leaves out samples taken up to that time."""
         out = self._head()
-        out["gateway"] = {"samples": len(self.gateway), "series": self.gateway.columns(GATEWAY_SERIES, since)}
+        out["gateway"] = {
+            "samples": len(self.gateway),
+            "series": self.gateway.columns(GATEWAY_SERIES, since),
+            "publications": [dict(p) for p in self.publications.values() if since is None or p["first_seen"] > since],
+        }
         out["nodes"] = {peer_id: self._node(peer_id, track, since) for peer_id, track in sorted(self.nodes.items())} if nodes else {}
         return out
 
@@ -280,7 +345,7 @@ class History:
         """What ``/api/history`` says for a gateway that keeps none."""
         return {
             "enabled": False, "interval_s": None, "capacity": 0, "max_nodes": 0, "now": round(time.time(), 3),
-            "gateway": {"samples": 0, "series": {name: [] for name in GATEWAY_SERIES}}, "nodes": {},
+            "gateway": {"samples": 0, "series": {name: [] for name in GATEWAY_SERIES}, "publications": []}, "nodes": {},
         }
 
 
@@ -299,6 +364,15 @@ def _number(value: Any) -> float | int | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return value
+
+
+def _count(value: Any) -> int | float | None:
+    """A count from the registry's state: a number, or the length of a list of things."""
+    return len(value) if isinstance(value, (list, tuple, dict)) else _number(value)
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def _json_number(value: float) -> float | int | None:

@@ -121,12 +121,16 @@ async def run_gateway(
     # Reuse streams to workers (no setup per request); pay for every answer with a receipt.
     client = Client(host, keep_alive=True, ledger=ledger)
     auditor = Auditor(table, client, rate=args.audit_rate, evidence_dir=Path(args.data_dir).expanduser() / "audits", probe_interval=args.probe_interval)
+    # The registry's state, for /api/registry and its history (blocks, records, publications).
+    def registry_info() -> dict[str, Any]:
+        return describe_registry(store, publisher)
+
     # Samples of the table for /api/history and the page's charts; the last hour at most.
-    history = History(table, interval=args.history_interval, credits=ledger.peer_credits if ledger is not None else None)
+    history = History(table, interval=args.history_interval, credits=ledger.peer_credits if ledger is not None else None, registry=registry_info)
     gw = Gateway(
         table,
         client,
-        registry_info=lambda: describe_registry(store, publisher),
+        registry_info=registry_info,
         max_attempts=args.max_attempts,
         cors_origins=args.cors_origin,
         api_keys=api_keys,

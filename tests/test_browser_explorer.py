@@ -4,7 +4,8 @@ three real workers on 127.0.0.1.
 The gateway samples its nodes every second here (``--history-interval 1``), so the page
 has a history to draw within a few seconds: the map shows the gateway and one node per
 worker with the last answer's path, and choosing a node (on the map, or in the table at
-phone width) draws its uptime strip and charts from ``/api/history/{peer_id}``.
+phone width) draws its uptime strip and charts from ``/api/history/{peer_id}``; with no node
+chosen, the gateway's own, with the registry's live records, blocks and publications.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ CHARTS_DRAWN = """peer => {
     const points = (key) => Number(panel.querySelector(`[data-testid=chart][data-series=${key}]`)?.dataset.points || 0);
     return panel.dataset.peerId === peer && points('latency_ms') >= 2 && points('tokens_per_s') >= 2 && points('queued') >= 2
         && points('errors') >= 1 && Number(panel.querySelector('[data-testid=uptime-strip]')?.dataset.samples || 0) >= 2;
+}"""
+REGISTRY_DRAWN = """() => {
+    const box = document.querySelector('[data-testid=node-detail] [data-testid=registry-history]');
+    const points = (key) => Number(box?.querySelector(`[data-testid=chart][data-series=${key}]`)?.dataset.points || 0);
+    return points('records') >= 2 && points('blocks') >= 2 && box.querySelectorAll('[data-testid=publication]').length >= 1;
 }"""
 
 
@@ -109,6 +115,11 @@ def test_the_map_shows_the_network_and_a_chosen_node_its_last_hour(net: LocalNet
             page.wait_for_function(
                 "() => Number(document.querySelector('[data-testid=gateway-charts] [data-series=online]')?.dataset.points || 0) >= 2"
             )
+            # And the registry's: live records and blocks over time, its publications by CID.
+            page.wait_for_function(REGISTRY_DRAWN, timeout=15_000)
+            cids = [p["cid"] for p in get_json(f"{net.url}/api/history?nodes=false")["gateway"]["publications"]]
+            shown = page.get_by_test_id("publication").evaluate_all("rows => rows.map(r => r.dataset.cid)")
+            assert shown and set(shown) <= set(cids), (shown, cids)
             assert page.js_errors == []
 
         with browser_page((390, 844), browser=browser, is_mobile=True, has_touch=True) as page:

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from gateway.app import Gateway, create_app
-from gateway.history import CAPACITY, GATEWAY_SERIES, MAX_NODES, NODE_SERIES, History, Ring, metrics_figures
+from gateway.history import CAPACITY, GATEWAY_SERIES, MAX_NODES, MAX_PUBLICATIONS, NODE_SERIES, History, Ring, metrics_figures
 from gateway.nodes import NodeTable
 
 T0 = 1_700_000_000.0
@@ -55,7 +55,8 @@ def test_a_sample_takes_every_node_and_the_gateway() -> None:
 
     gateway = history.describe()["gateway"]
     assert gateway["samples"] == 1
-    assert gateway["series"] == {"t": [T0], "online": [1], "known": [2], "requests": [7], "errors": [1]}
+    assert gateway["series"] == {"t": [T0], "online": [1], "known": [2], "requests": [7], "errors": [1], "blocks": [None], "records": [None]}
+    assert gateway["publications"] == []  # no registry given
 
     # Ten seconds on: a is quiet (offline), quarantined, and failed twice more.
     clock.now += 10.5
@@ -146,6 +147,79 @@ def test_a_node_gone_from_the_table_is_kept_until_its_samples_leave_the_window()
     assert history.node("b") is None and history.node("a") is not None
 
 
+def registry_state(head: str, blocks: int, records: int, cid: str | None, **more: Any) -> dict[str, Any]:
+    """What ``describe_registry`` says (gateway/server.py), with ``records`` live records."""
+    nodes = [{"peer_id": f"p{i}", "role": "worker"} for i in range(records)]
+    return {"head": head, "blocks": blocks, "compacted_at": None, "nodes": nodes, "cid": cid, "published_at": None,
+            "mode": "embedded", "ipns": None, "ipns_cid": None, "ipns_at": None, "ipns_via": "off", **more}
+
+
+def test_the_registry_over_time_blocks_records_and_publications() -> None:
+    clock = FakeClock()
+    state = registry_state("h0", 1, 0, None)
+    history = History(NodeTable(ttl=10), clock=clock, registry=lambda: state)
+
+    history.sample()  # not published yet: counted, no publication
+    clock.now += 10
+    state = registry_state("h1", 3, 2, "bafyA", published_at=T0 + 9.5, ipns="k51name", ipns_cid="bafyOld", ipns_at=T0 - 50, ipns_via="dht")
+    history.sample()
+    clock.now += 10
+    state = {**state, "nodes": state["nodes"][:1], "ipns_cid": "bafyA", "ipns_at": T0 + 15}  # a record expired; the name follows
+    history.sample()
+    clock.now += 10
+    state = registry_state("h2", 4, 1, "bafyB", published_at=T0 + 29, ipns="k51name", ipns_cid="bafyA", ipns_at=T0 + 15, ipns_via="dht")
+    history.sample()
+
+    gateway = history.describe()["gateway"]
+    assert gateway["series"]["blocks"] == [1, 3, 3, 4] and gateway["series"]["records"] == [0, 2, 1, 1]
+    assert gateway["publications"] == [  # one per distinct CID, oldest first
+        {"cid": "bafyA", "first_seen": T0 + 10, "published_at": T0 + 9.5, "head": "h1", "blocks": 3,
+         "ipns": "k51name", "ipns_cid": "bafyOld", "named_at": T0 + 15},
+        {"cid": "bafyB", "first_seen": T0 + 30, "published_at": T0 + 29, "head": "h2", "blocks": 4,
+         "ipns": "k51name", "ipns_cid": "bafyA", "named_at": None},
+    ]
+    # ``since`` leaves out the publications first seen up to then, like the samples.
+    assert [p["cid"] for p in history.describe(since=T0 + 10)["gateway"]["publications"]] == ["bafyB"]
+    # What the answer holds is a copy: a reader cannot change what is kept.
+    gateway["publications"][0]["cid"] = "changed"
+    assert history.describe()["gateway"]["publications"][0]["cid"] == "bafyA"
+
+
+def test_only_the_last_publications_are_kept() -> None:
+    clock = FakeClock()
+    state: dict[str, Any] = {}
+    history = History(NodeTable(), clock=clock, registry=lambda: state)
+    for i in range(MAX_PUBLICATIONS + 10):
+        state = registry_state(f"h{i}", i + 1, 1, f"bafy{i}")
+        history.sample()
+        history.sample()  # the same CID again: still one publication
+        clock.now += 10
+    kept = history.describe()["gateway"]["publications"]
+    assert len(kept) == MAX_PUBLICATIONS == 64
+    assert [p["cid"] for p in kept] == [f"bafy{i}" for i in range(10, MAX_PUBLICATIONS + 10)]
+    assert kept[-1]["head"] == f"h{MAX_PUBLICATIONS + 9}" and kept[-1]["blocks"] == MAX_PUBLICATIONS + 10
+
+
+def test_a_registry_that_fails_or_lies_does_not_stop_the_sampling() -> None:
+    clock = FakeClock()
+    answers: list[Any] = [RuntimeError("store closed"), "not a dict", {"blocks": "7", "nodes": None, "cid": 42, "head": ["x"]}]
+
+    def registry() -> Any:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    history = History(NodeTable(), clock=clock, registry=registry)
+    for _ in range(3):
+        history.sample()
+        clock.now += 10
+    gateway = history.describe()["gateway"]
+    assert gateway["samples"] == 3
+    assert gateway["series"]["blocks"] == [None] * 3 and gateway["series"]["records"] == [None] * 3
+    assert gateway["publications"] == []
+
+
 def test_the_defaults_bound_the_memory() -> None:
     assert (CAPACITY, MAX_NODES) == (360, 512)
     history = History(NodeTable())
@@ -183,7 +257,8 @@ async def test_the_history_routes() -> None:
     table = NodeTable(ttl=10)
     beat(table, "a", T0)
     gw = Gateway(table, None)
-    gw.history = History(table, clock=clock, figures=metrics_figures(gw.metrics))
+    registry = registry_state("h1", 2, 1, "bafyA")
+    gw.history = History(table, clock=clock, figures=metrics_figures(gw.metrics), registry=lambda: registry)
     gw.history.sample()
     clock.now += 11
     gw.history.sample()
@@ -197,6 +272,9 @@ async def test_the_history_routes() -> None:
     assert everything["nodes"]["a"]["series"]["online"] == [1, 0]
     assert everything["gateway"]["series"]["requests"] == [0, 0]
     assert set(everything["gateway"]["series"]) == set(GATEWAY_SERIES)
+    assert everything["gateway"]["series"]["blocks"] == [2, 2] and everything["gateway"]["series"]["records"] == [1, 1]
+    assert [(p["cid"], p["head"], p["first_seen"]) for p in everything["gateway"]["publications"]] == [("bafyA", "h1", T0)]
+    assert gateway_only["gateway"]["publications"] == everything["gateway"]["publications"]
     assert one.status_code == 200 and one.json()["peer_id"] == "a" and one.json()["samples"] == 2
     assert newer["series"]["t"] == [T0 + 11]
     assert gateway_only["nodes"] == {} and gateway_only["gateway"]["samples"] == 2
@@ -210,5 +288,5 @@ async def test_a_gateway_without_history_answers_an_empty_one() -> None:
     assert everything.status_code == 200
     body = everything.json()
     assert body["enabled"] is False and body["nodes"] == {} and body["gateway"]["samples"] == 0
-    assert body["gateway"]["series"] == {name: [] for name in GATEWAY_SERIES}
+    assert body["gateway"]["series"] == {name: [] for name in GATEWAY_SERIES} and body["gateway"]["publications"] == []
     assert one.status_code == 404

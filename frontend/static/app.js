@@ -1493,8 +1493,40 @@
         chart("online", "Nodes online", t, seriesOf(data, "online")),
         chart("requests", "Requests", t, increments(seriesOf(data, "requests")), { unit: "per sample" }),
         chart("errors", "Errors", t, increments(seriesOf(data, "errors")), { unit: "per sample", kind: "errors" })),
+      registryHistory(data, isNum(hist?.data?.now) ? hist.data.now : Date.now() / 1000),
       historyNote(hist),
     ];
+  }
+
+  const MAX_PUBLICATIONS_SHOWN = 10;
+  const cidText = (v) => (typeof v === "string" && /^[A-Za-z0-9]+$/.test(v) ? v : null);
+
+  /** The registry over time: its live records and blocks, and its last publications
+   * (newest first), from the gateway's history; every field checked, none trusted. */
+  function registryHistory(data, now) {
+    const t = seriesOf(data, "t");
+    const seen = Array.isArray(data?.publications) ? data.publications : [];
+    const publications = seen.filter((p) => p && typeof p === "object" && cidText(p.cid) && isNum(p.first_seen))
+      .sort((a, b) => b.first_seen - a.first_seen).slice(0, MAX_PUBLICATIONS_SHOWN);
+    const ipfs = normalizeHttpUrl(ui.ipfsGateway.value || DEFAULT_IPFS_GATEWAY);
+    const rows = publications.map((p) => {
+      const cid = cidText(p.cid), head = cidText(p.head);
+      const named = isNum(p.named_at);
+      return el("li", { "data-testid": "publication", "data-cid": cid },
+        ipfs ? el("a", { class: "mono", href: `${ipfs}/ipfs/${cid}/blockchain.json`, target: "_blank", rel: "noopener noreferrer", title: cid }, shortHash(cid))
+          : el("span", { class: "mono", title: cid }, shortHash(cid)),
+        el("span", { class: "hint", title: head ? `head ${head}` : null },
+          `head ${shortHash(head)}${isNum(p.blocks) ? ` · ${p.blocks} blocks` : ""} · ${duration(Math.max(0, now - p.first_seen))} ago`),
+        named ? el("span", { class: "badge online", title: `the registry's IPNS name pointed here ${duration(Math.max(0, now - p.named_at))} ago` }, "IPNS") : null);
+    });
+    return el("div", { class: "registry-history", "data-testid": "registry-history" },
+      el("div", { class: "charts" },
+        chart("records", "Live records", t, seriesOf(data, "records")),
+        chart("blocks", "Registry blocks", t, seriesOf(data, "blocks"))),
+      el("div", { class: "chart-head publications-head" }, el("span", { class: "chart-title" }, "Publications"),
+        el("span", { class: "chart-value" }, seen.length > publications.length ? `last ${publications.length} of ${seen.length}` : String(publications.length))),
+      rows.length ? el("ol", { class: "publications" }, ...rows)
+        : el("p", { class: "hint", "data-testid": "publications-empty" }, "None seen since this gateway started."));
   }
 
   function nodeDetail(peer, hist) {
