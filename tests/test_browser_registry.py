@@ -12,6 +12,7 @@ on its own: deep files, CIDv1 with raw leaves, a missing block, a foreign hash f
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import re
@@ -71,10 +72,10 @@ class Published:
         self.child, self.url, self.cid = child, url, cid
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Published]:
+@contextlib.contextmanager
+def published_gateway(data_dir: Path) -> Iterator[Published]:
+    """A gateway that announces its own URL in the registry it publishes; stopped after."""
     skip_unless_browser()
-    data_dir = tmp_path_factory.mktemp("registry") / "gateway"
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     child, listening = start_gateway(
@@ -85,6 +86,12 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Published]:
         yield Published(child, url, published_with(data_dir, url))
     finally:
         child.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Published]:
+    with published_gateway(tmp_path_factory.mktemp("registry") / "gateway") as published:
+        yield published
 
 
 @pytest.fixture(scope="module")

@@ -32,8 +32,7 @@ from dllm_p2p.registry.chain import Chain, make_record, solve_pow
 from dllm_p2p.registry.ipfs import EmbeddedStore
 
 from .browser import browser_page, chromium, skip_unless_browser
-from .procs import start_gateway
-from .test_browser_registry import ARTIFACTS, INDEX, POW, Published, discover, free_port, published_with
+from .test_browser_registry import ARTIFACTS, INDEX, POW, Published, discover, free_port, published_gateway
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
@@ -42,20 +41,10 @@ HISTORY = "dllm.gatewayHistory"
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Published]:
-    skip_unless_browser()
     data_dir = tmp_path_factory.mktemp("registry-verify") / "gateway"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    child, listening = start_gateway(
-        data_dir, "--public-url", url, "--heartbeat-interval", "1", "--pow-bits", POW, "--no-mdns", port=port
-    )
-    try:
-        assert listening == url
-        published = Published(child, url, published_with(data_dir, url))
+    with published_gateway(data_dir) as published:
         published.data_dir = data_dir  # type: ignore[attr-defined]
         yield published
-    finally:
-        child.stop()
 
 
 @pytest.fixture(scope="module")
