@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from .browser import browser_page, chromium, skip_unless_browser
+from .browser import browser_page, skip_unless_browser
 from .procs import LocalNetwork, fast_network, get_json
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
@@ -43,13 +43,6 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNetwork]:
     skip_unless_browser()
     with fast_network(tmp_path_factory.mktemp("credits-net"), 1) as network:
         yield network
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    skip_unless_browser()
-    with chromium() as b:
-        yield b
 
 
 def send(page: Any, n: int) -> None:

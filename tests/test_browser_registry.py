@@ -27,7 +27,7 @@ import pytest
 from dllm_p2p.registry import car
 from dllm_p2p.registry.ipfs import EmbeddedStore, _int_field, _len_field, _varint, build_dag, cid_of_directory
 
-from .browser import browser_page, chromium, skip_unless_browser
+from .browser import browser_page, skip_unless_browser
 from .procs import Child, start_gateway
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
@@ -92,13 +92,6 @@ def published_gateway(data_dir: Path) -> Iterator[Published]:
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Published]:
     with published_gateway(tmp_path_factory.mktemp("registry") / "gateway") as published:
         yield published
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    skip_unless_browser()
-    with chromium() as b:
-        yield b
 
 
 def discover(page: Any, cid: str, ipfs: str) -> Any:

@@ -31,7 +31,7 @@ from dllm_p2p.registry import car
 from dllm_p2p.registry.chain import Chain, make_record, solve_pow
 from dllm_p2p.registry.ipfs import EmbeddedStore
 
-from .browser import browser_page, chromium, skip_unless_browser
+from .browser import browser_page
 from .test_browser_registry import ARTIFACTS, INDEX, POW, Published, discover, free_port, published_gateway
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
@@ -45,13 +45,6 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Published]:
     with published_gateway(data_dir) as published:
         published.data_dir = data_dir  # type: ignore[attr-defined]
         yield published
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    skip_unless_browser()
-    with chromium() as b:
-        yield b
 
 
 def published_doc(gateway: Published) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import trio
 
-from tests.browser import browser_page, chromium, skip_unless_browser
+from tests.browser import browser_page
 
 pytestmark = pytest.mark.browser
 
@@ -206,13 +206,6 @@ class FakeGateway:
 def fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeGateway]:
     with FakeGateway(tmp_path_factory.mktemp("fake-gateway")) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    skip_unless_browser()
-    with chromium() as b:
-        yield b
 
 
 @pytest.fixture()

@@ -12,18 +12,15 @@ from __future__ import annotations
 import base64
 import copy
 import functools
-import hashlib
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from libp2p.crypto.ed25519 import create_new_key_pair
 
 from dllm_p2p.identity import Identity
 from dllm_p2p.registry.chain import (
-    ZERO_HASH,
     Chain,
     InvalidChain,
     block_hash,
@@ -34,7 +31,8 @@ from dllm_p2p.registry.chain import (
     verify_chain,
 )
 
-from .browser import browser_page, chromium, skip_unless_browser
+from .browser import browser_page
+from .test_chain import ident, relink
 
 pytestmark = pytest.mark.browser
 
@@ -44,12 +42,6 @@ EXAMPLE = ROOT / "docs" / "examples" / "blockchain.json"
 T = 1_767_225_600  # 2026-01-01T00:00:00Z: records are issued around it
 NOW = T + 1000  # the verifiers' clock (both are given it)
 POW_BITS = 8
-
-
-@functools.cache
-def ident(name: str) -> Identity:
-    """A fixed key per name (Ed25519 signatures are deterministic: reproducible chains)."""
-    return Identity(create_new_key_pair(hashlib.sha256(name.encode()).digest()))
 
 
 def pow_of(who: Identity) -> str:
@@ -87,13 +79,6 @@ def realistic() -> Chain:
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    skip_unless_browser()
-    with chromium() as b:
-        yield b
-
-
-@pytest.fixture(scope="module")
 def page(browser: Any) -> Iterator[Any]:
     with browser_page(browser=browser) as p:
         p.goto(INDEX.as_uri())
@@ -118,15 +103,6 @@ def in_python(doc: Any, now: float = NOW, clamp: bool = False) -> dict[str, Any]
     except InvalidChain as exc:
         return {"ok": False, "error": str(exc), "firstBad": exc.index}
     return {"ok": True, "error": None, "firstBad": None, "head": chain.head, "powBits": chain.pow_bits}
-
-
-def relink(doc: dict[str, Any]) -> dict[str, Any]:
-    """Recompute every prev and hash, as a forger rewriting the whole file would."""
-    prev = ZERO_HASH
-    for block in doc["blocks"]:
-        block["prev"] = prev
-        block["hash"] = prev = block_hash(block)
-    return doc
 
 
 def flip_signature_byte(doc: dict[str, Any], index: int) -> None:
