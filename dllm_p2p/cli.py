@@ -630,12 +630,13 @@ def cmd_answer(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger(args: argparse.Namespace) -> int:
-    from .credits import InvalidLedger, allowance_holds, load_ledger_file, verify_file
+    from .credits import InvalidLedger, allowance_holds, load_ledger_file, verify_records
 
     path = args.file if args.file is not None else Path(args.data_dir).expanduser() / "ledger.json"
     try:
-        owner, totals, records = verify_file(path)
-        proof = load_ledger_file(path).get("pow")
+        data = load_ledger_file(path)
+        owner, records, proof = data["owner"], data["records"], data.get("pow")
+        totals = verify_records(records, owner)
     except InvalidLedger as exc:
         return _fail(f"{path}: does not verify: {exc}", 1)
     # The allowance is the price of a proof of work; the file carries its owner's.

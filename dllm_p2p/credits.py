@@ -30,8 +30,9 @@ from typing import Any
 
 from libp2p.peer.id import ID
 
+from .answers import canonical  # the one canonical JSON (as registry records and answers)
 from .fsutil import write_atomic
-from .identity import Identity, verify
+from .identity import Identity, inlined_public_key, verify
 
 log = logging.getLogger("dllm_p2p.credits")
 
@@ -88,16 +89,12 @@ def amount_mc(params: int, prompt_tokens: int, completion_tokens: int) -> int:
     return max(1, -(-weight * params // (COMPLETION_WEIGHT * 1_000_000)))
 
 
-def canonical(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
-
-
 def public_key_of(peer_id: str) -> bytes:
     """The protobuf public key an Ed25519 peer id carries inline (an identity multihash)."""
-    raw = ID.from_base58(peer_id).to_bytes()
-    if len(raw) < 3 or raw[0] != 0x00 or raw[1] != len(raw) - 2:
+    key = inlined_public_key(ID.from_base58(peer_id))
+    if key is None:
         raise ValueError(f"{peer_id[:60]} does not carry its public key (not an Ed25519 peer id)")
-    return raw[2:]
+    return key
 
 
 def _b64(data: bytes) -> str:
@@ -455,7 +452,9 @@ class Ledger:
         if not self.path.exists():
             return
         try:
-            owner, totals, records = verify_file(self.path)
+            data = load_ledger_file(self.path)
+            owner, records = data["owner"], data["records"]
+            totals = verify_records(records, owner)
             if owner != self.owner:
                 raise InvalidLedger(f"it belongs to {owner}, not to this node ({self.owner})")
         except InvalidLedger as exc:
@@ -464,8 +463,7 @@ class Ledger:
             log.error("%s does not verify (%s): kept as %s; starting a new ledger", self.path, exc, aside.name)
             return
         self.records, self.totals = records, totals
-        pow_ = load_ledger_file(self.path).get("pow")
-        self.pow = pow_ if isinstance(pow_, dict) else None
+        self.pow = data["pow"] if isinstance(data.get("pow"), dict) else None
         self._ids = {receipt_id(r["receipt"]): None for r in records if r["kind"] == "receipt"}
 
     @property

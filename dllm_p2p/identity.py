@@ -137,6 +137,15 @@ def peer_id_for(public_key_bytes: bytes) -> str:
     return ID.from_pubkey(deserialize_public_key(public_key_bytes)).to_base58()
 
 
+def inlined_public_key(peer_id: ID) -> bytes | None:
+    """The protobuf public key a peer id inlines (an identity multihash: Ed25519 keys and
+    other small ones), or None for a peer id that is a hash of its key."""
+    raw = peer_id.to_bytes()
+    if len(raw) < 3 or raw[0] != 0x00 or raw[1] != len(raw) - 2:
+        return None
+    return raw[2:]
+
+
 def verify(public_key_bytes: bytes, data: bytes, signature: bytes) -> bool:
     """True when ``signature`` over ``data`` was made by the key; False for any bad input."""
     try:

@@ -47,6 +47,7 @@ from libp2p.crypto.keys import PublicKey
 from libp2p.crypto.serialization import deserialize_public_key
 from libp2p.peer.id import ID
 
+from dllm_p2p.identity import inlined_public_key
 from dllm_p2p.registry.car import LIBP2P_KEY, InvalidCid, _b36encode, _parse_cid_text, _read_varint
 from dllm_p2p.registry.ipfs import (
     ContentCorrupt,
@@ -328,11 +329,11 @@ def _public_key(peer_id: ID, embedded: bytes | None, shown: str) -> PublicKey:
         if ID.from_pubkey(key) != peer_id:
             raise IpnsInvalid(f"record pubKey belongs to {ID.from_pubkey(key).to_base58()}, not to {shown}")
         return key
-    mh = peer_id.to_bytes()
-    if mh[:1] != b"\x00":
+    inlined = inlined_public_key(peer_id)
+    if inlined is None:
         raise IpnsInvalid(f"{shown} does not inline its public key and the record carries no pubKey")
     try:
-        return deserialize_public_key(mh[2:])
+        return deserialize_public_key(inlined)
     except Exception:
         raise IpnsInvalid(f"{shown} does not inline a valid libp2p public key") from None
 
