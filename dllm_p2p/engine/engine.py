@@ -25,12 +25,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .batch import KVBatch, LeanRunner, make_runner
 from .lean import LeanBatch
+
+if TYPE_CHECKING:
+    from .llamacpp import LlamaCppBatch
 from .detok import IncrementalDecoder
 from .scheduler import SchedulerThread
 from .errors import EngineBusy, EngineClosed, GenerationFailed, RequestTooLarge
@@ -49,8 +52,12 @@ PREFILL_TOKEN_BUDGET = 4096
 IDLE_POLL_SECONDS = 0.5
 #: Window for the ``tokens_per_second`` figure in ``stats()``.
 RATE_WINDOW_SECONDS = 10.0
-#: Default KV-cache budget per engine (``--kv-cache-mb``).
+#: Default KV-cache budget per engine (``--kv-cache-mb``): a ceiling for the torch backends,
+#: whose caches grow with the batch.
 DEFAULT_KV_CACHE_MB = 1024
+#: The same for llama.cpp, which allocates its whole cache up front: 256 MB holds 11,000
+#: tokens of SmolLM2 (an 8,192-token conversation, or 8 rows of 1,400).
+LLAMACPP_KV_CACHE_MB = 256
 
 
 class Engine(SchedulerThread):
@@ -68,31 +75,44 @@ class Engine(SchedulerThread):
         max_queue: int = 64,
         *,
         dtype: str = "auto",
-        kv_cache_mb: float = DEFAULT_KV_CACHE_MB,
+        kv_cache_mb: float | None = None,
         keep_model: bool = True,
+        threads: int | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         if max_queue < 0:
             raise ValueError("max_queue must be >= 0")
-        if not kv_cache_mb > 0:
+        if kv_cache_mb is not None and not kv_cache_mb > 0:
             raise ValueError("kv_cache_mb must be > 0")
         self.loaded = loaded
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
-        #: The model's parameter count (tied weights once): what receipts price by.
-        self.params = sum(p.numel() for p in loaded.model.parameters())
-        self._runner = make_runner(loaded.model, dtype)
-        self.vocab_size = int(loaded.model.config.vocab_size)
+        self._runner: Any
+        if loaded.backend == "llamacpp":
+            from .llamacpp import LlamaCppRunner
+
+            model = loaded.model
+            budget = int((kv_cache_mb or LLAMACPP_KV_CACHE_MB) * 2**20)
+            cells = min(budget // model.kv_bytes_per_token, max_batch_size * loaded.max_context)
+            self._runner = LlamaCppRunner(model, max_rows=max_batch_size, kv_cells=cells, threads=threads)
+            #: The model's parameter count (tied weights once): what receipts price by.
+            self.params = model.n_params
+            self.vocab_size = model.n_vocab
+            self.kv_cache_bytes = self._runner.kv_cells * model.kv_bytes_per_token
+        else:
+            self.params = sum(p.numel() for p in loaded.model.parameters())
+            self._runner = make_runner(loaded.model, dtype)
+            self.vocab_size = int(loaded.model.config.vocab_size)
+            self.kv_cache_bytes = int((kv_cache_mb or DEFAULT_KV_CACHE_MB) * 2**20)
         if not keep_model and isinstance(self._runner, LeanRunner):
             # The lean decoder holds its own copy of every decoder weight: drop transformers'
             # (SmolLM2: 424 MB of float32). ``loaded.model`` then has no decoder layers.
             loaded.model.model.layers = torch.nn.ModuleList()
             _return_freed_memory()
-        #: What runs the model: "lean" (lean.py) or "transformers", and the weights' dtype.
+        #: What runs the model: "lean" (lean.py), "transformers" or "llamacpp", and the weights' type.
         self.backend = self._runner.kind
         self.dtype = self._runner.dtype
-        self.kv_cache_bytes = int(kv_cache_mb * 2**20)
         self._stop_ids = loaded.stop_token_ids or frozenset(
             [loaded.eos_token_id] if loaded.eos_token_id is not None else []
         )
@@ -108,7 +128,7 @@ class Engine(SchedulerThread):
         self._kv_in_use = 0  # projected cache bytes of the running batch (see ``_kv_need``)
 
         # Owned by the scheduler thread alone.
-        self._batch: KVBatch | LeanBatch | None = None
+        self._batch: KVBatch | LeanBatch | LlamaCppBatch | None = None
         self._rows: list[Request] = []
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -159,6 +179,8 @@ class Engine(SchedulerThread):
     def logits(self, ids: list[int]) -> torch.Tensor:
         """Float32 logits ``[len(ids), vocab]`` of one sequence, computed as generation computes
         them (for scoring claimed answers). Blocking; safe beside the scheduler thread."""
+        if self.backend == "llamacpp":
+            return self._runner.logits(ids)
         sequence = torch.tensor([ids], dtype=torch.long)
         with torch.inference_mode():
             if isinstance(self._runner, LeanRunner):
@@ -312,6 +334,7 @@ class Engine(SchedulerThread):
             return
         keep = self._advance(requests, logits)
         if not keep:
+            batch.close()
             return
         if len(keep) < len(requests):
             batch.select(keep)
@@ -427,6 +450,8 @@ class Engine(SchedulerThread):
 
     def _set_rows(self, keep: list[int]) -> None:
         if not keep or self._batch is None:
+            if self._batch is not None:
+                self._batch.close()
             self._batch, self._rows = None, []
         elif len(keep) < len(self._rows):
             self._batch.select(keep)
@@ -450,6 +475,9 @@ class Engine(SchedulerThread):
                 request.done = True
                 request.emit(EngineClosed("engine closed before the generation finished"))
         self._set_rows([])
+        close = getattr(self._runner, "close", None)
+        if close is not None:
+            close()
 
 
 def _return_freed_memory() -> None:

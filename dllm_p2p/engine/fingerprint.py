@@ -6,6 +6,12 @@ state dict (each tensor's name, dtype, shape and bytes, in name order), the toke
 serialized form and its chat template. It is computed on the loaded float32 tensors, so it
 names what the node actually runs, whatever the file format was.
 
+A model on the llama.cpp backend computes with other numbers (its file's quantized blocks,
+or llama.cpp's requantization of them, and 8-bit activations), so its fingerprint is
+another: the bytes of the GGUF file the user named, the ``--quantize`` type and the
+tokenizer, under a domain of its own. Audits compare only workers with equal fingerprints,
+so a llama.cpp worker is checked by another llama.cpp worker, never against float32.
+
 Hashing 135M float32 parameters takes about 0.6 s on this machine; the result is cached in
 the node's data dir, keyed by the model's source (file paths, sizes and times, or the
 spec and versions of a model built in code), so a restart does not pay it again.
@@ -25,6 +31,7 @@ from .loading import LoadedModel
 log = logging.getLogger("dllm_p2p.engine")
 
 DOMAIN = b"dllm-model-fingerprint/1\n"
+LLAMACPP_DOMAIN = b"dllm-model-fingerprint/1 llama.cpp\n"
 CACHE_FILE = "fingerprints.json"
 #: Entries kept in the cache file (a node that tries many models keeps the newest).
 CACHE_ENTRIES = 32
@@ -37,6 +44,8 @@ def compute(loaded: LoadedModel) -> str:
     span does not hold (on the ``meta`` device) is read from ``loaded.tensor_source``, hashed
     and dropped before the next, so the whole model is never in memory at once.
     """
+    if loaded.backend == "llamacpp":
+        return _compute_gguf(loaded)
     digest = hashlib.sha256(DOMAIN)
     source = loaded.tensor_source
     try:
@@ -58,6 +67,18 @@ def compute(loaded: LoadedModel) -> str:
     finally:
         if source is not None:
             source.close()
+    digest.update(b"tokenizer\0" + _tokenizer_bytes(loaded.tokenizer))
+    digest.update(b"chat_template\0" + str(getattr(loaded.tokenizer, "chat_template", "") or "").encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def _compute_gguf(loaded: LoadedModel) -> str:
+    model = loaded.model
+    digest = hashlib.sha256(LLAMACPP_DOMAIN)
+    digest.update(f"quantize\0{model.quantize}\0".encode())
+    with open(model.source, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
     digest.update(b"tokenizer\0" + _tokenizer_bytes(loaded.tokenizer))
     digest.update(b"chat_template\0" + str(getattr(loaded.tokenizer, "chat_template", "") or "").encode())
     return "sha256:" + digest.hexdigest()

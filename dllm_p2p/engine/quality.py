@@ -1,4 +1,4 @@
-"""The quality check for the lean decoder's weight formats (docs/BENCHMARKS.md, "Quality").
+"""The quality check for the engine's weight formats (docs/BENCHMARKS.md, "Quality").
 
 Teacher-forced on a fixed English text (the tiny tokenizer's corpus, 688 tokens with
 SmolLM2's tokenizer): transformers' float32 forward gives the reference logits; the lean
@@ -31,6 +31,29 @@ def compare(loaded: LoadedModel, dtype: str, text: str = CORPUS) -> dict[str, An
         "perplexity": _perplexity(mine, ids[0]),
         "reference_perplexity": _perplexity(reference, ids[0]),
         "max_logit_difference": float((mine - reference).abs().max()),
+    }
+
+
+def compare_llamacpp(reference: LoadedModel, llamacpp: LoadedModel, text: str = CORPUS) -> dict[str, Any]:
+    """The same check for a GGUF model on llama.cpp (``llamacpp``, any ``--quantize``) against
+    transformers' float32 forward over the same file (``reference``, the torch backend)."""
+    from .llamacpp import LlamaCppRunner
+
+    ids = torch.tensor([reference.encode(text)])
+    with torch.inference_mode():
+        expected = reference.model(input_ids=ids).logits[0].float()
+    runner = LlamaCppRunner(llamacpp.model, max_rows=1, kv_cells=int(ids.shape[1]) + 1)
+    try:
+        mine = runner.logits(ids[0].tolist())
+    finally:
+        runner.close()
+    return {
+        "dtype": f"llama.cpp {llamacpp.model.weights}",
+        "tokens": int(ids.shape[1]),
+        "top1_agreement": float((mine.argmax(-1) == expected.argmax(-1)).float().mean()),
+        "perplexity": _perplexity(mine, ids[0]),
+        "reference_perplexity": _perplexity(expected, ids[0]),
+        "max_logit_difference": float((mine - expected).abs().max()),
     }
 
 

@@ -16,6 +16,8 @@ def reference_token_ids(loaded: LoadedModel, params: GenerationParams) -> list[i
     generators; greedy outputs (temperature 0) must match the engine token for token.
     """
     params.validate()
+    if loaded.backend == "llamacpp":
+        return _llamacpp_greedy(loaded, params)
     input_ids = torch.tensor([loaded.encode(params.prompt)], dtype=torch.long)
     options: dict[str, object] = {
         "max_new_tokens": params.max_new_tokens,
@@ -44,3 +46,30 @@ def generate_reference(loaded: LoadedModel, params: GenerationParams) -> str:
     ids = reference_token_ids(loaded, params)
     text = loaded.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     return text.rstrip("\ufffd")  # a character cut off by the length limit is dropped
+
+
+def _llamacpp_greedy(loaded: LoadedModel, params: GenerationParams) -> list[int]:
+    """The same for a model on llama.cpp: one sequence alone in a context of its own, greedy."""
+    from .llamacpp import LlamaCppRunner
+
+    if not params.greedy:
+        raise ValueError("the llama.cpp reference is greedy only (temperature 0)")
+    prompt = loaded.encode(params.prompt)
+    stops = loaded.stop_token_ids or {loaded.eos_token_id}
+    runner = LlamaCppRunner(loaded.model, max_rows=1, kv_cells=len(prompt) + params.max_new_tokens + 1)
+    try:
+        batch, logits = runner.prefill([prompt], 0)
+        generated: list[int] = []
+        while True:
+            scores = logits[0]
+            if len(generated) < params.min_new_tokens:
+                scores[list(stops)] = float("-inf")
+            token = int(scores.argmax())
+            if token in stops:
+                return generated
+            generated.append(token)
+            if len(generated) >= params.max_new_tokens:
+                return generated
+            logits = batch.step(torch.tensor([token]))
+    finally:
+        runner.close()
