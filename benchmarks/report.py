@@ -156,6 +156,7 @@ def _llamacpp(section: dict[str, Any]) -> list[Table]:
         f"{server.get('llama_cpp_python', '?')}) through {llama.get('endpoint')} with its end tokens banned by "
         f"logit_bias; {section.get('threads', server.get('threads', '?'))} thread(s) each",
         f"tokens per answer: dllm-p2p {_span(dllm.get('completion_tokens'))}, llama.cpp {_span(llama.get('completion_tokens'))}",
+        f"the worker's engine: {section.get('dllm_engine') or 'not reported'}",
         f"load average at the start of each repetition {section.get('load_average')}, other processes' CPU share "
         f"{[_pct(x) for x in section.get('other_cpu_percent', [])]}, steal {[_pct(x) for x in section.get('steal_percent', [])]}",
     ]

@@ -8,6 +8,7 @@ session: a Ctrl-C in the terminal reaches the benchmark only, which stops them i
 
 from __future__ import annotations
 
+import re
 import socket
 import sys
 import tempfile
@@ -31,10 +32,12 @@ def offline_env() -> dict[str, str]:
 
 
 class Servers:
-    def __init__(self, progress: Progress, verbose: bool = False, threads: int = 0) -> None:
+    def __init__(self, progress: Progress, verbose: bool = False, threads: int = 0, backend: str = "auto") -> None:
         self.progress = progress
         self.verbose = verbose
         self.threads = threads
+        #: The workers' --backend.
+        self.backend = backend
         self._tmp = tempfile.TemporaryDirectory(prefix="dllm-bench-")
         self._networks: dict[str, LocalNetwork] = {}
         self._baselines: dict[str, tuple[Child, str]] = {}
@@ -58,6 +61,7 @@ class Servers:
                     "--max-queue", str(max(64, 4 * max_concurrency)),
                     "--max-new-tokens", str(max(256, max_new_tokens)),
                     *(["--threads", str(self.threads)] if self.threads else []),
+                    "--backend", self.backend,
                 ],
                 echo=self.verbose,
             )
@@ -101,6 +105,16 @@ class Servers:
         for child in net.children if net else []:
             if child.name.startswith("worker") and child.alive():
                 return child.popen.pid
+        return None
+
+    def worker_engine(self, model: str) -> str | None:
+        """What the worker of ``model``'s network said runs its model ("llamacpp, F16 weights, ...")."""
+        net = self._networks.get(model)
+        for child in net.children if net else []:
+            if child.name.startswith("worker"):
+                found = re.findall(r"engine: ([^\n]+)", child.output(400))
+                if found:
+                    return found[-1].strip()
         return None
 
     def llamacpp(self, python: Path, gguf: Path, threads: int, n_ctx: int = 2048, timeout: float = 180.0) -> str:

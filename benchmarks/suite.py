@@ -49,7 +49,7 @@ def run_suite(settings: Settings, progress: Progress = lambda message: None) -> 
     meter = CpuMeter()
     results: dict[str, Any] = {"meta": _meta(settings)}
     main_phase = {"overhead", "concurrency", "baseline", "limit"} & set(settings.only)
-    with Servers(progress, verbose=settings.verbose, threads=settings.threads) as servers:
+    with Servers(progress, verbose=settings.verbose, threads=settings.threads, backend=settings.worker_backend) as servers:
         if "latency" in settings.only:
             results["latency"] = _latency(settings, servers, progress)
             if settings.latency_model != settings.model or not main_phase:
@@ -370,6 +370,7 @@ def _llamacpp(settings: Settings, servers: Servers, progress: Progress) -> dict[
             raise
         section["log_tail"] = child.output(30)
         return _skipped(section, f"llama.cpp's server exited with {exit_status(child.popen.returncode)} during the benchmark", servers, progress)
+    section["dllm_engine"] = servers.worker_engine(model)
     # Memory at the end of the phase, while both still hold their model and caches.
     llama_child = servers.llamacpp_child()
     section["memory_mib"] = {

@@ -121,6 +121,24 @@ def test_init_tiny_round_trips_through_from_pretrained(tmp_path) -> None:  # typ
     )
 
 
+def test_backend_choices_that_cannot_work_are_load_errors_that_say_why() -> None:
+    with pytest.raises(ModelLoadError, match="runs GGUF files"):
+        load_model("tiny", backend="llamacpp")
+    with pytest.raises(ModelLoadError, match="--quantize needs the llama.cpp backend.*not a GGUF file"):
+        load_model("tiny", quantize="q8_0")
+    with pytest.raises(ModelLoadError, match="--quantize applies to the llama.cpp backend"):
+        load_model("tiny", backend="torch", quantize="f16")
+    with pytest.raises(ModelLoadError, match="unknown backend"):
+        load_model("tiny", backend="gpu")
+    with pytest.raises(ModelLoadError, match="GGUF file .* does not exist"):
+        load_model("/nonexistent/model.gguf", backend="llamacpp")
+    from dllm_p2p.models import find_smollm2
+
+    if find_smollm2() is not None:
+        with pytest.raises(ModelLoadError, match="--layers .* needs the torch backend"):
+            load_model("smollm2", backend="llamacpp", layers="0:10")
+
+
 def test_random_gpt2_has_gpt2_small_shape() -> None:
     messages: list[str] = []
     loaded = load_model("random:gpt2", progress=messages.append)
