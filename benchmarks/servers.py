@@ -32,12 +32,15 @@ def offline_env() -> dict[str, str]:
 
 
 class Servers:
-    def __init__(self, progress: Progress, verbose: bool = False, threads: int = 0, backend: str = "auto") -> None:
+    def __init__(
+        self, progress: Progress, verbose: bool = False, threads: int = 0, backend: str = "auto", quantize: str = "auto"
+    ) -> None:
         self.progress = progress
         self.verbose = verbose
         self.threads = threads
-        #: The workers' --backend.
+        #: The workers' --backend and --quantize.
         self.backend = backend
+        self.quantize = quantize
         self._tmp = tempfile.TemporaryDirectory(prefix="dllm-bench-")
         self._networks: dict[str, LocalNetwork] = {}
         self._baselines: dict[str, tuple[Child, str]] = {}
@@ -62,6 +65,7 @@ class Servers:
                     "--max-new-tokens", str(max(256, max_new_tokens)),
                     *(["--threads", str(self.threads)] if self.threads else []),
                     "--backend", self.backend,
+                    *(["--quantize", self.quantize] if self.backend != "torch" else []),
                 ],
                 echo=self.verbose,
             )

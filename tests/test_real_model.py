@@ -136,17 +136,19 @@ async def test_llamacpp_is_the_default_for_the_file_and_answers_paris(smollm2_ll
     assert generation.result.text == "The capital of France is Paris." == "".join(pieces)
 
 
-@pytest.mark.parametrize("quantize", ["f16", "keep"])
-def test_llamacpp_quality_against_transformers_float32(smollm2: LoadedModel, quantize: str, tmp_path: Path) -> None:
+def test_llamacpp_quality_against_transformers_float32(smollm2: LoadedModel, smollm2_llamacpp: LoadedModel, tmp_path: Path) -> None:
     """The documented check, on llama.cpp: float16 (the default) keeps float32's choices; the
     file's Q4_1 as it is stays within 1% in perplexity but changes 3% of the choices."""
     from dllm_p2p.engine.quality import compare_llamacpp
 
-    other = load_model(str(find_smollm2()), backend="llamacpp", quantize=quantize, cache_dir=tmp_path)
-    report = compare_llamacpp(smollm2, other)
-    assert report["tokens"] > 600
-    assert abs(report["perplexity"] / report["reference_perplexity"] - 1) < 0.01, report
-    assert report["top1_agreement"] >= (0.99 if quantize == "f16" else 0.95), report
+    kept = load_model(str(find_smollm2()), backend="llamacpp", quantize="keep", cache_dir=tmp_path)
+    f16, q4_1 = compare_llamacpp(smollm2, smollm2_llamacpp, kept)
+    for report, top1 in ((f16, 0.99), (q4_1, 0.95)):
+        assert report["tokens"] > 600
+        assert abs(report["perplexity"] / report["reference_perplexity"] - 1) < 0.01, report
+        assert report["top1_agreement"] >= top1, report
+    assert (f16["dtype"], q4_1["dtype"]) == ("llama.cpp F16", "llama.cpp Q4_1")
+    assert q4_1["top1_agreement"] < f16["top1_agreement"]
 
 
 def test_llamacpp_fingerprint_names_the_file_and_the_quantization(smollm2: LoadedModel, smollm2_llamacpp: LoadedModel) -> None:

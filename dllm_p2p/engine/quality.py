@@ -34,27 +34,30 @@ def compare(loaded: LoadedModel, dtype: str, text: str = CORPUS) -> dict[str, An
     }
 
 
-def compare_llamacpp(reference: LoadedModel, llamacpp: LoadedModel, text: str = CORPUS) -> dict[str, Any]:
-    """The same check for a GGUF model on llama.cpp (``llamacpp``, any ``--quantize``) against
-    transformers' float32 forward over the same file (``reference``, the torch backend)."""
+def compare_llamacpp(reference: LoadedModel, *models: LoadedModel, text: str = CORPUS) -> list[dict[str, Any]]:
+    """The same check for GGUF models on llama.cpp (any ``--quantize``), one report each,
+    against transformers' float32 forward over the same file (``reference``, the torch backend)."""
     from .llamacpp import LlamaCppRunner
 
     ids = torch.tensor([reference.encode(text)])
     with torch.inference_mode():
         expected = reference.model(input_ids=ids).logits[0].float()
-    runner = LlamaCppRunner(llamacpp.model, max_rows=1, kv_cells=int(ids.shape[1]) + 1)
-    try:
-        mine = runner.logits(ids[0].tolist())
-    finally:
-        runner.close()
-    return {
-        "dtype": f"llama.cpp {llamacpp.model.weights}",
-        "tokens": int(ids.shape[1]),
-        "top1_agreement": float((mine.argmax(-1) == expected.argmax(-1)).float().mean()),
-        "perplexity": _perplexity(mine, ids[0]),
-        "reference_perplexity": _perplexity(expected, ids[0]),
-        "max_logit_difference": float((mine - expected).abs().max()),
-    }
+    reports = []
+    for model in models:
+        runner = LlamaCppRunner(model.model, max_rows=1, kv_cells=int(ids.shape[1]) + 1)
+        try:
+            mine = runner.logits(ids[0].tolist())
+        finally:
+            runner.close()
+        reports.append({
+            "dtype": f"llama.cpp {model.model.weights}",
+            "tokens": int(ids.shape[1]),
+            "top1_agreement": float((mine.argmax(-1) == expected.argmax(-1)).float().mean()),
+            "perplexity": _perplexity(mine, ids[0]),
+            "reference_perplexity": _perplexity(expected, ids[0]),
+            "max_logit_difference": float((mine - expected).abs().max()),
+        })
+    return reports
 
 
 def _perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
