@@ -10,6 +10,7 @@ its shape.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 import time
 from collections.abc import Iterator
 
@@ -137,6 +138,23 @@ def test_backend_choices_that_cannot_work_are_load_errors_that_say_why() -> None
     if find_smollm2() is not None:
         with pytest.raises(ModelLoadError, match="--layers .* needs the torch backend"):
             load_model("smollm2", backend="llamacpp", layers="0:10")
+
+
+def test_a_llamacpp_library_built_for_avx512_is_refused_on_a_cpu_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dllm_p2p.engine import llamacpp, llamacpp_build
+
+    if llamacpp.available() is not None:
+        pytest.skip(llamacpp.available())
+    info = Path(llamacpp._lib().__file__).parent / "lib" / llamacpp_build.BUILD_INFO
+    if not info.is_file() or "-DGGML_AVX512=ON" not in info.read_text():
+        pytest.skip("this llama.cpp library was not built for AVX-512 by llamacpp_build")
+    monkeypatch.setattr(llamacpp_build, "cpu_flags", lambda: {"avx2", "fma", "f16c"})
+    assert "built for AVX-512, which this CPU lacks; run `make llamacpp`" in (llamacpp.available() or "")
+    from dllm_p2p.models import find_smollm2
+
+    if find_smollm2() is not None:
+        with pytest.raises(ModelLoadError, match="make llamacpp"):
+            load_model("smollm2", backend="llamacpp")
 
 
 def test_random_gpt2_has_gpt2_small_shape() -> None:

@@ -71,7 +71,23 @@ def available() -> str | None:
         )
     except OSError as exc:  # the shared library failed to load (built for another CPU, ...)
         return f"llama.cpp's library does not load here: {exc}"
-    return None
+    return _built_for_another_cpu()
+
+
+def _built_for_another_cpu() -> str | None:
+    """Why the installed library would die with "Illegal instruction" on this CPU, or None
+    (``llamacpp_build`` records the flags it compiled with beside the library)."""
+    import json
+
+    from .llamacpp_build import BUILD_INFO, built_for_missing_features
+
+    info = Path(_lib().__file__).parent / "lib" / BUILD_INFO
+    try:
+        cmake = str(json.loads(info.read_text()).get("cmake_args", ""))
+    except (OSError, ValueError, AttributeError):
+        return None  # not built by us: trust it
+    problem = built_for_missing_features(cmake)
+    return f"llama.cpp's library cannot run here: {problem}; run `make llamacpp` to build it for this CPU" if problem else None
 
 
 _LIB: Any = None
@@ -88,9 +104,12 @@ def _lib() -> Any:
 
             @llama_cpp.llama_log_callback
             def route(level: int, text: bytes, user_data: Any) -> None:
-                # llama.cpp narrates every load at length; keep warnings and errors.
-                if level in (3, 4) and text:  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
-                    log.warning("llama.cpp: %s", text.decode(errors="replace").rstrip())
+                # llama.cpp narrates every load at length; keep warnings and errors, except the
+                # one every context makes: its KV pool, shared by all rows, is longer than the
+                # training context, which no single row ever exceeds (Engine caps it).
+                message = text.decode(errors="replace").rstrip() if text else ""
+                if level in (3, 4) and message and "n_ctx_seq" not in message:  # GGML_LOG_LEVEL_WARN, _ERROR
+                    log.warning("llama.cpp: %s", message)
 
             llama_cpp.llama_log_set(route, ctypes.c_void_p(0))
             _LOG_CALLBACK = route

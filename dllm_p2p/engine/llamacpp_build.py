@@ -284,7 +284,10 @@ def _extract(sdist: Path, into: Path) -> Path:
         members = [m for m in archive.getmembers() if m.name.startswith(prefix)]
         if not members:
             raise BuildError(f"{sdist.name} carries no vendor/llama.cpp")
-        archive.extractall(into, members=members, filter="data")
+        try:
+            archive.extractall(into, members=members, filter="data")
+        except TypeError:  # Python 3.10 before 3.10.12: no extraction filters
+            archive.extractall(into, members=members)
     return into / prefix
 
 
