@@ -40,7 +40,7 @@ def create_app(spec: str) -> FastAPI:
 
     from dllm_p2p.engine import load_model
 
-    loaded = load_model(spec)
+    loaded = load_model(spec, backend="torch")  # a transformers pipeline needs a transformers model
     pipe = pipeline("text-generation", model=loaded.model, tokenizer=loaded.tokenizer)
     app = FastAPI(title="baseline: transformers pipeline per request")
 

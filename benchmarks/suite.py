@@ -56,7 +56,7 @@ def run_suite(settings: Settings, progress: Progress = lambda message: None) -> 
                 servers.stop_network(settings.latency_model)
         if main_phase:
             progress(f"loading {settings.model} in this process")
-            loaded = in_fresh_thread(load_model, settings.model)
+            loaded = in_fresh_thread(_load_torch, settings.model)
             if "overhead" in settings.only:
                 results["overhead"] = _overhead(settings, servers, loaded, progress)
             if {"concurrency", "baseline", "limit"} & set(settings.only):
@@ -131,7 +131,7 @@ def _latency(settings: Settings, servers: Servers, progress: Progress) -> dict[s
     model = settings.latency_model
     load_before = load_average()
     progress(f"latency: loading {model} in this process")
-    loaded = in_fresh_thread(load_model, model)
+    loaded = in_fresh_thread(_load_torch, model)
     url = servers.network(model, settings.batch_size, settings.new_tokens)
     progress(f"latency: {settings.latency_requests} one-at-a-time requests each: generate, engine, HTTP, HTTP streamed ({model})")
     meter = CpuMeter()
@@ -404,6 +404,12 @@ def _llamacpp(settings: Settings, servers: Servers, progress: Progress) -> dict[
         for level in settings.levels
     }
     return section
+
+
+def _load_torch(spec: str) -> LoadedModel:
+    """The in-process contenders (``model.generate``, the raw loop, the engine) need a
+    transformers model, also for a GGUF file that the network's worker may run on llama.cpp."""
+    return load_model(spec, backend="torch")
 
 
 def _exits(popen: subprocess.Popen[str], timeout: float) -> bool:

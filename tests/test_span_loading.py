@@ -219,7 +219,8 @@ def _report(layers: str) -> None:
 
     base = _rss_mb("VmRSS")
     started = time.perf_counter()
-    loaded = load_model("smollm2", layers=None if layers == "all" else layers)
+    # torch: what a span worker runs (a whole GGUF model would go to llama.cpp by default).
+    loaded = load_model("smollm2", layers=None if layers == "all" else layers, backend="torch")
     seconds = time.perf_counter() - started
     release_memory()
     report: dict[str, Any] = {
