@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 import trio
+import trio.testing
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dllm_p2p.engine import (
@@ -255,6 +256,9 @@ async def test_a_slow_reader_gets_the_waiting_pieces_joined(engine: Engine) -> N
         pieces = [await generation.__anext__()]
         # Read nothing more until the engine has finished: everything since is one piece.
         await wait_until(lambda: engine.stats()["completed"] >= 1)
+        # The engine counts the answer right after queueing its last hand-over to this loop:
+        # let the loop run that hand-over before reading.
+        await trio.testing.wait_all_tasks_blocked()
         pieces += [piece async for piece in generation]
     assert generation.result is not None
     assert len(pieces) == 2 and "".join(pieces) == generation.result.text

@@ -147,10 +147,11 @@ class GgufModel:
         self.size_bytes = int(lib.llama_model_size(handle))
         buffer = ctypes.create_string_buffer(256)
         lib.llama_model_desc(handle, buffer, len(buffer))
-        #: llama.cpp's own description, e.g. "llama ?B Q4_1".
+        #: llama.cpp's own description: architecture, size, file type ("llama ?B Q4_1").
         self.description = buffer.value.decode(errors="replace")
-        #: The weights' type as llama.cpp names it ("Q4_1", "F16", ...).
-        self.weights = self.description.rsplit(" ", 1)[-1] if " " in self.description else self.description
+        #: The weights' type as llama.cpp names it ("Q4_1", "F16", "Q4_K - Medium", ...).
+        parts = self.description.split(" ", 2)
+        self.weights = parts[2] if len(parts) == 3 else self.description
 
     @property
     def handle(self) -> Any:
