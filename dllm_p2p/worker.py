@@ -108,7 +108,7 @@ class Worker:
         which of its decoder layers this node holds (``span`` of ``layers``; all for a full worker)."""
         loaded = self.engine.loaded
         facts: dict[str, Any] = {"fingerprint": loaded.fingerprint, "chat": loaded.chat}
-        config = loaded.config if loaded.config is not None else loaded.model.config
+        config = loaded.config
         total = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
         if isinstance(total, int) and total > 0:
             span = self.engine.span if isinstance(self.engine, SpanEngine) else (0, total)

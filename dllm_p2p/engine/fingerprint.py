@@ -67,9 +67,7 @@ def compute(loaded: LoadedModel) -> str:
     finally:
         if source is not None:
             source.close()
-    digest.update(b"tokenizer\0" + _tokenizer_bytes(loaded.tokenizer))
-    digest.update(b"chat_template\0" + str(getattr(loaded.tokenizer, "chat_template", "") or "").encode())
-    return "sha256:" + digest.hexdigest()
+    return _with_tokenizer(digest, loaded.tokenizer)
 
 
 def _compute_gguf(loaded: LoadedModel) -> str:
@@ -79,8 +77,13 @@ def _compute_gguf(loaded: LoadedModel) -> str:
     with open(model.source, "rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
-    digest.update(b"tokenizer\0" + _tokenizer_bytes(loaded.tokenizer))
-    digest.update(b"chat_template\0" + str(getattr(loaded.tokenizer, "chat_template", "") or "").encode())
+    return _with_tokenizer(digest, loaded.tokenizer)
+
+
+def _with_tokenizer(digest: Any, tokenizer: Any) -> str:
+    """The fingerprint: ``digest`` of the weights, then the tokenizer and its chat template."""
+    digest.update(b"tokenizer\0" + _tokenizer_bytes(tokenizer))
+    digest.update(b"chat_template\0" + str(getattr(tokenizer, "chat_template", "") or "").encode())
     return "sha256:" + digest.hexdigest()
 
 

@@ -38,14 +38,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..models import QUANT_TYPES
 from .errors import EngineError
 
 log = logging.getLogger("dllm_p2p.engine.llamacpp")
 
-#: ``--quantize`` choices: ``keep`` = the file's own types; the others ask llama.cpp to
-#: requantize every weight matrix (``llama_model_quantize``), once, into a cached file;
-#: ``auto`` = ``f16`` for a small model stored in fewer bits (``auto_quantization``), else keep.
-QUANT_TYPES = ("auto", "keep", "f16", "bf16", "q8_0", "q6_k", "q5_0", "q4_0")
 #: ``auto`` requantizes to float16 only while the float16 weights stay this small.
 AUTO_F16_BYTES = 1 << 30
 #: Weight types llama.cpp computes without quantizing the activations.
@@ -217,6 +214,56 @@ def requantize(source: Path, kind: str, cache_dir: Path, say: Any = None) -> Pat
     return target
 
 
+#: What one ``llama_decode`` item is: (token, position, sequence id, whether its logits are wanted).
+Item = tuple[int, int, int, bool]
+
+
+def _new_context(model: GgufModel, *, cells: int, batch: int, rows: int, threads: int) -> Any:
+    """A llama.cpp context over ``model``, set up alike for generation and for scoring, so that
+    a scoring pass computes the way generation did: ``cells`` KV cells in one pool shared by
+    ``rows`` sequences, at most ``batch`` tokens per ``llama_decode``, flash attention off."""
+    lib = _lib()
+    params = lib.llama_context_default_params()
+    params.n_ctx = max(cells, 16)
+    params.n_batch = batch
+    params.n_ubatch = min(512, batch)
+    params.n_seq_max = rows
+    params.n_threads = params.n_threads_batch = threads
+    params.kv_unified = True  # one pool of cells for every sequence, used as needed
+    params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    params.no_perf = True
+    context = lib.llama_init_from_model(model.handle, params)
+    if not context:
+        raise LlamaCppError(
+            f"llama.cpp could not make a context of {cells} KV cells for {rows} rows "
+            f"({cells * model.kv_bytes_per_token / 2**20:.0f} MB): lower --kv-cache-mb or --max-concurrency"
+        )
+    return context
+
+
+def _decode(context: Any, batch: Any, items: list[Item], vocab: int) -> torch.Tensor:
+    """One ``llama_decode`` of ``items`` through ``batch`` (``llama_batch_init``'d large enough);
+    returns the logits of the items that want them, in order, as float32 ``[n, vocab]``."""
+    lib = _lib()
+    batch.n_tokens = len(items)
+    wanted = 0
+    for i, (token, position, seq, want) in enumerate(items):
+        batch.token[i] = token
+        batch.pos[i] = position
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq
+        batch.logits[i] = want
+        wanted += want
+    code = lib.llama_decode(context, batch)
+    if code != 0:
+        # 1: no room in the KV cache; anything else: an error. Either way the batch failed.
+        raise LlamaCppError(
+            "llama.cpp found no room in its KV cache for this batch" if code == 1 else f"llama_decode failed (code {code})"
+        )
+    pointer = lib.llama_get_logits(context)
+    return torch.from_numpy(np.ctypeslib.as_array(pointer, shape=(wanted, vocab)).copy())
+
+
 class LlamaCppRunner:
     """The engine's view of one llama.cpp context: rows are sequences in a shared KV pool."""
 
@@ -227,26 +274,12 @@ class LlamaCppRunner:
         self.model = model
         self.dtype = model.weights
         self.kv_bytes_per_token = model.kv_bytes_per_token
-        self.max_rows = max_rows
         self.threads = threads or torch.get_num_threads()
-        params = lib.llama_context_default_params()
-        params.n_ctx = max(kv_cells, 16)
-        params.n_batch = params.n_ctx  # a whole prefill goes in one llama_decode call
-        params.n_ubatch = min(512, params.n_ctx)
-        params.n_seq_max = max_rows
-        params.n_threads = params.n_threads_batch = self.threads
-        params.kv_unified = True  # one pool of cells for every sequence, used as needed
-        params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        params.no_perf = True
-        context = lib.llama_init_from_model(model.handle, params)
-        if not context:
-            raise LlamaCppError(
-                f"llama.cpp could not make a context of {kv_cells} KV cells for {max_rows} rows "
-                f"({kv_cells * model.kv_bytes_per_token / 2**20:.0f} MB): lower --kv-cache-mb or --max-concurrency"
-            )
-        self._context = context
-        self._memory = lib.llama_get_memory(context)
-        self.kv_cells = int(lib.llama_n_ctx(context))
+        # n_batch = the whole pool: a prefill of any admitted prompts goes in one llama_decode.
+        cells = max(kv_cells, 16)
+        self._context = _new_context(model, cells=cells, batch=cells, rows=max_rows, threads=self.threads)
+        self._memory = lib.llama_get_memory(self._context)
+        self.kv_cells = int(lib.llama_n_ctx(self._context))
         self._batch = lib.llama_batch_init(self.kv_cells, 0, 1)
         self._free_ids = list(range(max_rows - 1, -1, -1))  # sequence ids not used by a live row
         self._lock = threading.Lock()
@@ -268,33 +301,11 @@ class LlamaCppRunner:
             raise
         return LlamaCppBatch(self, ids, [len(p) for p in prompts]), logits
 
-    def _decode(self, items: list[tuple[int, int, int, bool]]) -> torch.Tensor:
-        """One ``llama_decode`` of (token, position, sequence, wants logits) items; returns the
-        logits of the items that want them, in order, as a float32 tensor ``[n, vocab]``."""
+    def _decode(self, items: list[Item]) -> torch.Tensor:
         if len(items) > self.kv_cells:
             raise LlamaCppError(f"{len(items)} tokens in one pass, at most {self.kv_cells}")
-        lib = _lib()
         with self._lock:
-            batch = self._batch
-            batch.n_tokens = len(items)
-            wanted = 0
-            for i, (token, position, seq, want) in enumerate(items):
-                batch.token[i] = token
-                batch.pos[i] = position
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = seq
-                batch.logits[i] = want
-                wanted += want
-            code = lib.llama_decode(self._context, batch)
-            if code != 0:
-                # 1: no room in the KV cache; anything else: an error. Either way the batch failed.
-                raise LlamaCppError(
-                    "llama.cpp found no room in its KV cache for this batch"
-                    if code == 1
-                    else f"llama_decode failed (code {code})"
-                )
-            pointer = lib.llama_get_logits(self._context)
-            return torch.from_numpy(np.ctypeslib.as_array(pointer, shape=(wanted, self.model.n_vocab)).copy())
+            return _decode(self._context, self._batch, items, self.model.n_vocab)
 
     def _release(self, ids: list[int]) -> None:
         lib = _lib()
@@ -309,36 +320,16 @@ class LlamaCppRunner:
         """Float32 logits ``[len(ids), vocab]`` of one sequence, in a context of its own (so it
         may run beside the scheduler), asking for ``SCORE_CHUNK`` positions at a time."""
         lib = _lib()
-        params = lib.llama_context_default_params()
-        params.n_ctx = max(len(ids), 16)
-        params.n_batch = params.n_ubatch = SCORE_CHUNK
-        params.n_seq_max = 1
-        params.n_threads = params.n_threads_batch = self.threads
-        params.no_perf = True
-        context = lib.llama_init_from_model(self.model.handle, params)
-        if not context:
-            raise LlamaCppError(f"llama.cpp could not make a scoring context of {len(ids)} tokens")
+        context = _new_context(self.model, cells=len(ids), batch=SCORE_CHUNK, rows=1, threads=self.threads)
         batch = lib.llama_batch_init(SCORE_CHUNK, 0, 1)
-        out = []
         try:
-            for start in range(0, len(ids), SCORE_CHUNK):
-                chunk = ids[start : start + SCORE_CHUNK]
-                batch.n_tokens = len(chunk)
-                for i, token in enumerate(chunk):
-                    batch.token[i] = token
-                    batch.pos[i] = start + i
-                    batch.n_seq_id[i] = 1
-                    batch.seq_id[i][0] = 0
-                    batch.logits[i] = True
-                code = lib.llama_decode(context, batch)
-                if code != 0:
-                    raise LlamaCppError(f"llama_decode failed while scoring (code {code})")
-                pointer = lib.llama_get_logits(context)
-                out.append(torch.from_numpy(np.ctypeslib.as_array(pointer, shape=(len(chunk), self.model.n_vocab)).copy()))
+            return torch.cat([
+                _decode(context, batch, [(token, start + i, 0, True) for i, token in enumerate(ids[start : start + SCORE_CHUNK])], self.model.n_vocab)
+                for start in range(0, len(ids), SCORE_CHUNK)
+            ])
         finally:
             lib.llama_batch_free(batch)
             lib.llama_free(context)
-        return torch.cat(out)
 
     def close(self) -> None:
         lib = _lib()

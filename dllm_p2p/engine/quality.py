@@ -24,14 +24,7 @@ def compare(loaded: LoadedModel, dtype: str, text: str = CORPUS) -> dict[str, An
     with torch.inference_mode():
         reference = loaded.model(input_ids=ids).logits[0].float()
         mine = lean.logits(ids)[0]
-    return {
-        "dtype": dtype,
-        "tokens": int(ids.shape[1]),
-        "top1_agreement": float((mine.argmax(-1) == reference.argmax(-1)).float().mean()),
-        "perplexity": _perplexity(mine, ids[0]),
-        "reference_perplexity": _perplexity(reference, ids[0]),
-        "max_logit_difference": float((mine - reference).abs().max()),
-    }
+    return _report(dtype, mine, reference, ids[0])
 
 
 def compare_llamacpp(reference: LoadedModel, *models: LoadedModel, text: str = CORPUS) -> list[dict[str, Any]]:
@@ -49,15 +42,20 @@ def compare_llamacpp(reference: LoadedModel, *models: LoadedModel, text: str = C
             mine = runner.logits(ids[0].tolist())
         finally:
             runner.close()
-        reports.append({
-            "dtype": f"llama.cpp {model.model.weights}",
-            "tokens": int(ids.shape[1]),
-            "top1_agreement": float((mine.argmax(-1) == expected.argmax(-1)).float().mean()),
-            "perplexity": _perplexity(mine, ids[0]),
-            "reference_perplexity": _perplexity(expected, ids[0]),
-            "max_logit_difference": float((mine - expected).abs().max()),
-        })
+        reports.append(_report(f"llama.cpp {model.model.weights}", mine, expected, ids[0]))
     return reports
+
+
+def _report(dtype: str, mine: torch.Tensor, reference: torch.Tensor, ids: torch.Tensor) -> dict[str, Any]:
+    """Logits ``mine`` against ``reference`` (both ``[tokens, vocab]``) over the text ``ids``."""
+    return {
+        "dtype": dtype,
+        "tokens": int(ids.shape[0]),
+        "top1_agreement": float((mine.argmax(-1) == reference.argmax(-1)).float().mean()),
+        "perplexity": _perplexity(mine, ids),
+        "reference_perplexity": _perplexity(reference, ids),
+        "max_logit_difference": float((mine - reference).abs().max()),
+    }
 
 
 def _perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:

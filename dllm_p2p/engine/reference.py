@@ -51,6 +51,7 @@ def generate_reference(loaded: LoadedModel, params: GenerationParams) -> str:
 def _llamacpp_greedy(loaded: LoadedModel, params: GenerationParams) -> list[int]:
     """The same for a model on llama.cpp: one sequence alone in a context of its own, greedy."""
     from .llamacpp import LlamaCppRunner
+    from .sampling import suppress
 
     if not params.greedy:
         raise ValueError("the llama.cpp reference is greedy only (temperature 0)")
@@ -63,7 +64,7 @@ def _llamacpp_greedy(loaded: LoadedModel, params: GenerationParams) -> list[int]
         while True:
             scores = logits[0]
             if len(generated) < params.min_new_tokens:
-                scores[list(stops)] = float("-inf")
+                suppress(scores, stops)
             token = int(scores.argmax())
             if token in stops:
                 return generated
