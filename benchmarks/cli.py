@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dllm_p2p.models import BACKENDS, QUANT_TYPES
+
 from .settings import BENCHMARKS, DEFAULT_PROMPT, Settings
 
 
@@ -36,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads for every contender: this process, the worker (--threads) and the baseline (default: PyTorch's, one per core)")
     p.add_argument("--warmup", type=int, default=None, metavar="N", help="unmeasured requests per contender first (default 2; quick 1)")
     p.add_argument("--only", default=None, metavar="LIST", help=f"run only these benchmarks (comma-separated: {','.join(BENCHMARKS)}; default all but spans, which is opt-in)")
-    p.add_argument("--worker-backend", default="auto", choices=["auto", "torch", "llamacpp"], help="the workers' --backend (default auto: llama.cpp for GGUF files where it is installed)")
-    p.add_argument("--worker-quantize", default="auto", choices=["auto", "keep", "f16", "bf16", "q8_0", "q6_k", "q5_0", "q4_0"], help="the workers' --quantize on llama.cpp (default auto)")
+    p.add_argument("--worker-backend", default="auto", choices=BACKENDS, help="the workers' --backend (default auto: llama.cpp for GGUF files where it is installed)")
+    p.add_argument("--worker-quantize", default="auto", choices=QUANT_TYPES, help="the workers' --quantize on llama.cpp (default auto)")
     p.add_argument("--gguf-model", default="smollm2", metavar="SPEC", help="model of the llama.cpp comparison: smollm2 or a .gguf file, loaded by both the worker and llama.cpp (default smollm2)")
     p.add_argument("--llamacpp", default="auto", metavar="auto|off|PYTHON", help="llama.cpp's server for the llamacpp benchmark: auto = find or build llama-cpp-python in its own venv (about 5 minutes, once), off = skip it, or the path of a Python interpreter that has llama_cpp.server (default auto)")
     p.add_argument("--llamacpp-venv", default=None, metavar="DIR", help="the venv --llamacpp auto uses or builds (default $DLLM_LLAMACPP_VENV or ~/.cache/dllm-p2p/llamacpp-0.3.36)")

@@ -42,24 +42,25 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+# VERSION: the llama-cpp-python release the benchmark builds (and the venv's name says), the
+# one the worker's llama.cpp backend uses. BUILD_INFO: what a build leaves beside what it built
+# (here, in the venv): its CMake flags, read back before reusing it.
 from dllm_p2p.engine.llamacpp_build import (
+    BUILD_INFO,
+    VERSION,
     BuildError,
     built_for_missing_features,
+    cache_dir,
     cmake_args,
     last_error,
     run_logged,
 )
 
-#: The llama-cpp-python release the benchmark builds (and the venv's name says).
-VERSION = "0.3.36"
 PACKAGE = f"llama-cpp-python[server]=={VERSION}"
 #: Overrides the default venv directory.
 VENV_ENV = "DLLM_LLAMACPP_VENV"
 #: Bound on one build; it takes about 5 minutes on 2 cores.
 BUILD_TIMEOUT = 3600.0
-#: What the build leaves in the venv: its CMake flags, read back before reusing the venv.
-BUILD_INFO = "dllm-p2p-build.json"
-
 Progress = Callable[[str], None]
 
 
@@ -70,8 +71,7 @@ class Unavailable(RuntimeError):
 def default_venv() -> Path:
     if os.environ.get(VENV_ENV):
         return Path(os.environ[VENV_ENV]).expanduser()
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "dllm-p2p" / f"llamacpp-{VERSION}"
+    return cache_dir() / f"llamacpp-{VERSION}"
 
 
 def venv_python(venv: Path) -> Path:

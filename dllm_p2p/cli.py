@@ -23,6 +23,7 @@ from typing import Any
 import trio
 
 from . import __version__, wire
+from .models import BACKENDS, QUANT_TYPES
 from .registry.chain import DEFAULT_POW_BITS
 from .registry.sinks import PUBLISH_TO_HELP, sink_argument
 
@@ -54,8 +55,8 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default: all cores; give each of several workers on one machine its share)")
     p.add_argument("--max-queue", type=int, default=32, help="requests waiting for a batch slot before 'busy' (default 32)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16"], help="weights of Llama-family models (lean decoder): float16 halves the bytes read per token with the same answers to within rounding; auto = float16 where PyTorch has FBGEMM (x86), else float32; other models run in float32 (default auto)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "llamacpp"], help="what runs the model: llamacpp (GGUF files, llama.cpp's batched API; `make install` builds it), torch (transformers models, and GGUF files dequantized); auto = llamacpp for a whole GGUF model when it is installed, else torch (default auto)")
-    p.add_argument("--quantize", default="auto", choices=["auto", "keep", "f16", "bf16", "q8_0", "q6_k", "q5_0", "q4_0"], help="llama.cpp backend: the weights' type in memory; keep = as in the file; another type is written once by llama.cpp into <data-dir>/models; auto = f16 for a model stored in fewer bits whose float16 weights fit in 1 GiB (SmolLM2: float32's answers, and faster at 8 clients), else keep (default auto)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="what runs the model: llamacpp (GGUF files, llama.cpp's batched API; `make install` builds it), torch (transformers models, and GGUF files dequantized); auto = llamacpp for a whole GGUF model when it is installed, else torch (default auto)")
+    p.add_argument("--quantize", default="auto", choices=QUANT_TYPES, help="llama.cpp backend: the weights' type in memory; keep = as in the file; another type is written once by llama.cpp into <data-dir>/models; auto = f16 for a model stored in fewer bits whose float16 weights fit in 1 GiB (SmolLM2: float32's answers, and faster at 8 clients), else keep (default auto)")
     p.add_argument("--kv-cache-mb", type=float, default=None, help="KV-cache budget: requests past it wait for a batch slot, a request that alone exceeds it is refused (default 1024 for torch, a ceiling; 256 for llama.cpp, allocated at start)")
     p.add_argument("--layers", default=None, metavar="START:END", help="serve only decoder layers START..END-1 of the model (Python slice semantics, e.g. 0:10, 10:20, 20:) over /dllm/forward/1.0.0, loading only their weights; clients chain spans into a route (Llama-family models; default: the whole model, over /dllm/generate/1.0.0)")
     p.add_argument("--max-sessions", type=int, default=64, help="with --layers: sessions held at once before 'busy' (default 64)")

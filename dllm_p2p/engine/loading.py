@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..models import SMOLLM2_MISSING, find_smollm2
+from ..models import BACKENDS, QUANT_TYPES, SMOLLM2_MISSING, find_smollm2
 from .errors import ModelLoadError
 
 # parse_layers, resolve_span and SpanError are part of this module's interface too.
@@ -155,7 +155,7 @@ def load_model(
 
     ``backend`` (see ``BACKENDS``): "torch" loads every model through transformers;
     "llamacpp" runs a GGUF file on llama.cpp (``llamacpp.py``), its weights as in the file
-    or requantized once to ``quantize`` into ``cache_dir`` (see ``llamacpp.QUANT_TYPES``);
+    or requantized once to ``quantize`` into ``cache_dir`` (see ``models.QUANT_TYPES``);
     "auto" picks llama.cpp for a whole GGUF model when the llama.cpp backend is installed,
     torch otherwise.
     """
@@ -163,11 +163,11 @@ def load_model(
     started = time.perf_counter()
     spec = spec.strip()
     gguf = _gguf_path(spec)
+    gguf_name = "smollm2" if spec == "smollm2" else gguf.name[: -len(".gguf")] if gguf is not None else ""
     chosen = _choose_backend(backend, spec, gguf, layers, quantize)
     if chosen == "llamacpp":
         assert gguf is not None
-        name = "smollm2" if spec == "smollm2" else gguf.name[: -len(".gguf")]
-        loaded = _load_gguf_llamacpp(gguf, say, name=name, quantize=quantize, cache_dir=cache_dir)
+        loaded = _load_gguf_llamacpp(gguf, say, name=gguf_name, quantize=quantize, cache_dir=cache_dir)
         loaded.load_seconds = time.perf_counter() - started
         say(f"model {loaded.name!r} ready in {loaded.load_seconds:.1f} s on llama.cpp ({loaded.model.weights} weights, context {loaded.max_context} tokens)")
         return loaded
@@ -178,7 +178,7 @@ def load_model(
     elif spec.startswith("random:"):
         loaded = _built(lambda s: _load_random(spec, s), say, layers)
     elif gguf is not None:
-        loaded = _load_gguf(gguf, say, name="smollm2" if spec == "smollm2" else gguf.name[: -len(".gguf")], layers=layers)
+        loaded = _load_gguf(gguf, say, name=gguf_name, layers=layers)
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
@@ -254,10 +254,6 @@ def _load_random(spec: str, say: Progress) -> LoadedModel:
     return _finish(spec, model, tokenizer, source=_built_in_source(spec))
 
 
-#: ``--backend`` choices.
-BACKENDS = ("auto", "torch", "llamacpp")
-
-
 def _gguf_path(spec: str) -> Path | None:
     """The GGUF file ``spec`` names (``smollm2`` or a ``.gguf`` path), else None."""
     if spec == "smollm2":
@@ -276,26 +272,27 @@ def _choose_backend(backend: str, spec: str, gguf: Path | None, layers: Layers, 
 
     if backend not in BACKENDS:
         raise ModelLoadError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    if quantize not in llamacpp.QUANT_TYPES:
-        raise ModelLoadError(f"unknown quantization {quantize!r}; choose from {', '.join(llamacpp.QUANT_TYPES)}")
+    if quantize not in QUANT_TYPES:
+        raise ModelLoadError(f"unknown quantization {quantize!r}; choose from {', '.join(QUANT_TYPES)}")
     if backend == "torch":
         if quantize not in ("auto", "keep"):
             raise ModelLoadError("--quantize applies to the llama.cpp backend; the torch backend takes --dtype")
         return "torch"
-    whole = layers is None
-    if backend == "llamacpp":
-        if gguf is None:
+    if gguf is None:
+        why = "is not a GGUF file"
+        if backend == "llamacpp":
             raise ModelLoadError(f"the llama.cpp backend runs GGUF files (smollm2 or FILE.gguf), not {spec!r}")
-        if not whole:
+    elif layers is not None:
+        why = "is a span"
+        if backend == "llamacpp":
             raise ModelLoadError("--layers (a span of the model) needs the torch backend: llama.cpp runs whole models")
-        problem = llamacpp.available()
-        if problem:
-            raise ModelLoadError(problem)
-        return "llamacpp"
-    if gguf is not None and whole and llamacpp.available() is None:
-        return "llamacpp"
+    else:
+        why = llamacpp.available()
+        if why is None:
+            return "llamacpp"
+        if backend == "llamacpp":
+            raise ModelLoadError(why)
     if quantize not in ("auto", "keep"):
-        why = "is not a GGUF file" if gguf is None else ("is a span" if not whole else llamacpp.available())
         raise ModelLoadError(f"--quantize needs the llama.cpp backend, and this model cannot use it: {why}")
     return "torch"
 
@@ -335,6 +332,7 @@ def _load_gguf_llamacpp(
     weights memory-mapped by llama.cpp as they are in the file, or requantized once."""
     from transformers import AutoConfig, GenerationConfig
 
+    from . import llamacpp_build
     from .llamacpp import GgufModel, LlamaCppError, auto_quantization, requantize
 
     say(f"loading {path.name} ({path.stat().st_size / 1e6:.0f} MB, GGUF) on llama.cpp")
@@ -350,7 +348,7 @@ def _load_gguf_llamacpp(
             quantize = auto_quantization(model)
         if quantize != "keep":
             model.close()
-            cache = Path(cache_dir).expanduser() if cache_dir is not None else Path.home() / ".cache" / "dllm-p2p" / "models"
+            cache = Path(cache_dir).expanduser() if cache_dir is not None else llamacpp_build.cache_dir() / "models"
             model = GgufModel(requantize(path, quantize, cache, say), quantized_from=path, quantize=quantize)
     except (LlamaCppError, OSError) as exc:
         raise ModelLoadError(f"{problem}: {exc}") from exc
